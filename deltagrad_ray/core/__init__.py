@@ -1,0 +1,25 @@
+"""The pure core: models, recorded training, exact retraining and DeltaGrad replay.
+
+Only torch and numpy; no Ray, no I/O. Everything here can be called from a notebook with
+tensors.
+"""
+
+from .batches import BatchIndex as BatchIndex, StepBatch as StepBatch
+from .data import (ChangeSet as ChangeSet, Dataset as Dataset, concat as concat,
+                   make_change_set as make_change_set, rows_of_ids as rows_of_ids,
+                   validate as validate)
+from .errors import InputError as InputError
+from .lbfgs import LbfgsHistory as LbfgsHistory
+from .models import FunctionalModel as FunctionalModel, ModelSpec as ModelSpec
+from .replay import (DeltaGradConfig as DeltaGradConfig, Replay as Replay,
+                     ReplayResult as ReplayResult, ReplayState as ReplayState,
+                     deltagrad as deltagrad, deltagrad_online as deltagrad_online,
+                     relative_error as relative_error)
+from .schedule import (BatchPlan as BatchPlan, geometric_explicit_steps as geometric_explicit_steps,
+                       learning_rates as learning_rates, speedup_bound as speedup_bound,
+                       uniform_explicit_steps as uniform_explicit_steps)
+from .synthetic import (synthetic_classification as synthetic_classification,
+                        synthetic_regression as synthetic_regression)
+from .train import retrain as retrain, run_sgd as run_sgd, train as train
+from .trajectory import (InMemory as InMemory, MemoryRecorder as MemoryRecorder,
+                         Segment as Segment, Trajectory as Trajectory)

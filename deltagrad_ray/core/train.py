@@ -1,0 +1,145 @@
+"""Training that records its trajectory, and exact retraining — the ground truth.
+
+Both run one loop, :func:`run_sgd`: w_{t+1} = w_t − η_t·(Σ_{i∈B_t} ∇ℓ_i(w_t)/|B_t| + λ·w_t). The
+batch B_t comes from :class:`~.batches.BatchIndex`, so retraining after a change uses the same
+initialisation, learning rates and batch order as the original run, minus the deleted rows
+and plus the added rows (placed by the plan's hash of their id). Retraining with no change
+runs the identical sequence of operations and reproduces the recorded run bit for bit.
+
+A batch that lost all its rows contributes no data gradient: its step applies only the
+regulariser, w_{t+1} = w_t − η_t·λ·w_t, and every later step keeps its step number.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+from .batches import BatchIndex, StepBatch, active_rows
+from .data import ChangeSet, Dataset, concat
+from .errors import InputError
+from .models import FunctionalModel
+from .schedule import BatchPlan
+from .trajectory import MemoryRecorder, SegmentSource, Trajectory
+
+
+class Recorder(Protocol):
+    def record(self, step: int, theta: Tensor, grad: Tensor) -> None: ...
+
+    def finish(self, lrs: Tensor) -> SegmentSource: ...
+
+
+class RowGather:
+    """Gathers rows into one reused buffer: a fresh 100 MB tensor per step costs page faults
+    that take 5× longer than the copy itself (measured: 42 ms vs 7.5 ms for 16k × 784 float64)."""
+
+    def __init__(self, X: Tensor) -> None:
+        self.X = X
+        self.buf: Tensor | None = None
+
+    def __call__(self, rows: Tensor) -> Tensor:
+        m = int(rows.shape[0])
+        if self.buf is None or self.buf.shape[0] < m:
+            self.buf = torch.empty(m, self.X.shape[1], dtype=self.X.dtype, device=self.X.device)
+        out = self.buf[:m]
+        torch.index_select(self.X, 0, rows, out=out)
+        return out
+
+
+def objective_grad(grad_sum: Tensor, size: int, w: Tensor, l2: float) -> Tensor:
+    """∇F_B(w) = Σ_B ∇ℓ_i / |B| + λw from the loss-gradient sum (0 data term for an empty batch)."""
+    if size == 0:
+        return l2 * w
+    return grad_sum / size + l2 * w
+
+
+def run_sgd(model: FunctionalModel, data: Dataset, plan: BatchPlan, lrs: Tensor, l2: float,
+            theta0: Tensor, removed: Tensor | None = None,
+            recorder: Recorder | None = None) -> Tensor:
+    """The training loop (GD when ``plan.full_batch``). Returns θ_T; records into ``recorder``."""
+    index = BatchIndex(plan, data, removed)
+    gather = RowGather(data.X)
+    w = theta0.clone()
+    const: tuple[Tensor, Tensor] | None = None
+    for t in range(int(lrs.shape[0])):
+        sb: StepBatch = index.at(t)
+        if plan.full_batch:
+            if const is None:  # the same rows every step: gather them at most once
+                if sb.base_weights is None and len(sb.extra) == 0:
+                    const = (data.X[: plan.n_base], data.y[: plan.n_base])
+                else:
+                    rows = active_rows(sb, plan.n_base, data.X.device)
+                    const = (data.X[rows], data.y[rows])
+            Xb, yb = const
+        else:
+            rows = active_rows(sb, plan.n_base, data.X.device)
+            Xb, yb = gather(rows), data.y[rows]
+        g = objective_grad(model.grad_sum(w, Xb, yb), sb.size, w, l2)
+        if recorder is not None:
+            recorder.record(t, w, g)
+        w = w - float(lrs[t]) * g
+    return w
+
+
+def train(model: FunctionalModel, data: Dataset, *, steps: int, lrs: Tensor, l2: float = 0.0,
+          batch_size: int | None = None, seed: int = 0, recorder: Recorder | None = None) -> Trajectory:
+    """Train by GD (``batch_size=None``) or mini-batch SGD, recording the trajectory.
+
+    Args:
+      model: the functional model.
+      data: training rows (features in the training dtype, on the training device).
+      steps: T.
+      lrs: (T,) learning rates, e.g. from :func:`~.schedule.learning_rates`.
+      l2: λ.
+      batch_size: mini-batch size, None for full-batch GD.
+      seed: seeds the initialisation (MLP) and the batch order.
+      recorder: where θ_t, g_t go (default: memory).
+
+    Returns:
+      The :class:`Trajectory`.
+
+    Example:
+      >>> from deltagrad_ray.core import ModelSpec, learning_rates, synthetic_classification
+      >>> data = synthetic_classification(200, 5, 3, seed=0)
+      >>> m = ModelSpec("logreg", 5, 3).build()
+      >>> traj = train(m, data, steps=20, lrs=learning_rates(20, 0.5), l2=0.01)
+      >>> traj.steps, traj.p
+      (20, 18)
+    """
+    if lrs.shape != (steps,):
+        raise InputError(f"expected {steps} learning rates, got shape {tuple(lrs.shape)}")
+    if not (l2 >= 0):
+        raise InputError(f"l2 must be >= 0, got {l2!r}")
+    plan = BatchPlan(len(data), batch_size, seed)
+    theta0 = model.init_params(seed, dtype=data.X.dtype, device=data.X.device)
+    rec = recorder or MemoryRecorder(steps, model.p, data.X.dtype, data.X.device)
+    final = run_sgd(model, data, plan, lrs, l2, theta0, None, rec)
+    return Trajectory(plan, float(l2), lrs.to(torch.float64).cpu(), theta0, final, len(data), None,
+                      rec.finish(lrs))
+
+
+def changed_data(traj: Trajectory, data: Dataset, change: ChangeSet) -> tuple[Dataset, Tensor]:
+    """The data and removed-mask a trajectory would have after ``change``."""
+    removed = traj.removed.clone() if traj.removed is not None else torch.zeros(
+        len(data), dtype=torch.bool, device=data.X.device)
+    removed[change.delete] = True
+    if change.add is not None and len(change.add):
+        data = concat(data, change.add)
+        removed = torch.cat([removed, torch.zeros(len(change.add), dtype=torch.bool,
+                                                  device=removed.device)])
+    return data, removed
+
+
+def retrain(model: FunctionalModel, traj: Trajectory, data: Dataset, change: ChangeSet,
+            recorder: Recorder | None = None) -> Tensor:
+    """Exact retraining after ``change``: the ground truth DeltaGrad is measured against.
+
+    Same θ_0, learning rates and batch order as ``traj``; deleted rows leave their batches,
+    added rows join the batches the plan's hash assigns them. Returns θ_T.
+    """
+    if len(data) != traj.n_rows:
+        raise InputError(f"the trajectory was trained on {traj.n_rows} rows, the data has {len(data)}")
+    new_data, removed = changed_data(traj, data, change)
+    return run_sgd(model, new_data, traj.plan, traj.lrs, traj.l2, traj.initial, removed, recorder)
