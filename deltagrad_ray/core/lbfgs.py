@@ -26,21 +26,27 @@ SIGMA_RULES = ("sy/ss", "yy/sy")
 
 
 class LbfgsHistory(NamedTuple):
-    """The last m accepted (s, y) pairs, oldest first.
+    """The last m accepted (s, y) pairs, oldest first, with the compact form prepared.
 
     Fields:
-      S:  (k, p) parameter differences s_i = w^I − w, k ≤ m
-      Y:  (k, p) gradient differences y_i = ∇F(w^I) − ∇F(w)
-      SY: (k, k) float64 S·Yᵀ (SY[i, j] = s_iᵀy_j)
-      SS: (k, k) float64 S·Sᵀ
-      m:  capacity
+      S:     (k, p) parameter differences s_i = w^I − w, k ≤ m
+      Y:     (k, p) gradient differences y_i = ∇F(w^I) − ∇F(w)
+      m:     capacity
+      rule:  σ rule the prepared fields use
+      sigma: σ of B_0 = σI
+      W:     (2k, p) float64 [σS; Y]
+      M_lu:  LU factors (and pivots) of the (2k, 2k) middle matrix M, or None if singular
+      bound: σ + Σ‖y_i‖²/(s_iᵀy_i), an upper bound on ‖B‖ in exact arithmetic
     """
 
     S: Tensor
     Y: Tensor
-    SY: Tensor
-    SS: Tensor
     m: int
+    rule: str = "sy/ss"
+    sigma: float = 0.0
+    W: Tensor | None = None
+    M_lu: tuple[Tensor, Tensor] | None = None
+    bound: float = 0.0
 
     @property
     def size(self) -> int:
@@ -48,10 +54,11 @@ class LbfgsHistory(NamedTuple):
 
 
 def empty_history(m: int, p: int, dtype: torch.dtype = torch.float64,
-                  device: torch.device | str = "cpu") -> LbfgsHistory:
+                  device: torch.device | str = "cpu", rule: str = "sy/ss") -> LbfgsHistory:
+    if rule not in SIGMA_RULES:
+        raise ValueError(f"sigma rule must be one of {SIGMA_RULES}, got {rule!r}")
     z = torch.zeros(0, p, dtype=dtype, device=device)
-    e = torch.zeros(0, 0, dtype=torch.float64, device=device)
-    return LbfgsHistory(z, z, e, e, int(m))
+    return LbfgsHistory(z, z, int(m), rule)
 
 
 def curvature_ok(s: Tensor, y: Tensor, eps: float) -> bool:
@@ -61,54 +68,56 @@ def curvature_ok(s: Tensor, y: Tensor, eps: float) -> bool:
     return ns > 0 and ny > 0 and sy == sy and sy > eps * ns * ny and abs(sy) != float("inf")
 
 
-def push(h: LbfgsHistory, s: Tensor, y: Tensor) -> LbfgsHistory:
-    """A new history with (s, y) appended and the oldest pair dropped when full."""
-    keep = slice(1, None) if h.size == h.m else slice(None)
-    S = torch.cat([h.S[keep], s[None]])
-    Y = torch.cat([h.Y[keep], y[None]])
-    Sd, Yd = S.double(), Y.double()
-    return LbfgsHistory(S, Y, Sd @ Yd.T, Sd @ Sd.T, h.m)
-
-
-def sigma(h: LbfgsHistory, rule: str = "sy/ss") -> float:
+def _sigma(Sd: Tensor, Yd: Tensor, rule: str) -> float:
     """Scale σ of the initial matrix B_0 = σI, from the newest pair.
 
     ``"sy/ss"``: σ = sᵀy / sᵀs (what the DeltaGrad authors use; measured 10× more accurate on
     MNIST logistic regression). ``"yy/sy"``: σ = yᵀy / sᵀy (Nocedal & Wright, eq. 7.20).
     """
-    sy, ss = float(h.SY[-1, -1]), float(h.SS[-1, -1])
-    if rule == "sy/ss":
-        return sy / ss
-    if rule == "yy/sy":
-        y = h.Y[-1].double()
-        return float(y @ y) / sy
-    raise ValueError(f"sigma rule must be one of {SIGMA_RULES}, got {rule!r}")
+    s, y = Sd[-1], Yd[-1]
+    sy = float(s @ y)
+    return sy / float(s @ s) if rule == "sy/ss" else float(y @ y) / sy
 
 
-def hvp(h: LbfgsHistory, v: Tensor, rule: str = "sy/ss") -> Tensor | None:
-    """B·v in compact form, or None when the product cannot be trusted.
+def push(h: LbfgsHistory, s: Tensor, y: Tensor) -> LbfgsHistory:
+    """A new history with (s, y) appended (oldest dropped when full) and B's compact form
+    prepared once, so that each product costs two (2k × p) mat-vecs and a 2k × 2k LU solve."""
+    keep = slice(1, None) if h.size == h.m else slice(None)
+    S = torch.cat([h.S[keep], s[None]])
+    Y = torch.cat([h.Y[keep], y[None]])
+    Sd, Yd = S.double(), Y.double()
+    SY, SS = Sd @ Yd.T, Sd @ Sd.T
+    sig = _sigma(Sd, Yd, h.rule)
+    L = torch.tril(SY, diagonal=-1)
+    D = torch.diag(torch.diagonal(SY))
+    M = torch.cat([torch.cat([sig * SS, L], 1), torch.cat([L.T, -D], 1)], 0)
+    LU, piv, info = torch.linalg.lu_factor_ex(M)
+    M_lu = (LU, piv) if int(info) == 0 and bool(torch.isfinite(LU).all()) else None
+    bound = sig + float(((Yd ** 2).sum(dim=1) / torch.diagonal(SY)).sum())
+    return LbfgsHistory(S, Y, h.m, h.rule, sig, torch.cat([sig * Sd, Yd]), M_lu, bound)
 
-    Cost O(k·p + k³). Returns None for an empty history, a singular middle matrix, a
+
+def sigma(h: LbfgsHistory, rule: str | None = None) -> float:
+    """σ of the history (recomputed when another ``rule`` is asked for)."""
+    if rule is None or rule == h.rule:
+        return h.sigma
+    if rule not in SIGMA_RULES:
+        raise ValueError(f"sigma rule must be one of {SIGMA_RULES}, got {rule!r}")
+    return _sigma(h.S.double(), h.Y.double(), rule)
+
+
+def hvp(h: LbfgsHistory, v: Tensor) -> Tensor | None:
+    """B·v = σv − Wᵀ M⁻¹ W v in compact form, or None when the product cannot be trusted.
+
+    Cost O(k·p + k²). Returns None for an empty history, a singular middle matrix, a
     non-finite result, or one that breaks the norm bound of a BFGS matrix.
     """
-    k = h.size
-    if k == 0:
+    if h.size == 0 or h.M_lu is None:
         return None
-    sig = sigma(h, rule)
-    L = torch.tril(h.SY, diagonal=-1)
-    D = torch.diag(torch.diagonal(h.SY))
-    M = torch.cat([torch.cat([sig * h.SS, L], 1), torch.cat([L.T, -D], 1)], 0)
     vd = v.double()
-    q = torch.cat([sig * (h.S.double() @ vd), h.Y.double() @ vd])
-    try:
-        z = torch.linalg.solve(M, q)
-    except RuntimeError:  # singular M
-        return None
-    Bv = sig * vd - sig * (h.S.double().T @ z[:k]) - h.Y.double().T @ z[k:]
-    if not bool(torch.isfinite(Bv).all()):
-        return None
-    y_norm2 = (h.Y.double() ** 2).sum(dim=1)
-    bound = sig + float((y_norm2 / torch.diagonal(h.SY)).sum())
-    if float(Bv.norm()) > bound * (1 + 1e-6) * float(vd.norm()) + 1e-300:
+    z = torch.linalg.lu_solve(*h.M_lu, (h.W @ vd)[:, None])[:, 0]
+    Bv = h.sigma * vd - h.W.T @ z
+    bv, nv = float(Bv.norm()), float(vd.norm())
+    if not (bv <= h.bound * (1 + 1e-6) * nv + 1e-300):  # also catches NaN
         return None
     return Bv.to(v.dtype)

@@ -37,6 +37,35 @@ def squared_loss(outputs: Tensor, targets: Tensor) -> Tensor:
     return 0.5 * (outputs.reshape(-1) - targets) ** 2
 
 
+GradSum = Callable[[Tensor, Tensor, Tensor, "Tensor | None"], Tensor]
+
+
+def _softmax_regression_grad_sum(c: int, d: int) -> GradSum:
+    """Closed-form Σ_i w_i ∇ℓ_i for multinomial logistic regression, θ = [W (c×d), b (c)].
+
+    Same value as autograd through functional_call (tested), without its per-call overhead,
+    which dominates DeltaGrad's small per-step corrections: ∇_W = (P − Y)ᵀX, ∇_b = Σ(P − Y).
+    """
+    def grad_sum(theta: Tensor, X: Tensor, y: Tensor, weights: Tensor | None) -> Tensor:
+        W, b = theta[: c * d].view(c, d), theta[c * d:]
+        R = torch.softmax(torch.addmm(b, X, W.T), dim=1)
+        R[torch.arange(len(y), device=y.device), y] -= 1
+        if weights is not None:
+            R *= weights[:, None]
+        return torch.cat([(R.T @ X).reshape(-1), R.sum(0)])
+    return grad_sum
+
+
+def _least_squares_grad_sum(d: int) -> GradSum:
+    """Closed-form Σ_i w_i ∇ℓ_i for ½(xᵀw + b − y)², θ = [w (d), b]."""
+    def grad_sum(theta: Tensor, X: Tensor, y: Tensor, weights: Tensor | None) -> Tensor:
+        r = torch.addmv(theta[d:] - y, X, theta[:d])
+        if weights is not None:
+            r = r * weights
+        return torch.cat([r @ X, r.sum().reshape(1)])
+    return grad_sum
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """A built-in model, as stored in a cache manifest.
@@ -85,9 +114,11 @@ class ModelSpec:
         """The functional model this spec describes."""
         d, c = self.n_features, self.n_classes
         if self.kind == "logreg":
-            return FunctionalModel(nn.Linear(d, c), cross_entropy_loss, n_classes=c, spec=self)
+            return FunctionalModel(nn.Linear(d, c), cross_entropy_loss, n_classes=c, spec=self,
+                                   grad_sum=_softmax_regression_grad_sum(c, d))
         if self.kind == "linear":
-            return FunctionalModel(nn.Linear(d, 1), squared_loss, n_classes=None, spec=self)
+            return FunctionalModel(nn.Linear(d, 1), squared_loss, n_classes=None, spec=self,
+                                   grad_sum=_least_squares_grad_sum(d))
         widths = (d, *self.hidden, c)
         layers: list[nn.Module] = []
         for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
@@ -107,6 +138,8 @@ class FunctionalModel:
       n_classes: number of classes for classification, ``None`` for regression.
       spec: the built-in spec this model came from, if any (linear kinds start at θ = 0,
         the MLP from a seeded uniform initialisation).
+      grad_sum: optional closed form of Σ_i w_i ∇ℓ_i(θ); autograd through functional_call
+        (``torch.func.grad``) otherwise.
 
     Example:
       >>> m = ModelSpec("logreg", n_features=4, n_classes=3).build()
@@ -116,7 +149,7 @@ class FunctionalModel:
     """
 
     def __init__(self, module: nn.Module, loss: PerExampleLoss, *, n_classes: int | None,
-                 spec: ModelSpec | None = None) -> None:
+                 spec: ModelSpec | None = None, grad_sum: GradSum | None = None) -> None:
         named = [(k, v) for k, v in module.named_parameters()]
         if not named:
             raise InputError("the module has no parameters to train")
@@ -132,7 +165,8 @@ class FunctionalModel:
         self.sizes = tuple(math.prod(s) for s in self.shapes)
         self.p = sum(self.sizes)
         self._module_init = torch.cat([v.detach().reshape(-1).to(torch.float64) for _, v in named])
-        self._grad = grad(self._loss_sum)
+        self._autograd = grad(self._loss_sum)
+        self._grad = grad_sum or self._autograd
 
     @property
     def task(self) -> str:
@@ -188,6 +222,10 @@ class FunctionalModel:
         if X.shape[0] == 0:
             return torch.zeros_like(theta)
         return self._grad(theta, X, y, weights)
+
+    def autograd_grad_sum(self, theta: Tensor, X: Tensor, y: Tensor, weights: Tensor | None = None) -> Tensor:
+        """:meth:`grad_sum` by autograd through functional_call (the reference for closed forms)."""
+        return self._autograd(theta, X, y, weights)
 
     def predict(self, theta: Tensor, X: Tensor) -> Tensor:
         """Class indices (classification) or real predictions (regression)."""

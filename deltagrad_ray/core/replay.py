@@ -174,7 +174,7 @@ class Replay:
     def start(self) -> ReplayState:
         """State before step 0: w^I_0 = w_0."""
         t = self.traj
-        hist = lbfgs.empty_history(self.config.history, t.p, t.dtype, t.initial.device)
+        hist = lbfgs.empty_history(self.config.history, t.p, t.dtype, t.initial.device, self.config.sigma)
         return ReplayState(t.initial, hist, 0, True)
 
     # -- gradients over rows ------------------------------------------------------------
@@ -223,7 +223,7 @@ class Replay:
             full = g_t  # v = 0: the cached gradient is the gradient at w^I_t
         elif not self.explicit[t]:
             v = w - w_t
-            Bv = lbfgs.hvp(hist, v, self.config.sigma)
+            Bv = lbfgs.hvp(hist, v)
             if Bv is not None:
                 ratio = float(Bv.norm()) / max(float(v.norm()), 1e-300)
                 limit = self.config.curvature_guard * curv

@@ -1,0 +1,107 @@
+"""DeltaGrad vs exact retraining on MNIST-shaped logistic regression (issue: core benchmark).
+
+    python -m benchmarks.core            # 60,000 × 784, 10 classes, T = 120
+    python -m benchmarks.core --quick    # 12,000 × 784, T = 60, under a minute
+
+One JSON line per configuration. Retraining and DeltaGrad run in the same process, one after
+the other, on the same data and the same gradient kernel (FunctionalModel.grad_sum); the
+per-step kernel times are printed beside the totals so the baseline can be checked.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import torch
+
+from deltagrad_ray.core import (DeltaGradConfig, ModelSpec, Replay, deltagrad, learning_rates, make_change_set,
+                                retrain, speedup_bound, synthetic_classification, train)
+from deltagrad_ray.core.batches import active_rows
+from deltagrad_ray.core.train import objective_grad
+
+
+def _kernel_ms(fn, repeats: int = 3) -> float:
+    fn()
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    return (time.perf_counter() - t0) / repeats * 1e3
+
+
+def run(n: int, d: int, c: int, steps: int, batch_size: int | None, periods: list[int], delete_frac: float,
+        seed: int, schedules: list[str], dtype: torch.dtype) -> list[dict]:
+    data = synthetic_classification(n, d, c, seed=seed, dtype=dtype)
+    model = ModelSpec("logreg", d, c).build()
+    t0 = time.perf_counter()
+    traj = train(model, data, steps=steps, lrs=learning_rates(steps, 0.1), l2=0.005,
+                 batch_size=batch_size, seed=seed)
+    train_s = time.perf_counter() - t0
+    r = int(round(delete_frac * n))
+    ids = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 1))[:r]
+    change = make_change_set(data, delete_ids=ids, n_classes=c)
+
+    t0 = time.perf_counter()
+    exact = retrain(model, traj, data, change)
+    retrain_s = time.perf_counter() - t0
+    dist_exact_full = float((exact - traj.final).norm())
+
+    # per-step kernels: one retrain step (gradient over the retained rows of a batch) and one
+    # explicit DeltaGrad step (gradient over the cached batch + the deleted rows' correction)
+    rp = Replay(model, traj, data, change)
+    sb = rp.index.at(steps // 2)
+    w = traj.final
+    new_data_rows = active_rows(sb, traj.plan.n_base, data.X.device)
+    keep = new_data_rows[~torch.isin(new_data_rows, change.delete)]
+    Xk, yk = data.X[keep], data.y[keep]
+    retrain_step_ms = _kernel_ms(lambda: objective_grad(model.grad_sum(w, Xk, yk), len(keep), w, traj.l2))
+    explicit_step_ms = _kernel_ms(lambda: objective_grad(
+        rp._cached_batch_grad(w, sb) + rp._change_grad(w, sb), sb.new_size, w, traj.l2))
+
+    out = []
+    configs = [("uniform", T0) for T0 in periods] + [("geometric", None) for s in schedules if s == "geometric"]
+    for schedule, T0 in configs:
+        cfg = (DeltaGradConfig(period=T0, burn_in=10, history=2) if schedule == "uniform"
+               else DeltaGradConfig(schedule="geometric", burn_in=5, first_gap=2, growth=1.4, max_gap=40))
+        t0 = time.perf_counter()
+        res = deltagrad(model, traj, data, change, cfg)
+        dg_s = time.perf_counter() - t0
+        dist = float((res.params - exact).norm())
+        out.append({
+            "benchmark": "core", "n": n, "d": d, "classes": c, "dtype": str(dtype).replace("torch.", ""),
+            "optimizer": "gd" if batch_size is None else "sgd", "batch_size": batch_size, "steps": steps,
+            "deleted": r, "schedule": schedule, "T0": T0, "j0": cfg.burn_in, "m": cfg.history,
+            "train_s": round(train_s, 3), "retrain_s": round(retrain_s, 3), "deltagrad_s": round(dg_s, 3),
+            "speedup": round(retrain_s / dg_s, 3),
+            "bound": round(steps / (cfg.burn_in + (steps - cfg.burn_in) / T0), 3) if T0 else None,
+            "bound_scheduled": round(speedup_bound(cfg.explicit_steps(steps)), 3),
+            "dist_dg_exact": dist, "dist_exact_full": dist_exact_full,
+            "error_ratio": dist / dist_exact_full,
+            "explicit_steps": res.explicit_steps, "fallbacks": res.fallbacks,
+            "retrain_step_ms": round(retrain_step_ms, 2), "explicit_step_ms": round(explicit_step_ms, 2),
+            "retrain_ms_per_step_total": round(retrain_s / steps * 1e3, 2),
+        })
+        print(json.dumps(out[-1]), flush=True)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="small shapes, under a minute")
+    ap.add_argument("--dtype", choices=["float64", "float32"], default="float64")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtype = getattr(torch, args.dtype)
+    n, steps = (12_000, 60) if args.quick else (60_000, 120)
+    periods = [5, 10, 20]
+    run(n, 784, 10, steps, None, periods, 0.01, 0, ["geometric"], dtype)
+    run(n, 784, 10, steps, 16_384 if not args.quick else 4_096, periods, 0.01, 0, ["geometric"], dtype)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
