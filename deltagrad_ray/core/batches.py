@@ -22,20 +22,23 @@ _EMPTY = torch.zeros(0, dtype=torch.int64)
 
 
 class StepBatch(NamedTuple):
-    """The rows of one step.
+    """The rows of one step, without the (large) list of its base rows.
 
     Fields:
-      base:         (b,) base rows of the cached batch, or None for all base rows (GD)
-      base_weights: (b,) or (n_base,) 1.0 for rows still present, 0.0 for removed ones;
-                    None when none is removed
-      extra:        (e,) rows >= n_base (added earlier) present in the cached batch
-      size:         |B_t|, rows the cached step averaged over
-      delete:       (r_t,) rows of this batch the change deletes
-      add:          (a_t,) indices into the change's added rows that join this batch
+      epoch, k:   epoch and batch index within it (0 for GD)
+      n_removed:  base rows of the cached batch that earlier changes removed
+      extra:      (e,) rows >= n_base (added earlier) present in the cached batch
+      size:       |B_t|, rows the cached step averaged over
+      delete:     (r_t,) rows of this batch the change deletes
+      add:        (a_t,) indices into the change's added rows that join this batch
+
+    The base rows themselves come from :meth:`BatchIndex.base`, only when a step needs them
+    (explicit steps and training), at O(batch size).
     """
 
-    base: Tensor | None
-    base_weights: Tensor | None
+    epoch: int
+    k: int
+    n_removed: int
     extra: Tensor
     size: int
     delete: Tensor
@@ -53,8 +56,8 @@ class StepBatch(NamedTuple):
 class BatchIndex:
     """Answers :meth:`at` (step → :class:`StepBatch`) for one trajectory and one change.
 
-    Work per epoch is O(n_base) for the permutation (only when the plan has mini-batches),
-    then O(r + a) per step.
+    Work per epoch is O(r + a + removed) (positions of the few rows that matter); per step
+    O(r + a); the base rows of a batch cost O(batch size) when asked for.
     """
 
     def __init__(self, plan: BatchPlan, data: Dataset, removed: Tensor | None,
@@ -66,7 +69,6 @@ class BatchIndex:
         self.extra_rows = torch.arange(nb, n_rows, device=self.device)
         if self.removed is not None:
             self.extra_rows = self.extra_rows[~self.removed[nb:]]
-        self.extra_ids = data.ids[self.extra_rows]
         self.removed_base = (_EMPTY.to(self.device) if self.removed is None
                              else torch.nonzero(self.removed[:nb]).reshape(-1))
         change = change or ChangeSet(_EMPTY.to(self.device))
@@ -76,29 +78,19 @@ class BatchIndex:
         self.add_ids = change.add.ids if change.add is not None else _EMPTY.to(self.device)
         self._epoch = -1
         if plan.full_batch:
-            self._gd = self._full_batch()
-
-    def _full_batch(self) -> StepBatch:
-        nb = self.plan.n_base
-        w = None
-        if len(self.removed_base):
-            w = torch.ones(nb, dtype=self.dtype, device=self.device)
-            w[self.removed_base] = 0
-        size = nb - len(self.removed_base) + len(self.extra_rows)
-        return StepBatch(None, w, self.extra_rows, size, self.delete,
-                         torch.arange(len(self.add_ids), device=self.device))
+            size = nb - len(self.removed_base) + len(self.extra_rows)
+            self._gd = StepBatch(0, 0, len(self.removed_base), self.extra_rows, size, self.delete,
+                                 torch.arange(len(self.add_ids), device=self.device))
+            self._gd_weights = None
+            if len(self.removed_base):
+                self._gd_weights = torch.ones(nb, dtype=self.dtype, device=self.device)
+                self._gd_weights[self.removed_base] = 0
 
     def _load_epoch(self, epoch: int) -> None:
         plan, dev = self.plan, self.device
-        self.perm = plan.permutation(epoch).to(dev)
-        inverse = None
-        if len(self.removed_base) or len(self.delete_base):
-            inverse = torch.empty(plan.n_base, dtype=torch.int64, device=dev)
-            inverse[self.perm] = torch.arange(plan.n_base, device=dev)
-        k_of = plan.batch_of_base_rows
-        self.k_removed = k_of(self.removed_base, epoch, inverse).to(dev)
-        self.k_delete_base = k_of(self.delete_base, epoch, inverse).to(dev)
-        self.k_extra = plan.batch_of_added_ids(self.extra_ids, epoch).to(dev)
+        self.k_removed = plan.batch_of_base_rows(self.removed_base, epoch).to(dev)
+        self.k_delete_base = plan.batch_of_base_rows(self.delete_base, epoch).to(dev)
+        self.k_extra = plan.batch_of_added_ids(self.ids[self.extra_rows], epoch).to(dev)
         self.k_delete_extra = plan.batch_of_added_ids(self.ids[self.delete_extra], epoch).to(dev)
         self.k_add = plan.batch_of_added_ids(self.add_ids, epoch).to(dev)
         self._epoch = epoch
@@ -110,21 +102,28 @@ class BatchIndex:
         if epoch != self._epoch:
             self._load_epoch(epoch)
         lo, hi = self.plan.batch_bounds(k)
-        base = self.perm[lo:hi]
         n_removed = int((self.k_removed == k).sum()) if len(self.k_removed) else 0
-        weights = None
-        if n_removed:
-            weights = (~self.removed[base]).to(self.dtype)
-        extra = self.extra_rows[self.k_extra == k]
+        extra = self.extra_rows[self.k_extra == k] if len(self.k_extra) else self.extra_rows
         delete = torch.cat([self.delete_base[self.k_delete_base == k],
                             self.delete_extra[self.k_delete_extra == k]])
         add = torch.nonzero(self.k_add == k).reshape(-1)
-        return StepBatch(base, weights, extra, (hi - lo) - n_removed + len(extra), delete, add)
+        return StepBatch(epoch, k, n_removed, extra, (hi - lo) - n_removed + len(extra), delete, add)
+
+    def base(self, sb: StepBatch) -> tuple[Tensor | None, Tensor | None]:
+        """(base rows, weights) of a step: rows None means all base rows (GD); weights are 1.0
+        for rows still present and 0.0 for removed ones, None when none is removed."""
+        if self.plan.full_batch:
+            return None, self._gd_weights
+        rows = self.plan.batch_rows(sb.epoch, sb.k).to(self.device)
+        weights = (~self.removed[rows]).to(self.dtype) if sb.n_removed else None
+        return rows, weights
 
 
-def active_rows(sb: StepBatch, n_base: int, device: torch.device) -> Tensor:
+def active_rows(index: BatchIndex, sb: StepBatch) -> Tensor:
     """All rows the cached step used, as one index tensor (for exact (re)training)."""
-    base = torch.arange(n_base, device=device) if sb.base is None else sb.base
-    if sb.base_weights is not None:
-        base = base[sb.base_weights > 0]
+    base, weights = index.base(sb)
+    if base is None:
+        base = torch.arange(index.plan.n_base, device=index.device)
+    if weights is not None:
+        base = base[weights > 0]
     return torch.cat([base, sb.extra]) if len(sb.extra) else base

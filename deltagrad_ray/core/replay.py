@@ -185,10 +185,11 @@ class Replay:
 
     def _cached_batch_grad(self, w: Tensor, sb: StepBatch) -> Tensor:
         """Σ ∇ℓ_i(w) over the rows of the cached step's batch, weighted, without dropping rows."""
-        if sb.base is None:
-            G = self.model.grad_sum(w, self._X_base, self._y_base, sb.base_weights)
+        base, weights = self.index.base(sb)
+        if base is None:
+            G = self.model.grad_sum(w, self._X_base, self._y_base, weights)
         else:
-            G = self.model.grad_sum(w, self.gather(sb.base), self.data.y[sb.base], sb.base_weights)
+            G = self.model.grad_sum(w, self.gather(base), self.data.y[base], weights)
         if len(sb.extra):
             G = G + self._rows_grad(w, sb.extra, self._gd_extra if self._full else None)
         return G

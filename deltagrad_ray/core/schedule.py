@@ -36,15 +36,63 @@ def _key(seed: int, epoch: int, salt: int = 0) -> np.uint64:
     return mixed[0]
 
 
+class FeistelPermutation:
+    """A seeded bijection of [0, n) with O(1) random access in both directions.
+
+    A balanced Feistel network (6 rounds of splitmix64) permutes [0, 4^h) ⊇ [0, n); values that
+    land outside [0, n) are mapped again until they fall inside ("cycle walking", Black &
+    Rogaway 2002), which keeps it a bijection of [0, n). Where an argsort would cost
+    O(n log n) per epoch, this answers "where is row i" and "which rows sit at positions
+    [lo, hi)" in O(1) per row: a replay that needs only the deleted rows' batches never pays
+    for the whole permutation.
+    """
+
+    ROUNDS = 6
+
+    def __init__(self, n: int, key: np.uint64) -> None:
+        self.n = int(n)
+        self.half = max(1, (max(self.n - 1, 1).bit_length() + 1) // 2)
+        self.mask = np.uint64((1 << self.half) - 1)
+        ks = splitmix64(np.arange(self.ROUNDS, dtype=np.uint64) ^ key)
+        self.keys = [np.uint64(k) for k in ks]
+
+    def _rounds(self, x: np.ndarray, inverse: bool) -> np.ndarray:
+        h, m = np.uint64(self.half), self.mask
+        L, R = x >> h, x & m
+        if not inverse:
+            for k in self.keys:
+                L, R = R, L ^ (splitmix64(R ^ k) & m)
+        else:
+            for k in reversed(self.keys):
+                L, R = R ^ (splitmix64(L ^ k) & m), L
+        return (L << h) | R
+
+    def _walk(self, x: np.ndarray, inverse: bool) -> np.ndarray:
+        x = self._rounds(x.astype(np.uint64), inverse)
+        out = x >= np.uint64(self.n)
+        while out.any():
+            x[out] = self._rounds(x[out], inverse)
+            out = x >= np.uint64(self.n)
+        return x
+
+    def position(self, rows: np.ndarray) -> np.ndarray:
+        """Position of each row in the permuted order."""
+        return self._walk(rows, False).astype(np.int64)
+
+    def rows_at(self, positions: np.ndarray) -> np.ndarray:
+        """The rows at the given positions of the permuted order."""
+        return self._walk(positions, True).astype(np.int64)
+
+
 @dataclass(frozen=True)
 class BatchPlan:
     """Which rows form the mini-batch of each step.
 
-    Rows ``0 .. n_base-1`` are the rows training saw: in epoch e they are shuffled by a seeded
-    permutation and cut into ``batches_per_epoch`` consecutive batches of ``batch_size`` (the
-    last one smaller). Rows added later are placed by a hash of (seed, epoch, id), so a row's
-    batch does not depend on which other rows were added with it. With ``batch_size=None``
-    (gradient descent) every step sees every row.
+    Rows ``0 .. n_base-1`` are the rows training saw: in epoch e they are ordered by a seeded
+    permutation (:class:`FeistelPermutation`) and cut into ``batches_per_epoch`` consecutive
+    batches of ``batch_size`` (the last one smaller). Rows added later are placed by a hash of
+    (seed, epoch, id), so a row's batch does not depend on which other rows were added with it.
+    With ``batch_size=None`` (gradient descent) every step sees every row.
 
     Step t belongs to epoch ``t // batches_per_epoch`` and batch ``t % batches_per_epoch``.
     """
@@ -73,25 +121,30 @@ class BatchPlan:
         """(epoch, batch index within the epoch) of a step."""
         return divmod(step, self.batches_per_epoch)
 
+    def _perm(self, epoch: int) -> FeistelPermutation:
+        return FeistelPermutation(self.n_base, _key(self.seed, epoch))
+
     def permutation(self, epoch: int) -> Tensor:
-        """The seeded order of the base rows in an epoch, (n_base,) int64."""
-        keys = splitmix64(np.arange(self.n_base, dtype=np.uint64) ^ _key(self.seed, epoch))
-        return torch.from_numpy(np.argsort(keys, kind="stable").astype(np.int64))
+        """The whole order of the base rows in an epoch, (n_base,) int64."""
+        return torch.from_numpy(self._perm(epoch).rows_at(np.arange(self.n_base, dtype=np.uint64)))
 
     def batch_bounds(self, k: int) -> tuple[int, int]:
-        """[start, stop) of batch k within an epoch's permutation."""
+        """[start, stop) of batch k within an epoch's order."""
         if self.batch_size is None:
             return 0, self.n_base
         return k * self.batch_size, min((k + 1) * self.batch_size, self.n_base)
 
-    def batch_of_base_rows(self, rows: Tensor, epoch: int, inverse: Tensor | None = None) -> Tensor:
-        """Batch index, in ``epoch``, of each base row in ``rows``."""
-        if self.batch_size is None:
+    def batch_rows(self, epoch: int, k: int) -> Tensor:
+        """Base rows of batch k of an epoch, in permuted order (O(batch size))."""
+        lo, hi = self.batch_bounds(k)
+        return torch.from_numpy(self._perm(epoch).rows_at(np.arange(lo, hi, dtype=np.uint64)))
+
+    def batch_of_base_rows(self, rows: Tensor, epoch: int) -> Tensor:
+        """Batch index, in ``epoch``, of each base row in ``rows`` (O(len(rows)))."""
+        if self.batch_size is None or len(rows) == 0:
             return torch.zeros(len(rows), dtype=torch.int64)
-        if inverse is None:
-            inverse = torch.empty(self.n_base, dtype=torch.int64)
-            inverse[self.permutation(epoch)] = torch.arange(self.n_base)
-        return inverse[rows] // self.batch_size
+        pos = self._perm(epoch).position(rows.cpu().numpy().astype(np.uint64))
+        return torch.from_numpy(pos // self.batch_size)
 
     def batch_of_added_ids(self, ids: Tensor, epoch: int) -> Tensor:
         """Batch index, in ``epoch``, of each added row, from a hash of its id."""

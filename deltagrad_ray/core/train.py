@@ -67,14 +67,14 @@ def run_sgd(model: FunctionalModel, data: Dataset, plan: BatchPlan, lrs: Tensor,
         sb: StepBatch = index.at(t)
         if plan.full_batch:
             if const is None:  # the same rows every step: gather them at most once
-                if sb.base_weights is None and len(sb.extra) == 0:
+                if sb.n_removed == 0 and len(sb.extra) == 0:
                     const = (data.X[: plan.n_base], data.y[: plan.n_base])
                 else:
-                    rows = active_rows(sb, plan.n_base, data.X.device)
+                    rows = active_rows(index, sb)
                     const = (data.X[rows], data.y[rows])
             Xb, yb = const
         else:
-            rows = active_rows(sb, plan.n_base, data.X.device)
+            rows = active_rows(index, sb)
             Xb, yb = gather(rows), data.y[rows]
         g = objective_grad(model.grad_sum(w, Xb, yb), sb.size, w, l2)
         if recorder is not None:

@@ -1,0 +1,150 @@
+"""Data sets and id lists on storage.
+
+A data set is a Parquet file, or a directory/prefix of Parquet files read in name order, with
+columns ``id`` (int64, unique), ``label`` (integer class, or float target) and ``features``
+(fixed-size list of floats, or a fixed-shape tensor). An id list is a text file with one id
+per line, or a Parquet file with an ``id`` column.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from ..core.data import Dataset
+from ..core.errors import InputError
+from .location import Location, StorageError, location
+
+
+def _parquet_parts(loc: Location) -> list[Location]:
+    if loc.is_file():
+        return [loc]
+    parts = [p for p in loc.list() if p.name.endswith(".parquet") and not p.name.startswith(".")]
+    if not parts:
+        if loc.join("manifest.json").exists():
+            raise InputError(f"{loc.uri} is a trajectory cache, not a data set")
+        raise StorageError(f"{loc.uri}: no data set here (no Parquet file)")
+    return parts
+
+
+def _read_table(loc: Location) -> pa.Table:
+    tables = []
+    for part in _parquet_parts(loc):
+        try:
+            tables.append(pq.read_table(io.BytesIO(part.read_bytes())))
+        except (pa.ArrowInvalid, OSError) as e:
+            raise StorageError(f"{part.uri}: not a readable Parquet file ({e})") from None
+    try:
+        return pa.concat_tables(tables) if len(tables) > 1 else tables[0]
+    except pa.ArrowInvalid as e:
+        raise InputError(f"{loc.uri}: the Parquet parts have different schemas ({e})") from None
+
+
+def _features(col: pa.ChunkedArray, uri: str) -> np.ndarray:
+    arr = col.combine_chunks()
+    if isinstance(arr.type, pa.FixedShapeTensorType):
+        return arr.to_numpy_ndarray().reshape(len(arr), -1)
+    if not pa.types.is_fixed_size_list(arr.type):
+        raise InputError(f"{uri}: column 'features' must be a fixed-size list or fixed-shape tensor "
+                         f"of floats, got {arr.type}")
+    if arr.null_count:
+        raise InputError(f"{uri}: column 'features' has {arr.null_count} null rows")
+    values = arr.values
+    if not pa.types.is_floating(values.type):
+        raise InputError(f"{uri}: features must be floats, got {values.type}")
+    width = arr.type.list_size
+    return values.to_numpy(zero_copy_only=False).reshape(len(arr), width)
+
+
+def read_dataset(uri: str | Location, *, regression: bool | None = None) -> Dataset:
+    """Read a data set. Labels become int64 (classification) or float64 (regression).
+
+    Args:
+      regression: force float targets (True) or integer classes (False); by default from the
+        label column's type.
+    """
+    loc = location(uri)
+    table = _read_table(loc)
+    missing = [c for c in ("id", "label", "features") if c not in table.column_names]
+    if missing:
+        raise InputError(f"{loc.uri}: missing column(s) {missing}; expected id, label, features")
+    ids = table.column("id").to_numpy()
+    if ids.dtype.kind not in "iu":
+        raise InputError(f"{loc.uri}: column 'id' must be integers, got {table.column('id').type}")
+    labels = table.column("label")
+    if labels.null_count:
+        raise InputError(f"{loc.uri}: column 'label' has {labels.null_count} null values")
+    y = labels.to_numpy()
+    is_float = y.dtype.kind == "f"
+    if regression is None:
+        regression = is_float
+    if not regression:
+        if is_float and not np.all(np.mod(y, 1) == 0):
+            raise InputError(f"{loc.uri}: class labels must be integers, got non-integer floats")
+        y_t = torch.from_numpy(y.astype(np.int64))
+    else:
+        y_t = torch.from_numpy(y.astype(np.float64))
+    X = _features(table.column("features"), loc.uri)
+    return Dataset(torch.from_numpy(np.ascontiguousarray(X).copy()), y_t,
+                   torch.from_numpy(ids.astype(np.int64)))
+
+
+def dataset_table(data: Dataset) -> pa.Table:
+    X = data.X.detach().cpu().numpy()
+    feats = pa.FixedSizeListArray.from_arrays(pa.array(X.reshape(-1)), X.shape[1])
+    return pa.table({"id": pa.array(data.ids.cpu().numpy()), "label": pa.array(data.y.cpu().numpy()),
+                     "features": feats})
+
+
+def table_bytes(table: pa.Table, **kwargs) -> bytes:
+    buf = io.BytesIO()
+    pq.write_table(table, buf, **kwargs)
+    return buf.getvalue()
+
+
+def write_dataset(data: Dataset, uri: str | Location, *, overwrite: bool = False) -> Location:
+    """Write a data set as one Parquet file (a ``.parquet`` path) or ``part-0.parquet`` under a prefix."""
+    loc = location(uri)
+    target = loc if loc.name.endswith(".parquet") else loc.join("part-0.parquet")
+    target.write_bytes(table_bytes(dataset_table(data)), overwrite=overwrite)
+    return target
+
+
+def fingerprint(data: Dataset) -> str:
+    """sha256 over ids, labels and features (row order, dtypes and shape included)."""
+    h = hashlib.sha256()
+    for t in (data.ids, data.y, data.X):
+        a = np.ascontiguousarray(t.detach().cpu().numpy())
+        h.update(f"{a.dtype.str}{a.shape}".encode())
+        h.update(a.data)
+    return "sha256:" + h.hexdigest()
+
+
+def read_ids(uri: str | Location) -> torch.Tensor:
+    """Ids from a text file (one per line; blank lines and # comments ignored) or a Parquet
+    file with an ``id`` column."""
+    loc = location(uri)
+    raw = loc.read_bytes()
+    if raw[:4] == b"PAR1":
+        table = pq.read_table(io.BytesIO(raw))
+        if "id" not in table.column_names:
+            raise InputError(f"{loc.uri}: Parquet id list needs an 'id' column, has {table.column_names}")
+        col = table.column("id")
+        if col.null_count or col.to_numpy().dtype.kind not in "iu":
+            raise InputError(f"{loc.uri}: column 'id' must be non-null integers, got {col.type}")
+        return torch.from_numpy(col.to_numpy().astype(np.int64))
+    ids = []
+    for lineno, line in enumerate(raw.decode("utf-8", errors="replace").splitlines(), 1):
+        s = line.split("#", 1)[0].strip()
+        if not s:
+            continue
+        try:
+            ids.append(int(s))
+        except ValueError:
+            raise InputError(f"{loc.uri}, line {lineno}: {s!r} is not an integer id") from None
+    return torch.tensor(ids, dtype=torch.int64)
