@@ -69,28 +69,35 @@ def read_dataset(uri: str | Location, *, regression: bool | None = None) -> Data
         label column's type.
     """
     loc = location(uri)
-    table = _read_table(loc)
+    return dataset_from_table(_read_table(loc), loc.uri, regression)
+
+
+def dataset_from_table(table: pa.Table, uri: str, regression: bool | None = None) -> Dataset:
     missing = [c for c in ("id", "label", "features") if c not in table.column_names]
     if missing:
-        raise InputError(f"{loc.uri}: missing column(s) {missing}; expected id, label, features")
+        raise InputError(f"{uri}: missing column(s) {missing}; expected id, label, features")
+    if table.column("id").null_count:
+        raise InputError(f"{uri}: column 'id' has null values")
     ids = table.column("id").to_numpy()
     if ids.dtype.kind not in "iu":
-        raise InputError(f"{loc.uri}: column 'id' must be integers, got {table.column('id').type}")
+        raise InputError(f"{uri}: column 'id' must be integers, got {table.column('id').type}")
     labels = table.column("label")
     if labels.null_count:
-        raise InputError(f"{loc.uri}: column 'label' has {labels.null_count} null values")
+        raise InputError(f"{uri}: column 'label' has {labels.null_count} null values")
     y = labels.to_numpy()
+    if y.dtype.kind not in "iuf":
+        raise InputError(f"{uri}: column 'label' must be numbers, got {labels.type}")
     is_float = y.dtype.kind == "f"
     if regression is None:
         regression = is_float
     if not regression:
-        if is_float and not np.all(np.mod(y, 1) == 0):
-            raise InputError(f"{loc.uri}: class labels must be integers, got non-integer floats")
-        y_t = torch.from_numpy(y.astype(np.int64))
+        if is_float and not np.all(np.mod(y[np.isfinite(y)], 1) == 0):
+            raise InputError(f"{uri}: class labels must be integers, got non-integer floats")
+        y_t = torch.from_numpy(np.nan_to_num(y).astype(np.int64))
     else:
         y_t = torch.from_numpy(y.astype(np.float64))
-    X = _features(table.column("features"), loc.uri)
-    return Dataset(torch.from_numpy(np.ascontiguousarray(X).copy()), y_t,
+    X = _features(table.column("features"), uri)
+    return Dataset(torch.from_numpy(np.array(X, copy=True, order="C")), y_t,
                    torch.from_numpy(ids.astype(np.int64)))
 
 

@@ -1,0 +1,164 @@
+"""The Python API over storage: train into a cache, unlearn, retrain exactly, evaluate.
+
+The CLI calls exactly these functions, so a notebook and a shell session share one code path.
+
+Example:
+    >>> import deltagrad_ray as dg
+    >>> cache = dg.fit("data.parquet", "runs/c1", model="logreg", steps=120, lr=0.1, l2=0.005)
+    >>> res = dg.unlearn(cache, delete=[3, 14, 15])          # DeltaGrad
+    >>> exact = dg.retrain_exact(cache, delete=[3, 14, 15])  # ground truth
+    >>> float((res.params - exact).norm())
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import torch
+
+from .core.data import ChangeSet, Dataset, make_change_set, validate
+from .core.errors import InputError
+from .core.models import ModelSpec
+from .core.replay import DeltaGradConfig, ReplayResult, deltagrad
+from .core.schedule import learning_rates
+from .core.train import retrain, train
+from .store.cache import Cache, CacheWriter, dtype_name, open_cache
+from .store.datasets import fingerprint, read_dataset, read_ids
+from .store.location import Location, location
+from .store.models import load_model
+
+DTYPES = {"float64": torch.float64, "float32": torch.float32}
+
+
+def _dtype(name: str | torch.dtype) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        if name not in DTYPES.values():
+            raise InputError(f"dtype must be float64 or float32, got {name}")
+        return name
+    if name not in DTYPES:
+        raise InputError(f"dtype must be one of {', '.join(DTYPES)}, got {name!r}")
+    return DTYPES[name]
+
+
+def _n_classes(data: Dataset, kind: str, n_classes: int | None) -> int:
+    if kind == "linear":
+        return 1
+    if n_classes is not None:
+        return n_classes
+    return max(2, int(data.y.max()) + 1)
+
+
+def fit(data: str | Location, cache: str | Location, *, model: str = "logreg", hidden: Sequence[int] = (),
+        optimizer: str = "gd", steps: int = 100, lr: float = 0.1, milestones: Sequence[int] = (),
+        gamma: float = 0.1, batch_size: int | None = None, l2: float = 0.0, seed: int = 0,
+        dtype: str | torch.dtype = "float64", n_classes: int | None = None, device: str = "cpu",
+        shard_steps: int | None = None) -> Cache:
+    """Train a model on ``data`` and record its trajectory as a cache at ``cache``.
+
+    Args:
+      data: data set location (Parquet: id, label, features).
+      cache: where the cache goes; must not hold a cache already.
+      model: ``logreg``, ``linear`` or ``mlp`` (with ``hidden`` sizes).
+      optimizer: ``gd`` (full batch) or ``sgd`` (mini-batches of ``batch_size``).
+      steps, lr, milestones, gamma: T and the learning-rate schedule (MultiStepLR-like).
+      l2: λ of (λ/2)‖θ‖².
+      seed: initialisation and batch order.
+      dtype: ``float64`` or ``float32``.
+      n_classes: classes (default: largest label + 1).
+      device: torch device for the computation (the cache is written from the CPU).
+      shard_steps: steps per cache shard (default: ~64 MB shards).
+
+    Returns:
+      The committed :class:`Cache`.
+    """
+    if optimizer not in ("gd", "sgd"):
+        raise InputError(f"optimizer must be gd or sgd, got {optimizer!r}")
+    if optimizer == "sgd" and not batch_size:
+        raise InputError("optimizer sgd needs a batch size (e.g. --batch-size 256)")
+    if optimizer == "gd" and batch_size:
+        raise InputError("a batch size applies to sgd only; gd uses every row at every step")
+    if not isinstance(steps, int) or steps < 1:
+        raise InputError(f"steps must be an integer >= 1, got {steps!r}")
+    dt = _dtype(dtype)
+    src = location(data)
+    root = location(cache)
+    raw = read_dataset(src, regression=(model == "linear"))
+    spec = ModelSpec(model, raw.n_features, _n_classes(raw, model, n_classes), tuple(hidden))
+    validate(raw, n_features=spec.n_features, n_classes=None if model == "linear" else spec.n_classes)
+    fp = fingerprint(raw)
+    ds = raw.to(dtype=dt, device=device)
+    fm = spec.build()
+    lrs = learning_rates(steps, lr, tuple(milestones), gamma)
+    writer = CacheWriter(root, lrs, fm.p, dt, shard_steps=shard_steps)
+    traj = train(fm, ds, steps=steps, lrs=lrs, l2=l2, batch_size=batch_size if optimizer == "sgd" else None,
+                 seed=seed, recorder=writer)
+    manifest = {
+        "model": spec.to_dict(),
+        "params": {"names": list(fm.names), "shapes": [list(s) for s in fm.shapes], "p": fm.p},
+        "optimizer": {"kind": optimizer, "batch_size": traj.plan.batch_size, "l2": l2,
+                      "lr": {"base": lr, "milestones": list(milestones), "gamma": gamma}},
+        "l2": l2, "seed": seed, "plan": traj.plan.to_dict(), "lrs": lrs.tolist(),
+        "n_rows": len(ds),
+        "data": {"uri": _portable_uri(src), "fingerprint": fp, "n": len(raw), "d": raw.n_features,
+                 "dtype": dtype_name(raw.X.dtype)},
+        "parent": None,
+    }
+    writer.commit(manifest, fm, traj.initial, traj.final)
+    return open_cache(root)
+
+
+def _portable_uri(loc: Location) -> str:
+    """The URI to record: absolute for local paths, as given for S3."""
+    return loc.path if loc.is_local else loc.uri
+
+
+def _as_cache(cache: Cache | str | Location) -> Cache:
+    return cache if isinstance(cache, Cache) else open_cache(cache)
+
+
+def change_set(cache: Cache, data: Dataset, delete: Sequence[int] | torch.Tensor | str | None = None,
+               add: Dataset | str | Location | None = None, removed: torch.Tensor | None = None) -> ChangeSet:
+    """A validated change set: ``delete`` ids (a list, a tensor, or an id-file location) and/or
+    ``add`` rows (a Dataset or a data-set location)."""
+    if delete is None and add is None:
+        raise InputError("nothing to change: give ids to delete or rows to add")
+    ids = None
+    if delete is not None:
+        ids = read_ids(delete) if isinstance(delete, (str, os.PathLike, Location)) else \
+            torch.as_tensor(delete, dtype=torch.int64)
+    if add is not None and not isinstance(add, Dataset):
+        add = read_dataset(add, regression=cache.spec.task == "regression")
+    return make_change_set(data, delete_ids=ids, add=add, removed=removed, n_classes=cache.n_classes)
+
+
+def unlearn(cache: Cache | str | Location, *, delete=None, add=None, config: DeltaGradConfig | None = None,
+            data: str | Location | None = None, device: str = "cpu") -> ReplayResult:
+    """DeltaGrad: the model after deleting ``delete`` ids and/or adding ``add`` rows.
+
+    Returns a :class:`ReplayResult` (``params``, ``explicit_steps``, ``fallbacks``, …).
+    """
+    c = _as_cache(cache)
+    ds = c.data(data, device=device)
+    traj = c.trajectory(device)
+    change = change_set(c, ds, delete, add, traj.removed)
+    return deltagrad(c.model, traj, ds, change, config or DeltaGradConfig())
+
+
+def retrain_exact(cache: Cache | str | Location, *, delete=None, add=None, data: str | Location | None = None,
+                  device: str = "cpu") -> torch.Tensor:
+    """Exact retraining after the change: same θ_0, learning rates and batch order."""
+    c = _as_cache(cache)
+    ds = c.data(data, device=device)
+    traj = c.trajectory(device)
+    change = change_set(c, ds, delete, add, traj.removed)
+    return retrain(c.model, traj, ds, change)
+
+
+def evaluate(model: str | Location, data: str | Location) -> dict:
+    """Accuracy and mean loss (classification) or MSE and loss (regression) of a model file on data."""
+    fm, theta, _ = load_model(model)
+    ds = read_dataset(data, regression=fm.task == "regression")
+    validate(ds, n_features=fm.spec.n_features if fm.spec else None, n_classes=fm.n_classes, what=str(data))
+    ds = ds.to(dtype=theta.dtype)
+    return {"n": len(ds), **fm.evaluate(theta, ds.X, ds.y)}

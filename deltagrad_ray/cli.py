@@ -1,0 +1,212 @@
+"""The ``deltagrad-ray`` command: parses arguments, calls :mod:`deltagrad_ray.api`, prints JSON.
+
+Exit codes: 0 success; 1 unexpected failure (a bug: please report it); 2 bad input (the
+message names the problem); 3 storage failure (missing, unreachable, corrupted); 130
+interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import traceback
+
+EXIT_OK, EXIT_BUG, EXIT_INPUT, EXIT_STORAGE, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+
+EXAMPLES = """\
+examples:
+  deltagrad-ray make-data --kind classification --n 60000 --d 784 --classes 10 --out data.parquet
+  deltagrad-ray train --data data.parquet --model logreg --optimizer gd --steps 120 --lr 0.1 --l2 0.005 --cache runs/c1
+  deltagrad-ray unlearn --cache runs/c1 --delete ids.txt --out unlearned.safetensors
+  deltagrad-ray retrain --cache runs/c1 --delete ids.txt --out exact.safetensors
+  deltagrad-ray evaluate --model unlearned.safetensors --data data.parquet
+  deltagrad-ray demo
+"""
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _add_change_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cache", required=True, help="trajectory cache location (written by train)")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--delete", metavar="IDS", help="ids to delete: a text file (one id per line) or Parquet with 'id'")
+    g.add_argument("--add", metavar="DATA", help="rows to add: a data set (id, label, features)")
+    p.add_argument("--data", help="the training data (default: the location recorded in the cache)")
+    p.add_argument("--out", required=True, help="model file to write (safetensors)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="deltagrad-ray", description="Rapid retraining after deletions and additions (DeltaGrad), on Ray.",
+        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--debug", action="store_true", help="show tracebacks of unexpected errors")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("train", help="train a model and record its trajectory cache",
+                       description="Train by GD or SGD and record θ_t, g_t, η_t per step as a cache.")
+    p.add_argument("--data", required=True, help="data set (Parquet: id, label, features)")
+    p.add_argument("--model", required=True, choices=["logreg", "linear", "mlp"])
+    p.add_argument("--hidden", type=_ints, default=(), help="MLP hidden sizes, e.g. 300,100")
+    p.add_argument("--optimizer", choices=["gd", "sgd"], default="gd")
+    p.add_argument("--steps", type=int, required=True, help="T, number of steps")
+    p.add_argument("--batch-size", type=int, default=None, help="mini-batch size (sgd)")
+    p.add_argument("--lr", type=float, required=True, help="learning rate η")
+    p.add_argument("--lr-milestones", type=_ints, default=(), help="steps where η is multiplied by --lr-gamma")
+    p.add_argument("--lr-gamma", type=float, default=0.1)
+    p.add_argument("--l2", type=float, default=0.0, help="λ of (λ/2)‖θ‖²")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", choices=["float64", "float32"], default="float64")
+    p.add_argument("--classes", type=int, default=None, help="number of classes (default: max label + 1)")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cuda:0")
+    p.add_argument("--shard-steps", type=int, default=None, help="steps per cache shard (default ~64 MB)")
+    p.add_argument("--cache", required=True, help="where to write the cache (must not exist)")
+
+    for name, helptext in (("unlearn", "DeltaGrad: the model after deleting or adding rows"),
+                           ("retrain", "exact retraining after deleting or adding rows (the ground truth)")):
+        p = sub.add_parser(name, help=helptext, description=helptext)
+        _add_change_args(p)
+        p.add_argument("--device", default="cpu")
+        if name == "unlearn":
+            p.add_argument("--period", type=int, default=5, help="T0: explicit step every T0 steps")
+            p.add_argument("--burn-in", type=int, default=10, help="j0: explicit steps at the start")
+            p.add_argument("--history", type=int, default=2, help="m: L-BFGS pairs kept")
+            p.add_argument("--schedule", choices=["uniform", "geometric"], default="uniform")
+
+    p = sub.add_parser("evaluate", help="accuracy and loss (or MSE) of a model on data")
+    p.add_argument("--model", required=True, help="model file (safetensors)")
+    p.add_argument("--data", required=True)
+
+    p = sub.add_parser("make-data", help="write a synthetic or scikit-learn data set as Parquet")
+    p.add_argument("--kind", required=True,
+                   choices=["classification", "regression", "digits", "breast_cancer", "diabetes", "wine", "iris"])
+    p.add_argument("--n", type=int, default=10_000)
+    p.add_argument("--d", type=int, default=20)
+    p.add_argument("--classes", type=int, default=10)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", choices=["float64", "float32"], default="float64")
+    p.add_argument("--out", required=True)
+    p.add_argument("--overwrite", action="store_true")
+
+    p = sub.add_parser("demo", help="the main job on embedded defaults (see README)")
+    p.add_argument("--out", default="demo-output", help="working directory")
+    p.add_argument("--n", type=int, default=60_000)
+    p.add_argument("--d", type=int, default=784)
+    p.add_argument("--steps", type=int, default=120)
+    return ap
+
+
+def _emit(obj: dict) -> None:
+    print(json.dumps(obj, sort_keys=False), flush=True)
+
+
+def _check_out(path: str, overwrite: bool) -> None:
+    from .store.location import StorageError, location
+    if not overwrite and location(path).exists():
+        raise StorageError(f"{path}: already exists; pass --overwrite or choose another --out")
+
+
+def cmd_train(a: argparse.Namespace) -> dict:
+    from . import api
+    t0 = time.perf_counter()
+    cache = api.fit(a.data, a.cache, model=a.model, hidden=a.hidden, optimizer=a.optimizer, steps=a.steps,
+                    lr=a.lr, milestones=a.lr_milestones, gamma=a.lr_gamma,
+                    batch_size=a.batch_size, l2=a.l2, seed=a.seed, dtype=a.dtype, n_classes=a.classes,
+                    device=a.device, shard_steps=a.shard_steps)
+    m = cache.manifest
+    return {"command": "train", "cache": cache.uri, "seconds": round(time.perf_counter() - t0, 3),
+            "steps": cache.steps, "p": m["params"]["p"], "shards": len(m["shards"]),
+            "bytes": sum(s["bytes"] for s in m["shards"])}
+
+
+def _change_summary(a: argparse.Namespace) -> dict:
+    return {"delete": a.delete, "add": a.add}
+
+
+def cmd_unlearn(a: argparse.Namespace) -> dict:
+    from . import api
+    from .core.replay import DeltaGradConfig
+    from .store.models import save_model
+    _check_out(a.out, a.overwrite)
+    cfg = DeltaGradConfig(period=a.period, burn_in=a.burn_in, history=a.history, schedule=a.schedule)
+    cache = api.open_cache(a.cache)
+    t0 = time.perf_counter()
+    res = api.unlearn(cache, delete=a.delete, add=a.add, config=cfg, data=a.data, device=a.device)
+    seconds = time.perf_counter() - t0
+    meta = {"method": "deltagrad", "cache": cache.uri, "cache_run_id": cache.manifest["run_id"],
+            "config": {"period": a.period, "burn_in": a.burn_in, "history": a.history, "schedule": a.schedule},
+            **_change_summary(a), **res.diagnostics()}
+    save_model(a.out, cache.model, res.params, metadata=meta, overwrite=a.overwrite)
+    return {"command": "unlearn", "out": a.out, "seconds": round(seconds, 3), **res.diagnostics()}
+
+
+def cmd_retrain(a: argparse.Namespace) -> dict:
+    from . import api
+    from .store.models import save_model
+    _check_out(a.out, a.overwrite)
+    cache = api.open_cache(a.cache)
+    t0 = time.perf_counter()
+    params = api.retrain_exact(cache, delete=a.delete, add=a.add, data=a.data, device=a.device)
+    seconds = time.perf_counter() - t0
+    meta = {"method": "exact-retrain", "cache": cache.uri, "cache_run_id": cache.manifest["run_id"],
+            **_change_summary(a)}
+    save_model(a.out, cache.model, params, metadata=meta, overwrite=a.overwrite)
+    return {"command": "retrain", "out": a.out, "seconds": round(seconds, 3), "steps": cache.steps,
+            "explicit_steps": cache.steps, "approx_steps": 0, "fallbacks": 0}
+
+
+def cmd_evaluate(a: argparse.Namespace) -> dict:
+    from . import api
+    return {"command": "evaluate", "model": a.model, "data": a.data, **api.evaluate(a.model, a.data)}
+
+
+def cmd_make_data(a: argparse.Namespace) -> dict:
+    from .datasets import make_dataset
+    from .store.datasets import write_dataset
+    data = make_dataset(a.kind, n=a.n, d=a.d, n_classes=a.classes, seed=a.seed, dtype=a.dtype)
+    loc = write_dataset(data, a.out, overwrite=a.overwrite)
+    return {"command": "make-data", "out": loc.uri, "rows": len(data), "features": data.n_features}
+
+
+def cmd_demo(a: argparse.Namespace) -> dict:
+    from .demo import run_demo
+    return run_demo(a.out, n=a.n, d=a.d, steps=a.steps, emit=_emit)
+
+
+COMMANDS = {"train": cmd_train, "unlearn": cmd_unlearn, "retrain": cmd_retrain, "evaluate": cmd_evaluate,
+            "make-data": cmd_make_data, "demo": cmd_demo}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .core.errors import InputError
+    from .store.location import StorageError
+    try:
+        _emit(COMMANDS[args.command](args))
+        return EXIT_OK
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_INPUT
+    except StorageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_STORAGE
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as e:  # a bug: say so, show the traceback on request
+        print(f"error: unexpected {type(e).__name__}: {e} (rerun with --debug for the traceback)", file=sys.stderr)
+        if args.debug or os.environ.get("DELTAGRAD_DEBUG"):
+            traceback.print_exc()
+        return EXIT_BUG
+
+
+if __name__ == "__main__":
+    sys.exit(main())
