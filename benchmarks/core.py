@@ -77,7 +77,7 @@ def run(n: int, d: int, c: int, steps: int, batch_size: int | None, periods: lis
     for schedule, T0 in configs:
         cfg = (DeltaGradConfig(period=T0, burn_in=10, history=2) if schedule == "uniform"
                else DeltaGradConfig(schedule="geometric", burn_in=5, first_gap=2, growth=1.4, max_gap=40))
-        res, dg_s = _best_of(lambda: deltagrad(model, traj, data, change, cfg), repeats)
+        res, dg_s = _best_of(lambda cfg=cfg: deltagrad(model, traj, data, change, cfg), repeats)
         dist = float((res.params - exact).norm())
         out.append({
             "benchmark": "core", "n": n, "d": d, "classes": c, "dtype": str(dtype).replace("torch.", ""),

@@ -131,7 +131,7 @@ def test_model_file_layout(trained, tmp_path):
 def test_linear_model_files_use_weight_and_bias(tmp_path):
     data = synthetic_regression(200, 5, seed=0)
     write_dataset(data, tmp_path / "r.parquet")
-    cache = api.fit(str(tmp_path / "r.parquet"), str(tmp_path / "c"), model="linear", steps=20, lr=0.3)
+    api.fit(str(tmp_path / "r.parquet"), str(tmp_path / "c"), model="linear", steps=20, lr=0.3)
     from safetensors.torch import load_file
     t = load_file(tmp_path / "c" / "model.safetensors")
     assert t["weight"].shape == (1, 5) and t["bias"].shape == (1,)
