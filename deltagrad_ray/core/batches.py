@@ -86,13 +86,28 @@ class BatchIndex:
                 self._gd_weights = torch.ones(nb, dtype=self.dtype, device=self.device)
                 self._gd_weights[self.removed_base] = 0
 
+    def _group(self, values: Tensor, keys: Tensor) -> dict[int, Tensor]:
+        """``values`` grouped by batch index ``keys`` (one sort per epoch, not a mask per step)."""
+        if len(values) == 0:
+            return {}
+        order = torch.argsort(keys, stable=True)
+        ks, vs = keys[order], values[order]
+        uniq, counts = torch.unique_consecutive(ks, return_counts=True)
+        return dict(zip(uniq.tolist(), torch.split(vs, counts.tolist())))
+
     def _load_epoch(self, epoch: int) -> None:
-        plan, dev = self.plan, self.device
-        self.k_removed = plan.batch_of_base_rows(self.removed_base, epoch).to(dev)
-        self.k_delete_base = plan.batch_of_base_rows(self.delete_base, epoch).to(dev)
-        self.k_extra = plan.batch_of_added_ids(self.ids[self.extra_rows], epoch).to(dev)
-        self.k_delete_extra = plan.batch_of_added_ids(self.ids[self.delete_extra], epoch).to(dev)
-        self.k_add = plan.batch_of_added_ids(self.add_ids, epoch).to(dev)
+        plan = self.plan
+        dev = self.device
+        k_removed = plan.batch_of_base_rows(self.removed_base, epoch).to(dev)
+        self.n_removed = torch.bincount(k_removed, minlength=plan.batches_per_epoch).tolist() \
+            if len(k_removed) else None
+        k_extra = plan.batch_of_added_ids(self.ids[self.extra_rows], epoch).to(dev)
+        self.extra_by_k = self._group(self.extra_rows, k_extra)
+        delete_keys = torch.cat([plan.batch_of_base_rows(self.delete_base, epoch).to(dev),
+                                 plan.batch_of_added_ids(self.ids[self.delete_extra], epoch).to(dev)])
+        self.delete_by_k = self._group(torch.cat([self.delete_base, self.delete_extra]), delete_keys)
+        k_add = plan.batch_of_added_ids(self.add_ids, epoch).to(dev)
+        self.add_by_k = self._group(torch.arange(len(self.add_ids), device=dev), k_add)
         self._epoch = epoch
 
     def at(self, step: int) -> StepBatch:
@@ -102,12 +117,10 @@ class BatchIndex:
         if epoch != self._epoch:
             self._load_epoch(epoch)
         lo, hi = self.plan.batch_bounds(k)
-        n_removed = int((self.k_removed == k).sum()) if len(self.k_removed) else 0
-        extra = self.extra_rows[self.k_extra == k] if len(self.k_extra) else self.extra_rows
-        delete = torch.cat([self.delete_base[self.k_delete_base == k],
-                            self.delete_extra[self.k_delete_extra == k]])
-        add = torch.nonzero(self.k_add == k).reshape(-1)
-        return StepBatch(epoch, k, n_removed, extra, (hi - lo) - n_removed + len(extra), delete, add)
+        n_removed = self.n_removed[k] if self.n_removed else 0
+        extra = self.extra_by_k.get(k, _EMPTY.to(self.device))
+        return StepBatch(epoch, k, n_removed, extra, (hi - lo) - n_removed + len(extra),
+                         self.delete_by_k.get(k, _EMPTY.to(self.device)), self.add_by_k.get(k, _EMPTY.to(self.device)))
 
     def base(self, sb: StepBatch) -> tuple[Tensor | None, Tensor | None]:
         """(base rows, weights) of a step: rows None means all base rows (GD); weights are 1.0

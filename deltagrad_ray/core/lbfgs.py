@@ -106,8 +106,9 @@ def sigma(h: LbfgsHistory, rule: str | None = None) -> float:
     return _sigma(h.S.double(), h.Y.double(), rule)
 
 
-def hvp(h: LbfgsHistory, v: Tensor) -> Tensor | None:
-    """B·v = σv − Wᵀ M⁻¹ W v in compact form, or None when the product cannot be trusted.
+def hvp(h: LbfgsHistory, v: Tensor) -> tuple[Tensor, float] | None:
+    """(B·v, ‖B·v‖/‖v‖) with B·v = σv − Wᵀ M⁻¹ W v in compact form, or None when the product
+    cannot be trusted.
 
     Cost O(k·p + k²). Returns None for an empty history, a singular middle matrix, a
     non-finite result, or one that breaks the norm bound of a BFGS matrix.
@@ -117,7 +118,7 @@ def hvp(h: LbfgsHistory, v: Tensor) -> Tensor | None:
     vd = v.double()
     z = torch.linalg.lu_solve(*h.M_lu, (h.W @ vd)[:, None])[:, 0]
     Bv = h.sigma * vd - h.W.T @ z
-    bv, nv = float(Bv.norm()), float(vd.norm())
-    if not (bv <= h.bound * (1 + 1e-6) * nv + 1e-300):  # also catches NaN
+    bv, nv = float(Bv.norm()), max(float(vd.norm()), 1e-300)
+    if not (bv <= h.bound * (1 + 1e-6) * nv):  # also catches NaN
         return None
-    return Bv.to(v.dtype)
+    return Bv.to(v.dtype), bv / nv

@@ -223,15 +223,13 @@ class Replay:
         if st.synced:
             full = g_t  # v = 0: the cached gradient is the gradient at w^I_t
         elif not self.explicit[t]:
-            v = w - w_t
-            Bv = lbfgs.hvp(hist, v)
-            if Bv is not None:
-                ratio = float(Bv.norm()) / max(float(v.norm()), 1e-300)
+            prod = lbfgs.hvp(hist, w - w_t)
+            Bv = None
+            if prod is not None:
                 limit = self.config.curvature_guard * curv
                 if self.config.max_curvature is not None:
                     limit = min(limit, self.config.max_curvature)
-                if ratio > limit:
-                    Bv = None
+                Bv = prod[0] if prod[1] <= limit else None
             if Bv is None:
                 counts["fallbacks"] += 1
             else:
