@@ -53,7 +53,7 @@ def fit(data: str | Location, cache: str | Location, *, model: str = "logreg", h
         optimizer: str = "gd", steps: int = 100, lr: float = 0.1, milestones: Sequence[int] = (),
         gamma: float = 0.1, batch_size: int | None = None, l2: float = 0.0, seed: int = 0,
         dtype: str | torch.dtype = "float64", n_classes: int | None = None, device: str = "cpu",
-        shard_steps: int | None = None) -> Cache:
+        shard_steps: int | None = None, shard_bytes: int | None = None, storage_dtype: str | None = None) -> Cache:
     """Train a model on ``data`` and record its trajectory as a cache at ``cache``.
 
     Args:
@@ -67,7 +67,9 @@ def fit(data: str | Location, cache: str | Location, *, model: str = "logreg", h
       dtype: ``float64`` or ``float32``.
       n_classes: classes (default: largest label + 1).
       device: torch device for the computation (the cache is written from the CPU).
-      shard_steps: steps per cache shard (default: ~64 MB shards).
+      shard_steps, shard_bytes: cache shard size in steps or bytes (default: ~64 MB shards).
+      storage_dtype: precision of the stored vectors (``float16``/``bfloat16`` halve the bytes;
+        default: the training dtype).
 
     Returns:
       The committed :class:`Cache`.
@@ -90,7 +92,8 @@ def fit(data: str | Location, cache: str | Location, *, model: str = "logreg", h
     ds = raw.to(dtype=dt, device=device)
     fm = spec.build()
     lrs = learning_rates(steps, lr, tuple(milestones), gamma)
-    writer = CacheWriter(root, lrs, fm.p, dt, shard_steps=shard_steps)
+    writer = CacheWriter(root, lrs, fm.p, dt, shard_steps=shard_steps, shard_bytes=shard_bytes,
+                         storage=storage_dtype)
     traj = train(fm, ds, steps=steps, lrs=lrs, l2=l2, batch_size=batch_size if optimizer == "sgd" else None,
                  seed=seed, recorder=writer)
     manifest = {
@@ -98,11 +101,10 @@ def fit(data: str | Location, cache: str | Location, *, model: str = "logreg", h
         "params": {"names": list(fm.names), "shapes": [list(s) for s in fm.shapes], "p": fm.p},
         "optimizer": {"kind": optimizer, "batch_size": traj.plan.batch_size, "l2": l2,
                       "lr": {"base": lr, "milestones": list(milestones), "gamma": gamma}},
-        "l2": l2, "seed": seed, "plan": traj.plan.to_dict(), "lrs": lrs.tolist(),
-        "n_rows": len(ds),
+        "l2": l2, "seed": seed, "plan": traj.plan.to_dict(), "n_rows": len(ds),
         "data": {"uri": _portable_uri(src), "fingerprint": fp, "n": len(raw), "d": raw.n_features,
                  "dtype": dtype_name(raw.X.dtype)},
-        "parent": None,
+        "parent": None, "changes": [],
     }
     writer.commit(manifest, fm, traj.initial, traj.final)
     return open_cache(root)
@@ -133,8 +135,13 @@ def change_set(cache: Cache, data: Dataset, delete: Sequence[int] | torch.Tensor
 
 
 def unlearn(cache: Cache | str | Location, *, delete=None, add=None, config: DeltaGradConfig | None = None,
-            data: str | Location | None = None, device: str = "cpu") -> ReplayResult:
+            data: str | Location | None = None, device: str = "cpu", out_cache: str | Location | None = None,
+            note: dict | None = None) -> ReplayResult:
     """DeltaGrad: the model after deleting ``delete`` ids and/or adding ``add`` rows.
+
+    With ``out_cache``, the replayed path is also written, as it is computed, as a new cache at
+    that location (a new prefix: the original is never touched), so that later changes start
+    from it (online mode across processes). ``note`` is stored in the new cache's change log.
 
     Returns a :class:`ReplayResult` (``params``, ``explicit_steps``, ``fallbacks``, …).
     """
@@ -142,7 +149,52 @@ def unlearn(cache: Cache | str | Location, *, delete=None, add=None, config: Del
     ds = c.data(data, device=device)
     traj = c.trajectory(device)
     change = change_set(c, ds, delete, add, traj.removed)
-    return deltagrad(c.model, traj, ds, change, config or DeltaGradConfig())
+    cfg = config or DeltaGradConfig()
+    if out_cache is None:
+        return deltagrad(c.model, traj, ds, change, cfg)
+    out = location(out_cache)
+    if out.path.rstrip("/") == c.root.path.rstrip("/") and out.fs is c.root.fs:
+        raise InputError(f"{out.uri}: the new cache must go to a new location, not over the cache it comes from")
+    writer = CacheWriter(out, traj.lrs, c.model.p, c.dtype, shard_steps=c.manifest["shard_steps"],
+                         storage=c.storage, row_group_steps=c.manifest.get("row_group_steps"))
+    res = deltagrad(c.model, traj, ds, change, cfg, recorder=writer)
+    write_derived_cache(c, writer, res, ds, change, cfg, note)
+    return res
+
+
+def write_derived_cache(parent: Cache, writer: CacheWriter, res: ReplayResult, data: Dataset, change: ChangeSet,
+                        config: DeltaGradConfig, note: dict | None) -> Cache:
+    """Commit the cache a recorded replay wrote: the parent's settings, the rows it has now
+    (removed.parquet, added.parquet) and a log of the changes that led to it."""
+    import pyarrow as pa
+
+    from .store.datasets import dataset_table, table_bytes
+
+    new = res.trajectory
+    n_orig = int(parent.manifest["data"]["n"])
+    files = {}
+    rows = torch.zeros(0, dtype=torch.int64)
+    if new.removed is not None:
+        rows = torch.nonzero(new.removed).reshape(-1).cpu()
+    if len(rows):  # deletions only ever remove rows the data already had
+        files["removed.parquet"] = table_bytes(pa.table({"row": rows.numpy(), "id": data.ids.cpu()[rows].numpy()}))
+    all_rows = len(data) + (len(change.add) if change.add is not None else 0)
+    if all_rows > n_orig:
+        from .core.data import concat
+        full = concat(data, change.add) if change.add is not None else data
+        files["added.parquet"] = table_bytes(dataset_table(full.rows(torch.arange(n_orig, all_rows))))
+    entry = {"run_id": writer.run_id, "deleted": int(len(change.delete)),
+             "added": int(len(change.add)) if change.add is not None else 0,
+             "config": {"period": config.period, "burn_in": config.burn_in, "history": config.history,
+                        "schedule": config.schedule}, **res.diagnostics(), **(note or {})}
+    manifest = {k: v for k, v in parent.manifest.items()
+                if k not in ("format", "format_version", "run_id", "created", "steps", "shard_steps",
+                             "row_group_steps", "dtype", "storage_dtype", "shards", "files")}
+    manifest.update(n_rows=all_rows, parent={"uri": parent.uri, "run_id": parent.manifest["run_id"]},
+                    changes=[*parent.manifest.get("changes", []), entry])
+    writer.commit(manifest, parent.model, new.initial, new.final, files)
+    return open_cache(writer.root)
+
 
 
 def retrain_exact(cache: Cache | str | Location, *, delete=None, add=None, data: str | Location | None = None,

@@ -49,6 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="deltagrad-ray", description="Rapid retraining after deletions and additions (DeltaGrad), on Ray.",
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--debug", action="store_true", help="show tracebacks of unexpected errors")
+    ap.add_argument("--endpoint-url", help="S3-compatible endpoint for s3:// locations (default: AWS_ENDPOINT_URL_S3, "
+                    "AWS_ENDPOINT_URL, or the AWS config file)")
+    ap.add_argument("--profile", help="AWS profile for s3:// locations (default: AWS_PROFILE)")
+    ap.add_argument("--region", help="AWS region for s3:// locations (default: AWS_REGION)")
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("train", help="train a model and record its trajectory cache",
@@ -67,7 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["float64", "float32"], default="float64")
     p.add_argument("--classes", type=int, default=None, help="number of classes (default: max label + 1)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cuda:0")
-    p.add_argument("--shard-steps", type=int, default=None, help="steps per cache shard (default ~64 MB)")
+    p.add_argument("--shard-steps", type=int, default=None, help="steps per cache shard (default: ~64 MB shards)")
+    p.add_argument("--shard-mb", type=float, default=None, help="cache shard size in MB (instead of --shard-steps)")
+    p.add_argument("--storage-dtype", choices=["float64", "float32", "float16", "bfloat16"], default=None,
+                   help="precision of the cached vectors (default: --dtype)")
     p.add_argument("--cache", required=True, help="where to write the cache (must not exist)")
 
     for name, helptext in (("unlearn", "DeltaGrad: the model after deleting or adding rows"),
@@ -80,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--burn-in", type=int, default=10, help="j0: explicit steps at the start")
             p.add_argument("--history", type=int, default=2, help="m: L-BFGS pairs kept")
             p.add_argument("--schedule", choices=["uniform", "geometric"], default="uniform")
+            p.add_argument("--out-cache", help="also write the replayed trajectory as a new cache here "
+                           "(a new location; later changes can start from it)")
 
     p = sub.add_parser("evaluate", help="accuracy and loss (or MSE) of a model on data")
     p.add_argument("--model", required=True, help="model file (safetensors)")
@@ -120,7 +129,8 @@ def cmd_train(a: argparse.Namespace) -> dict:
     cache = api.fit(a.data, a.cache, model=a.model, hidden=a.hidden, optimizer=a.optimizer, steps=a.steps,
                     lr=a.lr, milestones=a.lr_milestones, gamma=a.lr_gamma,
                     batch_size=a.batch_size, l2=a.l2, seed=a.seed, dtype=a.dtype, n_classes=a.classes,
-                    device=a.device, shard_steps=a.shard_steps)
+                    device=a.device, shard_steps=a.shard_steps,
+                    shard_bytes=int(a.shard_mb * 2**20) if a.shard_mb else None, storage_dtype=a.storage_dtype)
     m = cache.manifest
     return {"command": "train", "cache": cache.uri, "seconds": round(time.perf_counter() - t0, 3),
             "steps": cache.steps, "p": m["params"]["p"], "shards": len(m["shards"]),
@@ -139,13 +149,22 @@ def cmd_unlearn(a: argparse.Namespace) -> dict:
     cfg = DeltaGradConfig(period=a.period, burn_in=a.burn_in, history=a.history, schedule=a.schedule)
     cache = api.open_cache(a.cache)
     t0 = time.perf_counter()
-    res = api.unlearn(cache, delete=a.delete, add=a.add, config=cfg, data=a.data, device=a.device)
+    if a.out_cache:
+        from .store.cache import MANIFEST
+        from .store.location import StorageError, location
+        if location(a.out_cache).join(MANIFEST).exists():
+            raise StorageError(f"{a.out_cache}: a trajectory cache already exists here; choose a new --out-cache")
+    res = api.unlearn(cache, delete=a.delete, add=a.add, config=cfg, data=a.data, device=a.device,
+                      out_cache=a.out_cache)
     seconds = time.perf_counter() - t0
     meta = {"method": "deltagrad", "cache": cache.uri, "cache_run_id": cache.manifest["run_id"],
             "config": {"period": a.period, "burn_in": a.burn_in, "history": a.history, "schedule": a.schedule},
             **_change_summary(a), **res.diagnostics()}
     save_model(a.out, cache.model, res.params, metadata=meta, overwrite=a.overwrite)
-    return {"command": "unlearn", "out": a.out, "seconds": round(seconds, 3), **res.diagnostics()}
+    out = {"command": "unlearn", "out": a.out, "seconds": round(seconds, 3), **res.diagnostics()}
+    if a.out_cache:
+        out["out_cache"] = a.out_cache
+    return out
 
 
 def cmd_retrain(a: argparse.Namespace) -> dict:
@@ -189,6 +208,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from .core.errors import InputError
     from .store.location import StorageError
+    from .store.s3 import configure_s3
+    configure_s3(endpoint=args.endpoint_url, profile=args.profile, region=args.region)
     try:
         _emit(COMMANDS[args.command](args))
         return EXIT_OK

@@ -270,11 +270,14 @@ class Replay:
             st = self._step(st, seg.start + i, seg.params[i], seg.grads[i], lrs[i], rec)
         return st
 
-    def run(self, record: bool = False) -> ReplayResult:
-        """Replay the whole trajectory. With ``record`` the result carries the replayed path as a
-        new :class:`Trajectory` over the changed data (online mode)."""
+    def run(self, record: bool = False, recorder: Recorder | None = None) -> ReplayResult:
+        """Replay the whole trajectory. With ``record`` (or a ``recorder``, e.g. a cache writer)
+        the result carries the replayed path as a new :class:`Trajectory` over the changed data
+        (online mode)."""
         traj = self.traj
-        rec = MemoryRecorder(traj.steps, traj.p, traj.dtype, traj.initial.device) if record else None
+        rec = recorder
+        if rec is None and record:
+            rec = MemoryRecorder(traj.steps, traj.p, traj.dtype, traj.initial.device)
         st = self.start()
         for seg in traj.segments():
             st = self.run_segment(st, seg, rec)
@@ -288,7 +291,8 @@ class Replay:
 
 
 def deltagrad(model: FunctionalModel, traj: Trajectory, data: Dataset, change: ChangeSet,
-              config: DeltaGradConfig = DeltaGradConfig(), *, record: bool = False) -> ReplayResult:
+              config: DeltaGradConfig = DeltaGradConfig(), *, record: bool = False,
+              recorder: Recorder | None = None) -> ReplayResult:
     """Parameters after ``change``, replayed from ``traj`` with DeltaGrad.
 
     Args:
@@ -298,6 +302,7 @@ def deltagrad(model: FunctionalModel, traj: Trajectory, data: Dataset, change: C
       change: deletions/additions (see :func:`~.data.make_change_set`).
       config: T0, j0, m and safeguards.
       record: also return the replayed path as a new trajectory (online mode).
+      recorder: where to record that path (default: memory), e.g. a cache writer.
 
     Returns:
       :class:`ReplayResult` with ``params`` (p,) and counters.
@@ -313,10 +318,9 @@ def deltagrad(model: FunctionalModel, traj: Trajectory, data: Dataset, change: C
       >>> bool((res.params - exact).norm() < 0.05 * (exact - traj.final).norm())
       True
     """
-    if change.empty:
-        st_traj = traj if record else None
-        return ReplayResult(traj.final.clone(), traj.steps, 0, 0, 0, 0, st_traj)
-    return Replay(model, traj, data, change, config).run(record=record)
+    if change.empty and recorder is None:
+        return ReplayResult(traj.final.clone(), traj.steps, 0, 0, 0, 0, traj if record else None)
+    return Replay(model, traj, data, change, config).run(record=record, recorder=recorder)
 
 
 def deltagrad_online(model: FunctionalModel, traj: Trajectory, data: Dataset,

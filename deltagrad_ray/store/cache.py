@@ -11,8 +11,12 @@ Layout under the cache location::
     added.parquet                      (derived caches) rows added by earlier changes
 
 Vectors are fixed-size-list columns, so a shard reads back into a (k, p) array without
-per-row objects. Every file's sha256 is in the manifest and is checked on read. Shard file
-names carry the run id, so a crashed writer's leftovers never collide with a later run.
+per-row objects. Row groups hold ``row_group_steps`` steps (a multiple of the DeltaGrad period),
+so a reader that needs only some steps of a shard fetches just those row groups (ranged GETs on
+S3), verified by Parquet page checksums; a whole shard is verified against the sha256 in the
+manifest. Shard file names carry the run id, so a crashed writer's leftovers never collide
+with a later run. Vectors can be stored in a lower precision than training used
+(``storage_dtype`` float16 / bfloat16, kept as their 16 raw bits) to halve the bytes moved.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import io
 import json
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -45,8 +50,38 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 DEFAULT_SHARD_BYTES = 64 << 20
 
-_NP = {torch.float64: np.float64, torch.float32: np.float32}
-_TORCH = {"float64": torch.float64, "float32": torch.float32}
+_TORCH = {"float64": torch.float64, "float32": torch.float32, "float16": torch.float16,
+          "bfloat16": torch.bfloat16}
+STORAGE_DTYPES = tuple(_TORCH)
+
+
+def _vector_values(t: torch.Tensor) -> pa.Array:
+    """(k, p) tensor → flat Arrow values: float64/32, Parquet FLOAT16, or bfloat16 as 2-byte
+    fixed-size binary (Parquet has no bfloat16 type; the manifest records it)."""
+    if t.dtype == torch.float16:
+        return pa.array(t.numpy().reshape(-1))
+    if t.dtype == torch.bfloat16:
+        raw = t.contiguous().view(torch.int16).numpy()
+        return pa.FixedSizeBinaryArray.from_buffers(pa.binary(2), raw.size, [None, pa.py_buffer(raw)])
+    return pa.array(t.numpy().reshape(-1))
+
+
+def _from_values(values: pa.Array, k: int, p: int, storage: torch.dtype, dtype: torch.dtype) -> torch.Tensor:
+    if storage == torch.bfloat16:
+        bits = np.frombuffer(values.buffers()[1], dtype=np.int16, count=k * p, offset=values.offset * 2)
+        return torch.from_numpy(bits.reshape(k, p).copy()).view(torch.bfloat16).to(dtype)
+    flat = values.to_numpy(zero_copy_only=False)
+    return torch.from_numpy(np.array(flat.reshape(k, p), copy=True)).to(dtype)
+
+
+def storage_dtype(name: str | torch.dtype | None, default: torch.dtype) -> torch.dtype:
+    if name is None:
+        return default
+    if isinstance(name, torch.dtype):
+        name = dtype_name(name)
+    if name not in _TORCH:
+        raise InputError(f"storage dtype must be one of {', '.join(STORAGE_DTYPES)}, got {name!r}")
+    return _TORCH[name]
 
 
 def sha256(data: bytes) -> str:
@@ -60,6 +95,13 @@ def dtype_name(dtype: torch.dtype) -> str:
 def shard_steps_for(p: int, itemsize: int, shard_bytes: int = DEFAULT_SHARD_BYTES) -> int:
     """Steps per shard so that a shard holds about ``shard_bytes`` (θ and g per step)."""
     return max(1, shard_bytes // (2 * p * itemsize))
+
+
+def row_group_steps_for(p: int, itemsize: int, period: int = 10, group_bytes: int = 8 << 20) -> int:
+    """Steps per Parquet row group: a multiple of ``period`` (default 10, a multiple of the
+    default T0 = 5 and j0 = 10) holding about ``group_bytes``."""
+    per_period = 2 * p * itemsize * period
+    return period * max(1, group_bytes // per_period)
 
 
 @dataclass(frozen=True)
@@ -77,16 +119,19 @@ class ShardRef:
                 "sha256": self.sha256}
 
 
-def _vectors(a: np.ndarray) -> pa.FixedSizeListArray:
-    return pa.FixedSizeListArray.from_arrays(pa.array(a.reshape(-1)), a.shape[1])
+def _vectors(t: torch.Tensor) -> pa.FixedSizeListArray:
+    return pa.FixedSizeListArray.from_arrays(_vector_values(t), t.shape[1])
 
 
-def shard_bytes(start: int, params: np.ndarray, grads: np.ndarray, lrs: np.ndarray) -> bytes:
+def shard_bytes(start: int, params: torch.Tensor, grads: torch.Tensor, lrs: np.ndarray, row_group_steps: int) -> bytes:
     k = params.shape[0]
     table = pa.table({"step": pa.array(np.arange(start, start + k, dtype=np.int64)),
                       "lr": pa.array(lrs.astype(np.float64)),
                       "params": _vectors(params), "grads": _vectors(grads)})
-    return table_bytes(table, compression="none", row_group_size=k)
+    # no compression: zstd makes random floats bigger (FIELD_NOTES); page checksums let a
+    # partial (row-group) read be verified without the whole file
+    return table_bytes(table, compression="none", row_group_size=row_group_steps, write_page_checksum=True,
+                       use_dictionary=False)
 
 
 def read_verified(loc: Location, expected: str, size: int | None = None) -> bytes:
@@ -102,34 +147,52 @@ def read_verified(loc: Location, expected: str, size: int | None = None) -> byte
 
 
 class CacheWriter:
-    """A core :class:`~deltagrad_ray.core.train.Recorder` that writes shards as training runs.
+    """A core :class:`~deltagrad_ray.core.train.Recorder` that writes shards as training (or a
+    recorded replay) runs.
 
     Holds at most one shard in memory; :meth:`commit` writes the model files and, last, the
     manifest. Refuses to start if a committed cache already exists at ``root``.
+
+    Args:
+      root: the cache location.
+      lrs: (T,) learning rates (stored per step).
+      p: parameters per step.
+      dtype: the training dtype (θ_0, θ_T and the replay use it).
+      shard_steps / shard_bytes: shard size, in steps or bytes (default ~64 MB).
+      storage: dtype of the stored vectors (default: the training dtype).
+      row_group_steps: steps per row group (default: a multiple of 10 of ~8 MB).
     """
 
     def __init__(self, root: Location, lrs: torch.Tensor, p: int, dtype: torch.dtype, *,
-                 shard_steps: int | None = None) -> None:
+                 shard_steps: int | None = None, shard_bytes: int | None = None,
+                 storage: str | torch.dtype | None = None, row_group_steps: int | None = None) -> None:
         if root.join(MANIFEST).exists():
             raise StorageError(f"{root.uri}: a trajectory cache already exists here; "
                                "choose a new location (caches are never overwritten)")
+        if shard_steps is not None and shard_steps < 1:
+            raise InputError(f"shard steps must be >= 1, got {shard_steps}")
+        if shard_bytes is not None and shard_bytes < 1:
+            raise InputError(f"shard bytes must be >= 1, got {shard_bytes}")
         self.root, self.p, self.dtype = root, p, dtype
+        self.storage = storage_dtype(storage, dtype)
         self.lrs = lrs.detach().cpu().numpy().astype(np.float64)
         self.steps = len(self.lrs)
-        itemsize = torch.empty(0, dtype=dtype).element_size()
-        self.shard_steps = max(1, min(shard_steps or shard_steps_for(p, itemsize), self.steps))
+        itemsize = torch.empty(0, dtype=self.storage).element_size()
+        steps = shard_steps or shard_steps_for(p, itemsize, shard_bytes or DEFAULT_SHARD_BYTES)
+        self.shard_steps = max(1, min(steps, self.steps))
+        self.row_group_steps = min(row_group_steps or row_group_steps_for(p, itemsize), self.shard_steps)
         self.run_id = uuid.uuid4().hex[:12]
         self.shards: list[ShardRef] = []
-        self._params = np.empty((self.shard_steps, p), dtype=_NP[dtype])
-        self._grads = np.empty((self.shard_steps, p), dtype=_NP[dtype])
+        self._params = torch.empty(self.shard_steps, p, dtype=self.storage)
+        self._grads = torch.empty(self.shard_steps, p, dtype=self.storage)
         self._start = 0
         self._count = 0
 
     def record(self, step: int, theta: torch.Tensor, grad: torch.Tensor) -> None:
         if step != self._start + self._count:
             raise ValueError(f"steps must be recorded in order: got {step}, expected {self._start + self._count}")
-        self._params[self._count] = theta.detach().cpu().numpy()
-        self._grads[self._count] = grad.detach().cpu().numpy()
+        self._params[self._count] = theta.detach()
+        self._grads[self._count] = grad.detach()
         self._count += 1
         if self._count == self.shard_steps:
             self._flush()
@@ -138,7 +201,8 @@ class CacheWriter:
         if self._count == 0:
             return
         a, b = self._start, self._start + self._count
-        raw = shard_bytes(a, self._params[: self._count], self._grads[: self._count], self.lrs[a:b])
+        raw = shard_bytes(a, self._params[: self._count], self._grads[: self._count], self.lrs[a:b],
+                          self.row_group_steps)
         rel = f"shards/part-{len(self.shards):05d}-{self.run_id}.parquet"
         self.root.join(rel).write_bytes(raw)
         self.shards.append(ShardRef(rel, a, b, len(raw), sha256(raw)))
@@ -148,7 +212,7 @@ class CacheWriter:
         self._flush()
         if self._start != self.steps:
             raise ValueError(f"recorded {self._start} steps, expected {self.steps}")
-        return ParquetSource(self.root, tuple(self.shards), self.p, self.dtype)
+        return ParquetSource(self.root, tuple(self.shards), self.p, self.dtype, self.storage, self.row_group_steps)
 
     def commit(self, manifest: dict, model: FunctionalModel, initial: torch.Tensor, final: torch.Tensor,
                extra_files: dict[str, bytes] | None = None) -> Location:
@@ -161,47 +225,89 @@ class CacheWriter:
             files[name] = {"bytes": len(raw), "sha256": sha256(raw)}
         manifest = {**manifest, "format": FORMAT, "format_version": FORMAT_VERSION, "run_id": self.run_id,
                     "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                    "steps": self.steps, "shard_steps": self.shard_steps, "dtype": dtype_name(self.dtype),
+                    "steps": self.steps, "shard_steps": self.shard_steps, "row_group_steps": self.row_group_steps,
+                    "dtype": dtype_name(self.dtype), "storage_dtype": dtype_name(self.storage),
                     "shards": [s.to_dict() for s in self.shards], "files": files}
         self.root.join(MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
         return self.root
 
 
 class ParquetSource:
-    """Per-step vectors read shard by shard from storage, each shard verified on read."""
+    """Per-step vectors streamed shard by shard from storage.
 
-    def __init__(self, root: Location, shards: tuple[ShardRef, ...], p: int, dtype: torch.dtype) -> None:
+    While the caller computes on one shard, the next is fetched, verified and decoded in a
+    background thread, so at most two shards are in memory whatever T is. A whole shard is
+    checked against its sha256; a partial one (only some row groups) by Parquet page checksums.
+    """
+
+    def __init__(self, root: Location, shards: tuple[ShardRef, ...], p: int, dtype: torch.dtype,
+                 storage: torch.dtype | None = None, row_group_steps: int | None = None) -> None:
         self.root, self.shards, self.p, self.dtype = root, shards, p, dtype
+        self.storage = storage or dtype
+        self.row_group_steps = row_group_steps
 
-    def read_shard(self, ref: ShardRef) -> Segment:
-        loc = self.root.join(ref.path)
-        raw = read_verified(loc, ref.sha256, ref.bytes)
-        table = pq.read_table(io.BytesIO(raw))
+    def _decode(self, table: pa.Table, uri: str, start: int, stop: int) -> Segment:
         k = table.num_rows
         steps = table.column("step").to_numpy()
-        if k != ref.stop - ref.start or (k and (steps[0] != ref.start or steps[-1] != ref.stop - 1)):
-            raise StorageError(f"{loc.uri}: holds steps {steps[:1]}..{steps[-1:]} , manifest says "
-                               f"[{ref.start}, {ref.stop})")
+        if k != stop - start or (k and (steps[0] != start or steps[-1] != stop - 1)):
+            raise StorageError(f"{uri}: holds steps {steps[:1]}..{steps[-1:]}, expected [{start}, {stop})")
 
         def vecs(name: str) -> torch.Tensor:
             arr = table.column(name).combine_chunks()
             if arr.type.list_size != self.p:
-                raise StorageError(f"{loc.uri}: column {name} has width {arr.type.list_size}, expected {self.p}")
-            flat = arr.values.to_numpy(zero_copy_only=False)
-            return torch.from_numpy(flat.reshape(k, self.p).astype(_NP[self.dtype], copy=True))
+                raise StorageError(f"{uri}: column {name} has width {arr.type.list_size}, expected {self.p}")
+            return _from_values(arr.values, k, self.p, self.storage, self.dtype)
 
-        return Segment(ref.start, vecs("params"), vecs("grads"),
+        return Segment(start, vecs("params"), vecs("grads"),
                        torch.from_numpy(table.column("lr").to_numpy().astype(np.float64)))
 
-    def segments(self, start: int, stop: int) -> Iterator[Segment]:
-        for ref in self.shards:
-            if ref.stop <= start or ref.start >= stop:
-                continue
+    def read_shard(self, ref: ShardRef) -> Segment:
+        """A whole shard, verified against the manifest's sha256."""
+        loc = self.root.join(ref.path)
+        raw = read_verified(loc, ref.sha256, ref.bytes)
+        try:
+            table = pq.read_table(io.BytesIO(raw))
+        except (pa.ArrowInvalid, OSError) as e:
+            raise StorageError(f"{loc.uri}: not a readable shard ({e})") from None
+        return self._decode(table, loc.uri, ref.start, ref.stop)
+
+    def read_steps(self, ref: ShardRef, start: int, stop: int) -> Segment:
+        """Steps [start, stop) of a shard, fetching only the row groups that hold them."""
+        if start <= ref.start and stop >= ref.stop or not self.row_group_steps:
             seg = self.read_shard(ref)
-            a, b = max(start, ref.start) - ref.start, min(stop, ref.stop) - ref.start
-            if a or b != ref.stop - ref.start:
-                seg = Segment(seg.start + a, seg.params[a:b], seg.grads[a:b], seg.lrs[a:b])
-            yield seg
+        else:
+            loc = self.root.join(ref.path)
+            rg = self.row_group_steps
+            first, last = (max(start, ref.start) - ref.start) // rg, (min(stop, ref.stop) - 1 - ref.start) // rg
+            try:
+                with loc.open_random_access() as f:
+                    pf = pq.ParquetFile(f, page_checksum_verification=True)
+                    table = pf.read_row_groups(list(range(first, last + 1)))
+            except (pa.ArrowInvalid, OSError) as e:
+                raise StorageError(f"{loc.uri}: row groups {first}..{last} failed verification or could not "
+                                   f"be read ({e})") from None
+            a = ref.start + first * rg
+            seg = self._decode(table, loc.uri, a, min(ref.start + (last + 1) * rg, ref.stop))
+        a, b = max(start, seg.start) - seg.start, min(stop, seg.stop) - seg.start
+        if a or b != seg.stop - seg.start:
+            seg = Segment(seg.start + a, seg.params[a:b], seg.grads[a:b], seg.lrs[a:b])
+        return seg
+
+    def segments(self, start: int, stop: int) -> Iterator[Segment]:
+        refs = [r for r in self.shards if r.stop > start and r.start < stop]
+        if not refs:
+            return
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-prefetch") as pool:
+            pending = pool.submit(self.read_steps, refs[0], start, stop)
+            try:
+                for i in range(len(refs)):
+                    seg = pending.result()
+                    if i + 1 < len(refs):  # fetch the next shard while the caller computes on this one
+                        pending = pool.submit(self.read_steps, refs[i + 1], start, stop)
+                    yield seg
+                    del seg
+            finally:
+                pending.cancel()
 
 
 class Cache:
@@ -214,12 +320,14 @@ class Cache:
         self.root, self.manifest = root, manifest
         self.spec = ModelSpec.from_dict(manifest["model"])
         self.dtype = _TORCH[manifest["dtype"]]
+        self.storage = _TORCH[manifest.get("storage_dtype", manifest["dtype"])]
         self.model = self.spec.build()
         self.plan = BatchPlan.from_dict(manifest["plan"])
         self.l2 = float(manifest["l2"])
         self.n_rows = int(manifest["n_rows"])
         shards = tuple(ShardRef(**s) for s in manifest["shards"])
-        self.source = ParquetSource(root, shards, self.model.p, self.dtype)
+        self.source = ParquetSource(root, shards, self.model.p, self.dtype, self.storage,
+                                    manifest.get("row_group_steps"))
         self._initial = self._final = None
 
     @property
@@ -229,6 +337,13 @@ class Cache:
     @property
     def steps(self) -> int:
         return int(self.manifest["steps"])
+
+    @property
+    def lrs(self) -> torch.Tensor:
+        """(T,) learning rates, recomputed from the schedule in the manifest."""
+        from ..core.schedule import learning_rates
+        lr = self.manifest["optimizer"]["lr"]
+        return learning_rates(self.steps, lr["base"], tuple(lr["milestones"]), lr["gamma"])
 
     @property
     def n_classes(self) -> int | None:
@@ -267,7 +382,7 @@ class Cache:
 
     def trajectory(self, device: torch.device | str = "cpu") -> Trajectory:
         """The cached trajectory (per-step vectors streamed from storage)."""
-        lrs = torch.tensor(self.manifest["lrs"], dtype=torch.float64)
+        lrs = self.lrs
         removed = self.removed_mask()
         return Trajectory(self.plan, self.l2, lrs, self.initial.to(device), self.final.to(device), self.n_rows,
                           None if removed is None else removed.to(device), self.source)
@@ -298,6 +413,7 @@ class Cache:
 def read_manifest(root: Location) -> dict:
     mloc = root.join(MANIFEST)
     if not mloc.exists():
+        root.check_bucket()
         if root.is_file() or (root.is_dir() and any(p.name.endswith(".parquet") for p in root.list())):
             raise InputError(f"{root.uri} is not a trajectory cache (no {MANIFEST}); is it a data set?")
         raise StorageError(f"{root.uri}: no trajectory cache here (no committed {MANIFEST})")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import posixpath
+import time
 import uuid
 from dataclasses import dataclass
 from urllib.parse import urlparse
@@ -38,6 +39,7 @@ class Location:
     fs: pafs.FileSystem
     path: str
     uri: str
+    endpoint: str = ""  # for messages: the S3 endpoint in use ("" for local files)
 
     @property
     def is_local(self) -> bool:
@@ -46,12 +48,16 @@ class Location:
     def join(self, *parts: str) -> Location:
         sep = "/" if not self.uri.endswith("/") else ""
         rel = "/".join(parts)
-        return Location(self.fs, posixpath.join(self.path, rel), self.uri + sep + rel)
+        return Location(self.fs, posixpath.join(self.path, rel), self.uri + sep + rel, self.endpoint)
 
     def parent(self) -> Location:
         path = posixpath.dirname(self.path.rstrip("/"))
         uri = self.uri.rstrip("/").rsplit("/", 1)[0]
-        return Location(self.fs, path, uri)
+        return Location(self.fs, path, uri, self.endpoint)
+
+    @property
+    def bucket(self) -> str:
+        return self.path.split("/", 1)[0]
 
     @property
     def name(self) -> str:
@@ -69,6 +75,11 @@ class Location:
 
     def is_dir(self) -> bool:
         return self.info().type == pafs.FileType.Directory
+
+    def check_bucket(self) -> None:
+        """Raise a clear error if this S3 location's bucket does not exist (no-op for local paths)."""
+        if not self.is_local and not _bucket_exists(self):
+            raise StorageError(f"{self.uri}: bucket {self.bucket!r} does not exist at {self.endpoint}")
 
     def list(self, recursive: bool = False) -> list[Location]:
         """Files below this location (sorted by path)."""
@@ -90,6 +101,10 @@ class Location:
 
     def read_text(self) -> str:
         return self.read_bytes().decode("utf-8")
+
+    def open_random_access(self) -> pafs.NativeFile:
+        """A seekable reader (ranged GETs on S3), e.g. to read some row groups of a Parquet file."""
+        return _call(self, "open", lambda: self.fs.open_input_file(self.path))
 
     # -- writing ------------------------------------------------------------------------
     def write_bytes(self, data: bytes, *, overwrite: bool = False) -> None:
@@ -119,6 +134,8 @@ class Location:
             return
 
         def write() -> None:
+            # the object appears only when the upload completes: an upload cut off half-way
+            # leaves nothing behind (S3 multipart uploads are invisible until completed)
             with self.fs.open_output_stream(self.path) as f:
                 f.write(data)
         _call(self, "write", write)
@@ -130,15 +147,56 @@ class Location:
         _call(self, "delete", lambda: self.fs.delete_file(self.path))
 
 
+_TRANSIENT = ("NETWORK_CONNECTION", "SLOW_DOWN", "INTERNAL_FAILURE", "SERVICE_UNAVAILABLE", "THROTTLING",
+              "REQUEST_TIMEOUT", "Timeout", "timed out", "Connection reset", "curlCode: 28", "curlCode: 56")
+_DENIED = ("ACCESS_DENIED", "INVALID_ACCESS_KEY_ID", "SIGNATURE_DOES_NOT_MATCH", "AccessDenied",
+           "InvalidAccessKeyId", "SignatureDoesNotMatch", "Forbidden")
+RETRIES = 3  # attempts at this level, on top of the S3 client's own retries of single requests
+
+
 def _call(loc: Location, what: str, fn):
+    """Run a filesystem operation; retry transient failures (bounded); translate errors."""
+    for attempt in range(RETRIES):
+        try:
+            return fn()
+        except FileNotFoundError:
+            if not loc.is_local and what != "inspect" and not _bucket_exists(loc):
+                raise StorageError(f"{loc.uri}: bucket {loc.bucket!r} does not exist at {loc.endpoint}") from None
+            raise StorageError(f"{loc.uri}: not found") from None
+        except PermissionError as e:
+            raise StorageError(f"{loc.uri}: permission denied ({_short(e)})") from None
+        except OSError as e:
+            msg = str(e)
+            if loc.is_local:
+                raise StorageError(f"{loc.uri}: cannot {what} ({_short(e)})") from None
+            if any(k in msg for k in _DENIED):
+                raise StorageError(f"{loc.uri}: access denied by {loc.endpoint}; check the credentials "
+                                   "(AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or the AWS profile)") from None
+            if "NO_SUCH_BUCKET" in msg or "NoSuchBucket" in msg:
+                raise StorageError(f"{loc.uri}: bucket {loc.bucket!r} does not exist at {loc.endpoint}") from None
+            if any(k in msg for k in _TRANSIENT) and attempt < RETRIES - 1:
+                time.sleep(0.25 * 2 ** attempt)
+                continue
+            if "NETWORK_CONNECTION" in msg or "curlCode" in msg:
+                raise StorageError(f"{loc.uri}: cannot reach the S3 endpoint {loc.endpoint} "
+                                   f"after {RETRIES} attempts ({_aws_detail(msg)})") from None
+            raise StorageError(f"{loc.uri}: cannot {what} ({_aws_detail(msg)})") from None
+    raise AssertionError("unreachable")
+
+
+def _bucket_exists(loc: Location) -> bool:
     try:
-        return fn()
-    except FileNotFoundError:
-        raise StorageError(f"{loc.uri}: not found") from None
-    except PermissionError as e:
-        raise StorageError(f"{loc.uri}: permission denied ({e})") from None
-    except OSError as e:
-        raise StorageError(f"{loc.uri}: cannot {what} ({_short(e)})") from None
+        return loc.fs.get_file_info(loc.bucket).type != pafs.FileType.NotFound
+    except OSError:
+        return True  # cannot tell; report the object as missing
+
+
+def _aws_detail(msg: str) -> str:
+    """The informative part of an AWS SDK error (the error code and its text)."""
+    msg = " ".join(msg.split())
+    if "AWS Error" in msg:
+        msg = "AWS Error" + msg.split("AWS Error", 1)[1]
+    return msg[:200]
 
 
 def _short(e: BaseException) -> str:
