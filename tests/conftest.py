@@ -18,7 +18,7 @@ def _float64_default():
 @pytest.fixture(scope="session")
 def moto_s3():
     """A moto S3 server over HTTP on 127.0.0.1 (one per test run)."""
-    from tests.servers import start_moto
+    from deltagrad_ray.devservers import start_moto
     server, s3 = start_moto()
     yield s3
     server.stop()
@@ -27,7 +27,7 @@ def moto_s3():
 @pytest.fixture(scope="session")
 def seaweed_s3():
     """A SeaweedFS server (`weed mini`) on 127.0.0.1 with credentials (one per test run)."""
-    from tests.servers import start_seaweedfs, stop_seaweedfs
+    from deltagrad_ray.devservers import start_seaweedfs, stop_seaweedfs
     proc, s3, data_dir = start_seaweedfs()
     yield s3
     stop_seaweedfs(proc, data_dir)

@@ -9,7 +9,6 @@ per line, or a Parquet file with an ``id`` column.
 from __future__ import annotations
 
 import hashlib
-import io
 
 import numpy as np
 import pyarrow as pa
@@ -36,7 +35,7 @@ def _read_table(loc: Location) -> pa.Table:
     tables = []
     for part in _parquet_parts(loc):
         try:
-            tables.append(pq.read_table(io.BytesIO(part.read_bytes())))
+            tables.append(pq.read_table(pa.BufferReader(part.read_bytes())))
         except (pa.ArrowInvalid, OSError) as e:
             raise StorageError(f"{part.uri}: not a readable Parquet file ({e})") from None
     try:
@@ -108,10 +107,11 @@ def dataset_table(data: Dataset) -> pa.Table:
                      "features": feats})
 
 
-def table_bytes(table: pa.Table, **kwargs) -> bytes:
-    buf = io.BytesIO()
-    pq.write_table(table, buf, **kwargs)
-    return buf.getvalue()
+def table_bytes(table: pa.Table, **kwargs) -> pa.Buffer:
+    """The Parquet encoding of ``table``, as one Arrow buffer (no intermediate copies)."""
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, **kwargs)
+    return sink.getvalue()
 
 
 def write_dataset(data: Dataset, uri: str | Location, *, overwrite: bool = False) -> Location:
@@ -138,7 +138,7 @@ def read_ids(uri: str | Location) -> torch.Tensor:
     loc = location(uri)
     raw = loc.read_bytes()
     if raw[:4] == b"PAR1":
-        table = pq.read_table(io.BytesIO(raw))
+        table = pq.read_table(pa.BufferReader(raw))
         if "id" not in table.column_names:
             raise InputError(f"{loc.uri}: Parquet id list needs an 'id' column, has {table.column_names}")
         col = table.column("id")

