@@ -23,6 +23,10 @@ examples:
   deltagrad-ray unlearn --cache runs/c1 --delete ids.txt --out unlearned.safetensors
   deltagrad-ray retrain --cache runs/c1 --delete ids.txt --out exact.safetensors
   deltagrad-ray evaluate --model unlearned.safetensors --data data.parquet
+  deltagrad-ray loo --cache runs/c1 --ids ids.txt --batch-size 32 --out loo.parquet
+  deltagrad-ray jackknife --cache runs/c1 --test test.parquet --out jackknife.parquet
+  deltagrad-ray influence --cache runs/c1 --test test.parquet --out influence.parquet
+  deltagrad-ray conformal --cache runs/c1 --test test.parquet --alpha 0.1 --method jackknife+ --out conformal.parquet
   deltagrad-ray demo
 """
 
@@ -89,6 +93,33 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--schedule", choices=["uniform", "geometric"], default="uniform")
             p.add_argument("--out-cache", help="also write the replayed trajectory as a new cache here "
                            "(a new location; later changes can start from it)")
+
+    many_help = {
+        "loo": "leave-one-out models for many ids (batched DeltaGrad) → Parquet: id, params, diagnostics",
+        "jackknife": "jackknife estimates, bias corrections and standard errors of test predictions and loss",
+        "influence": "per training id, the leave-one-out change in test loss",
+        "conformal": "jackknife+ / CV+ prediction intervals (regression) or sets (classification)",
+    }
+    for name, helptext in many_help.items():
+        p = sub.add_parser(name, help=helptext, description=helptext)
+        p.add_argument("--cache", required=True)
+        if name != "loo":
+            p.add_argument("--test", required=True, help="test data (Parquet: id, features[, label])")
+        p.add_argument("--ids", help="training ids to leave out (default: all of the cache's points)")
+        p.add_argument("--batch-size", type=int, default=32, help="requests replayed together (B)")
+        p.add_argument("--gemm-dtype", choices=["float64", "float32"], default=None,
+                       help="precision of the batched explicit-step GEMMs (linear models; default: the data's)")
+        p.add_argument("--data", help="the training data (default: the location recorded in the cache)")
+        p.add_argument("--out", required=True, help="results (Parquet)")
+        p.add_argument("--overwrite", action="store_true")
+        p.add_argument("--period", type=int, default=5)
+        p.add_argument("--burn-in", type=int, default=10)
+        p.add_argument("--history", type=int, default=2)
+        if name == "conformal":
+            p.add_argument("--alpha", type=float, default=0.1, help="miscoverage level, in (0, 1)")
+            p.add_argument("--method", choices=["jackknife+", "cv+"], default="jackknife+")
+            p.add_argument("--folds", type=int, default=10, help="K for cv+")
+            p.add_argument("--seed", type=int, default=0, help="fold assignment seed for cv+")
 
     p = sub.add_parser("evaluate", help="accuracy and loss (or MSE) of a model on data")
     p.add_argument("--model", required=True, help="model file (safetensors)")
@@ -187,6 +218,97 @@ def cmd_evaluate(a: argparse.Namespace) -> dict:
     return {"command": "evaluate", "model": a.model, "data": a.data, **api.evaluate(a.model, a.data)}
 
 
+def _runner(a: argparse.Namespace):
+    import torch
+
+    from .core.replay import DeltaGradConfig
+    from .many import serial_runner
+    from .progress import bar
+    cfg = DeltaGradConfig(period=a.period, burn_in=a.burn_in, history=a.history)
+    gemm = getattr(torch, a.gemm_dtype) if a.gemm_dtype else None
+    progress = bar(a.command)
+    return serial_runner(batch_size=a.batch_size, config=cfg, gemm_dtype=gemm, progress=progress), progress
+
+
+def _ids_arg(a: argparse.Namespace):
+    from .store.datasets import read_ids
+    return read_ids(a.ids) if a.ids else None
+
+
+def _replay_summary(r) -> dict:
+    return {"requests": int(r.params.shape[0]), "explicit_steps_mean": float(r.explicit_steps.double().mean()),
+            "fallbacks": int(r.fallbacks.sum())}
+
+
+def cmd_loo(a: argparse.Namespace) -> dict:
+    from . import many
+    from .results import write_table
+    _check_out(a.out, a.overwrite)
+    run, progress = _runner(a)
+    t0 = time.perf_counter()
+    res = many.loo(a.cache, _ids_arg(a), runner=run, data=a.data)
+    progress.close()
+    write_table(a.out, {"id": res.ids, "params": res.params, "explicit_steps": res.replay.explicit_steps,
+                        "approx_steps": res.replay.approx_steps, "fallbacks": res.replay.fallbacks},
+                overwrite=a.overwrite)
+    return {"command": "loo", "out": a.out, "seconds": round(time.perf_counter() - t0, 3), **_replay_summary(res.replay)}
+
+
+def cmd_jackknife(a: argparse.Namespace) -> dict:
+    from . import many
+    from .results import write_table
+    _check_out(a.out, a.overwrite)
+    run, progress = _runner(a)
+    t0 = time.perf_counter()
+    r = many.jackknife(a.cache, a.test, _ids_arg(a), runner=run, data=a.data)
+    progress.close()
+    p, loss = r["predictions"], r["test_loss"]
+    meta = {"test_loss": {k: float(getattr(loss, k)) for k in ("estimate", "bias", "bias_corrected", "se")},
+            "n_loo": r["n_loo"]}
+    write_table(a.out, {"id": r["test_ids"], "estimate": p.estimate, "bias": p.bias,
+                        "bias_corrected": p.bias_corrected, "se": p.se}, metadata=meta, overwrite=a.overwrite)
+    return {"command": "jackknife", "out": a.out, "seconds": round(time.perf_counter() - t0, 3), **meta,
+            **_replay_summary(r["replay"])}
+
+
+def cmd_influence(a: argparse.Namespace) -> dict:
+    from . import many
+    from .results import write_table
+    _check_out(a.out, a.overwrite)
+    run, progress = _runner(a)
+    t0 = time.perf_counter()
+    r = many.influence(a.cache, a.test, _ids_arg(a), runner=run, data=a.data)
+    progress.close()
+    write_table(a.out, {"id": r["ids"], "influence": r["influence"]}, metadata={"test_loss": r["test_loss"]},
+                overwrite=a.overwrite)
+    return {"command": "influence", "out": a.out, "seconds": round(time.perf_counter() - t0, 3),
+            "test_loss": r["test_loss"], **_replay_summary(r["replay"])}
+
+
+def cmd_conformal(a: argparse.Namespace) -> dict:
+    from . import many
+    from .results import write_table
+    _check_out(a.out, a.overwrite)
+    run, progress = _runner(a)
+    t0 = time.perf_counter()
+    r = many.conformal(a.cache, a.test, a.alpha, method=a.method, folds=a.folds, ids=_ids_arg(a), seed=a.seed,
+                       runner=run, data=a.data)
+    progress.close()
+    cols = {"id": r["ids"], "prediction": r["prediction"]}
+    if "sets" in r:
+        cols["set"] = [torch_nonzero_list(row) for row in r["sets"]]
+    else:
+        cols["lower"], cols["upper"] = r["lower"], r["upper"]
+    meta = {"method": r["method"], "alpha": a.alpha, "models": r["n_models"], "calibration": r["n_calibration"]}
+    write_table(a.out, cols, metadata=meta, overwrite=a.overwrite)
+    return {"command": "conformal", "out": a.out, "seconds": round(time.perf_counter() - t0, 3), **meta,
+            **_replay_summary(r["replay"])}
+
+
+def torch_nonzero_list(row) -> list[int]:
+    return [int(i) for i in row.nonzero().reshape(-1)]
+
+
 def cmd_make_data(a: argparse.Namespace) -> dict:
     from .datasets import make_dataset
     from .store.datasets import write_dataset
@@ -201,6 +323,7 @@ def cmd_demo(a: argparse.Namespace) -> dict:
 
 
 COMMANDS = {"train": cmd_train, "unlearn": cmd_unlearn, "retrain": cmd_retrain, "evaluate": cmd_evaluate,
+            "loo": cmd_loo, "jackknife": cmd_jackknife, "influence": cmd_influence, "conformal": cmd_conformal,
             "make-data": cmd_make_data, "demo": cmd_demo}
 
 

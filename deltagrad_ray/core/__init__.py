@@ -23,3 +23,7 @@ from .synthetic import (synthetic_classification as synthetic_classification,
 from .train import retrain as retrain, run_sgd as run_sgd, train as train
 from .trajectory import (InMemory as InMemory, MemoryRecorder as MemoryRecorder,
                          Segment as Segment, Trajectory as Trajectory)
+from .batched import (BatchedReplay as BatchedReplay, BatchedResult as BatchedResult,
+                      deltagrad_batched as deltagrad_batched)
+from .requests import (fold_assignment as fold_assignment, from_id_lists as from_id_lists, k_fold as k_fold,
+                       leave_one_out as leave_one_out, random_subsets as random_subsets)

@@ -16,10 +16,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, grad
+from torch.func import functional_call, grad, vmap
 
 from .errors import InputError
 
@@ -40,30 +41,90 @@ def squared_loss(outputs: Tensor, targets: Tensor) -> Tensor:
 GradSum = Callable[[Tensor, Tensor, Tensor, "Tensor | None"], Tensor]
 
 
-def _softmax_regression_grad_sum(c: int, d: int) -> GradSum:
-    """Closed-form Σ_i w_i ∇ℓ_i for multinomial logistic regression, θ = [W (c×d), b (c)].
+class ManyRef(NamedTuple):
+    """A reference point for batched gradients in difference form.
 
-    Same value as autograd through functional_call (tested), without its per-call overhead,
-    which dominates DeltaGrad's small per-step corrections: ∇_W = (P − Y)ᵀX, ∇_b = Σ(P − Y).
+    Fields:
+      theta: (p,) reference parameters w_t (the cached step's)
+      grad:  (p,) Σ_i w_i ∇ℓ_i(w_t) over the same rows, in full precision
+      X_low: (n, d) the rows in the low precision used for the difference GEMMs
     """
-    def grad_sum(theta: Tensor, X: Tensor, y: Tensor, weights: Tensor | None) -> Tensor:
-        W, b = theta[: c * d].view(c, d), theta[c * d:]
-        R = torch.softmax(torch.addmm(b, X, W.T), dim=1)
-        R[torch.arange(len(y), device=y.device), y] -= 1
+
+    theta: Tensor
+    grad: Tensor
+    X_low: Tensor
+
+
+class _ClosedForm:
+    """Closed-form gradients of a linear model: one request (GEMV-like), many requests over the
+    same rows (one GEMM, optionally in difference form), and many requests over their own rows
+    (bmm). Same values as autograd through functional_call (tested), without its overhead."""
+
+    def __init__(self, kind: str, c: int, d: int) -> None:
+        self.kind, self.c, self.d = kind, c, d
+
+    def _split(self, thetas: Tensor) -> tuple[Tensor, Tensor]:
+        c, d = self.c, self.d
+        return thetas[..., : c * d].unflatten(-1, (c, d)), thetas[..., c * d:]
+
+    def residual(self, Z: Tensor, y: Tensor) -> Tensor:
+        """∂ℓ/∂z for logits/outputs Z (..., c) and labels y (...): softmax − onehot, or f(x) − y."""
+        raise NotImplementedError
+
+    # one request: Σ_i w_i ∇ℓ_i(θ)
+    def grad_sum(self, theta: Tensor, X: Tensor, y: Tensor, weights: Tensor | None) -> Tensor:
+        W, b = self._split(theta)
+        R = self.residual(torch.addmm(b, X, W.T), y)  # (n, c)
         if weights is not None:
-            R *= weights[:, None]
+            R = R * weights[:, None]
         return torch.cat([(R.T @ X).reshape(-1), R.sum(0)])
-    return grad_sum
 
-
-def _least_squares_grad_sum(d: int) -> GradSum:
-    """Closed-form Σ_i w_i ∇ℓ_i for ½(xᵀw + b − y)², θ = [w (d), b]."""
-    def grad_sum(theta: Tensor, X: Tensor, y: Tensor, weights: Tensor | None) -> Tensor:
-        r = torch.addmv(theta[d:] - y, X, theta[:d])
+    # many requests over shared rows: (B, p)
+    def grad_many(self, thetas: Tensor, X: Tensor, y: Tensor, weights: Tensor | None,
+                  ref: ManyRef | None = None) -> Tensor:
+        B, (c, d), n = thetas.shape[0], (self.c, self.d), X.shape[0]
+        if ref is None:
+            W, b = self._split(thetas)
+            Z = torch.addmm(b.reshape(-1), X, W.reshape(B * c, d).T).view(n, B, c)
+            R = self.residual(Z, y[:, None].expand(n, B))
+            if weights is not None:
+                R = R * weights[:, None, None]
+            GW = R.reshape(n, B * c).T @ X
+            return torch.cat([GW.view(B, c * d), R.sum(0)], dim=1)
+        # difference form: z_b = z_ref + X·(θ_b − θ_ref); the small differences go through the
+        # GEMMs in ref.X_low's precision, the reference point stays in full precision
+        low = ref.X_low.dtype
+        Wr, br = self._split(ref.theta)
+        Zr = torch.addmm(br, X, Wr.T)                                    # (n, c), full precision
+        Rr = self.residual(Zr, y)
+        dW, db = self._split(thetas - ref.theta)
+        Zd = (ref.X_low @ dW.reshape(B * c, d).T.to(low)).to(X.dtype).view(n, B, c) + db
+        R = self.residual(Zr[:, None, :] + Zd, y[:, None].expand(n, B)) - Rr[:, None, :]
         if weights is not None:
-            r = r * weights
-        return torch.cat([r @ X, r.sum().reshape(1)])
-    return grad_sum
+            R = R * weights[:, None, None]
+        dGW = (R.reshape(n, B * c).T.to(low) @ ref.X_low).to(X.dtype)
+        return ref.grad + torch.cat([dGW.view(B, c * d), R.sum(0)], dim=1)
+
+    # many requests over their own rows, padded: X (B, r, d), y (B, r), weights (B, r)
+    def grad_each(self, thetas: Tensor, X: Tensor, y: Tensor, weights: Tensor) -> Tensor:
+        W, b = self._split(thetas)                                       # (B, c, d), (B, c)
+        R = self.residual(torch.baddbmm(b[:, None, :], X, W.transpose(1, 2)), y) * weights[..., None]
+        return torch.cat([torch.bmm(R.transpose(1, 2), X).flatten(1), R.sum(1)], dim=1)
+
+
+class _Softmax(_ClosedForm):
+    """Multinomial logistic regression, θ = [W (c×d), b (c)]: ∇_W = (P − Y)ᵀX, ∇_b = Σ(P − Y)."""
+
+    def residual(self, Z: Tensor, y: Tensor) -> Tensor:
+        R = torch.softmax(Z, dim=-1)
+        return R - nn.functional.one_hot(y, self.c).to(R.dtype)
+
+
+class _LeastSquares(_ClosedForm):
+    """½(xᵀw + b − y)², θ = [w (d), b]: ∇_w = Σ r_i x_i, ∇_b = Σ r_i with r = f(x) − y."""
+
+    def residual(self, Z: Tensor, y: Tensor) -> Tensor:
+        return Z - y[..., None].to(Z.dtype)
 
 
 @dataclass(frozen=True)
@@ -115,10 +176,10 @@ class ModelSpec:
         d, c = self.n_features, self.n_classes
         if self.kind == "logreg":
             return FunctionalModel(nn.Linear(d, c), cross_entropy_loss, n_classes=c, spec=self,
-                                   grad_sum=_softmax_regression_grad_sum(c, d))
+                                   closed_form=_Softmax("logreg", c, d))
         if self.kind == "linear":
             return FunctionalModel(nn.Linear(d, 1), squared_loss, n_classes=None, spec=self,
-                                   grad_sum=_least_squares_grad_sum(d))
+                                   closed_form=_LeastSquares("linear", 1, d))
         widths = (d, *self.hidden, c)
         layers: list[nn.Module] = []
         for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
@@ -138,8 +199,8 @@ class FunctionalModel:
       n_classes: number of classes for classification, ``None`` for regression.
       spec: the built-in spec this model came from, if any (linear kinds start at θ = 0,
         the MLP from a seeded uniform initialisation).
-      grad_sum: optional closed form of Σ_i w_i ∇ℓ_i(θ); autograd through functional_call
-        (``torch.func.grad``) otherwise.
+      closed_form: optional closed-form gradients (the built-in linear models); autograd
+        through functional_call (``torch.func.grad``, ``vmap`` for many requests) otherwise.
 
     Example:
       >>> m = ModelSpec("logreg", n_features=4, n_classes=3).build()
@@ -149,7 +210,7 @@ class FunctionalModel:
     """
 
     def __init__(self, module: nn.Module, loss: PerExampleLoss, *, n_classes: int | None,
-                 spec: ModelSpec | None = None, grad_sum: GradSum | None = None) -> None:
+                 spec: ModelSpec | None = None, closed_form: _ClosedForm | None = None) -> None:
         named = [(k, v) for k, v in module.named_parameters()]
         if not named:
             raise InputError("the module has no parameters to train")
@@ -166,7 +227,10 @@ class FunctionalModel:
         self.p = sum(self.sizes)
         self._module_init = torch.cat([v.detach().reshape(-1).to(torch.float64) for _, v in named])
         self._autograd = grad(self._loss_sum)
-        self._grad = grad_sum or self._autograd
+        self.closed_form = closed_form
+        self._grad = closed_form.grad_sum if closed_form is not None else self._autograd
+        self._many = vmap(self._autograd, in_dims=(0, None, None, None))
+        self._each = vmap(self._autograd, in_dims=(0, 0, 0, 0))
 
     @property
     def task(self) -> str:
@@ -226,6 +290,28 @@ class FunctionalModel:
     def autograd_grad_sum(self, theta: Tensor, X: Tensor, y: Tensor, weights: Tensor | None = None) -> Tensor:
         """:meth:`grad_sum` by autograd through functional_call (the reference for closed forms)."""
         return self._autograd(theta, X, y, weights)
+
+    def grad_sum_many(self, thetas: Tensor, X: Tensor, y: Tensor, weights: Tensor | None = None,
+                      ref: ManyRef | None = None) -> Tensor:
+        """Σ_i w_i ∇ℓ_i(θ_b) for B parameter vectors over the same rows: (B, p).
+
+        One pass over X for all B (a GEMM for the linear models, ``vmap`` otherwise). With
+        ``ref`` (linear models only), in difference form around a reference point, the GEMMs in
+        ``ref.X_low``'s precision.
+        """
+        if X.shape[0] == 0:
+            return torch.zeros_like(thetas)
+        if self.closed_form is not None:
+            return self.closed_form.grad_many(thetas, X, y, weights, ref)
+        return self._many(thetas, X, y, weights)
+
+    def grad_sum_each(self, thetas: Tensor, X: Tensor, y: Tensor, weights: Tensor) -> Tensor:
+        """Σ_j w_bj ∇ℓ(θ_b; x_bj, y_bj) with each request's own (padded) rows: X (B, r, d) → (B, p)."""
+        if X.shape[1] == 0:
+            return torch.zeros_like(thetas)
+        if self.closed_form is not None:
+            return self.closed_form.grad_each(thetas, X, y, weights)
+        return self._each(thetas, X, y, weights)
 
     def predict(self, theta: Tensor, X: Tensor) -> Tensor:
         """Class indices (classification) or real predictions (regression)."""

@@ -60,15 +60,21 @@ def _features(col: pa.ChunkedArray, uri: str) -> np.ndarray:
     return values.to_numpy(zero_copy_only=False).reshape(len(arr), width)
 
 
-def read_dataset(uri: str | Location, *, regression: bool | None = None) -> Dataset:
+def read_dataset(uri: str | Location, *, regression: bool | None = None, labels_optional: bool = False) -> Dataset:
     """Read a data set. Labels become int64 (classification) or float64 (regression).
 
     Args:
       regression: force float targets (True) or integer classes (False); by default from the
         label column's type.
+      labels_optional: accept a data set without a ``label`` column (labels then read as 0),
+        e.g. test points to predict.
     """
     loc = location(uri)
-    return dataset_from_table(_read_table(loc), loc.uri, regression)
+    table = _read_table(loc)
+    if labels_optional and "label" not in table.column_names:
+        zeros = np.zeros(table.num_rows, dtype=np.float64 if regression else np.int64)
+        table = table.append_column("label", pa.array(zeros))
+    return dataset_from_table(table, loc.uri, regression)
 
 
 def dataset_from_table(table: pa.Table, uri: str, regression: bool | None = None) -> Dataset:

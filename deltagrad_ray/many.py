@@ -1,0 +1,177 @@
+"""Many change sets over one cache: leave-one-out, jackknife, influence, conformal prediction.
+
+The API behind ``deltagrad-ray loo | jackknife | influence | conformal``. Requests are
+replayed in batches (:func:`~deltagrad_ray.core.batched.deltagrad_batched`); results come
+back in the order of the requests.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+from torch.func import vmap
+
+from .core.batched import BatchedResult, deltagrad_batched
+from .core.data import ChangeSet, Dataset, validate
+from .core.errors import InputError
+from .core.replay import DeltaGradConfig
+from .core.requests import fold_assignment, k_fold, leave_one_out
+from .stats import jackknife as _jackknife
+from .stats import jackknife_plus_intervals, jackknife_plus_sets, loo_influence
+from .store.cache import Cache, open_cache
+from .store.datasets import read_dataset
+from .store.location import Location
+
+Runner = Callable[[Cache, Dataset, list[ChangeSet]], BatchedResult]
+
+
+class ManyResult(NamedTuple):
+    """Replayed models for a list of requests, in request order."""
+
+    ids: Tensor              # (B,) the id each LOO request left out (or fold index for K-fold)
+    params: Tensor           # (B, p)
+    replay: BatchedResult
+
+
+def serial_runner(batch_size: int = 32, config: DeltaGradConfig | None = None,
+                  gemm_dtype: torch.dtype | None = None, progress: Callable[[int], None] | None = None) -> Runner:
+    """Replays in this process (the backend the Ray one must agree with)."""
+    def run(cache: Cache, data: Dataset, changes: list[ChangeSet]) -> BatchedResult:
+        if progress is not None and hasattr(progress, "set_total"):
+            progress.set_total(len(changes))
+        return deltagrad_batched(cache.model, cache.trajectory(data.X.device), data, changes, config or DeltaGradConfig(),
+                                 batch_size=batch_size, gemm_dtype=gemm_dtype,
+                                 batches_per_pass=4 if progress is not None else None, progress=progress)
+    return run
+
+
+def exact_runner() -> Runner:
+    """Exact retraining for every request (the ground truth; T full passes per request)."""
+    from .core.train import retrain
+
+    def run(cache: Cache, data: Dataset, changes: list[ChangeSet]) -> BatchedResult:
+        traj = cache.trajectory(data.X.device)
+        params = torch.stack([retrain(cache.model, traj, data, ch) for ch in changes])
+        full = torch.full((len(changes),), traj.steps, dtype=torch.int64)
+        zero = torch.zeros(len(changes), dtype=torch.int64)
+        return BatchedResult(params, traj.steps, full, zero, zero, zero.clone())
+    return run
+
+
+def _cache(cache: Cache | str | Location) -> Cache:
+    return cache if isinstance(cache, Cache) else open_cache(cache)
+
+
+def _test_set(cache: Cache, test: Dataset | str | Location, labels: bool = True) -> Dataset:
+    """The test rows, validated against the cache's model; labels needed only when ``labels``."""
+    ds = test if isinstance(test, Dataset) else read_dataset(test, regression=cache.spec.task == "regression",
+                                                             labels_optional=not labels)
+    if labels:
+        validate(ds, n_features=cache.spec.n_features, n_classes=cache.n_classes, what="test set")
+    else:  # only the features matter
+        validate(Dataset(ds.X, ds.X.new_zeros(len(ds)), ds.ids), n_features=cache.spec.n_features, what="test set")
+    return ds.to(dtype=cache.dtype)
+
+
+def loo(cache: Cache | str | Location, ids: Sequence[int] | Tensor | None = None, *, runner: Runner | None = None,
+        data: str | Location | None = None) -> ManyResult:
+    """Leave-one-out models for ``ids`` (default: every training point still in the cache)."""
+    c = _cache(cache)
+    ds = c.data(data)
+    if ids is None:
+        removed = c.removed_mask()
+        ids = ds.ids if removed is None else ds.ids[~removed]
+    changes = leave_one_out(ds, ids)
+    res = (runner or serial_runner())(c, ds, changes)
+    return ManyResult(torch.as_tensor(ids, dtype=torch.int64).reshape(-1), res.params, res)
+
+
+def predict_many(cache: Cache, thetas: Tensor, X: Tensor) -> Tensor:
+    """Outputs of B models on m rows: (B, m) predictions (regression) or (B, m, c) probabilities."""
+    out = vmap(cache.model.forward, in_dims=(0, None))(thetas, X)
+    if cache.spec.task == "regression":
+        return out.reshape(thetas.shape[0], -1)
+    return torch.softmax(out, dim=-1)
+
+
+def _own_rows(cache: Cache, thetas: Tensor, X: Tensor) -> Tensor:
+    """Model b evaluated on row b only: (B,) or (B, c)."""
+    out = vmap(lambda t, x: cache.model.forward(t, x[None])[0])(thetas, X)
+    return out.reshape(-1) if cache.spec.task == "regression" else torch.softmax(out, dim=-1)
+
+
+def _test_loss(cache: Cache, thetas: Tensor, test: Dataset) -> Tensor:
+    """Mean test loss of each of B models: (B,)."""
+    out = vmap(cache.model.forward, in_dims=(0, None))(thetas, test.X)
+    return vmap(lambda o: cache.model.loss(o, test.y).mean())(out)
+
+
+def jackknife(cache: Cache | str | Location, test: Dataset | str | Location, ids=None, *,
+              runner: Runner | None = None, data=None) -> dict:
+    """Jackknife estimates, bias-corrected estimates and standard errors of the test predictions
+    (probabilities for classification) and of the mean test loss."""
+    c = _cache(cache)
+    t = _test_set(c, test)
+    res = loo(c, ids, runner=runner, data=data)
+    full = c.final[None]
+    pred = _jackknife(predict_many(c, full, t.X)[0], predict_many(c, res.params, t.X))
+    loss = _jackknife(_test_loss(c, full, t)[0], _test_loss(c, res.params, t))
+    return {"test_ids": t.ids, "predictions": pred, "test_loss": loss, "n_loo": len(res.ids), "replay": res.replay}
+
+
+def influence(cache: Cache | str | Location, test: Dataset | str | Location, ids=None, *,
+              runner: Runner | None = None, data=None) -> dict:
+    """Per training id, the leave-one-out change in mean test loss L(θ_(i)) − L(θ̂)."""
+    c = _cache(cache)
+    t = _test_set(c, test)
+    res = loo(c, ids, runner=runner, data=data)
+    full = _test_loss(c, c.final[None], t)[0]
+    return {"ids": res.ids, "influence": loo_influence(full, _test_loss(c, res.params, t)),
+            "test_loss": float(full), "replay": res.replay}
+
+
+def conformal(cache: Cache | str | Location, test: Dataset | str | Location, alpha: float = 0.1, *,
+              method: str = "jackknife+", folds: int = 10, ids=None, seed: int = 0,
+              runner: Runner | None = None, data=None) -> dict:
+    """Jackknife+ / CV+ intervals (regression) or sets (classification) for the test rows.
+
+    Returns a dict with ``ids`` and ``prediction`` (full model) per test row, and ``lower``,
+    ``upper`` or ``sets`` ((m, c) bool), in test-set order.
+    """
+    from .stats import check_alpha
+    check_alpha(alpha)
+    if method not in ("jackknife+", "cv+"):
+        raise InputError(f"method must be jackknife+ or cv+, got {method!r}")
+    c = _cache(cache)
+    t = _test_set(c, test, labels=False)
+    ds = c.data(data)
+    run = runner or serial_runner()
+    if ids is None:
+        removed = c.removed_mask()
+        ids = ds.ids if removed is None else ds.ids[~removed]
+    ids = torch.as_tensor(ids, dtype=torch.int64).reshape(-1)
+    if method == "jackknife+":
+        changes = leave_one_out(ds, ids)
+    else:
+        changes = k_fold(ds, folds, ids=ids, seed=seed)
+    replay = run(c, ds, changes)
+    params = replay.params
+    rows = torch.cat([ch.delete for ch in changes])            # the calibration points
+    # the model that left each calibration point out: its own (jackknife+) or its fold's (CV+)
+    model_of = torch.arange(len(rows)) if method == "jackknife+" else fold_assignment(ds, changes)[rows]
+    X_tr, y_tr = ds.X[rows], ds.y[rows]
+    own = _own_rows(c, params[model_of], X_tr)                  # μ̂_(i)(x_i)
+    test_out = predict_many(c, params, t.X)[model_of]           # μ̂_(i)(x), (n, m[, c])
+    full_out = predict_many(c, c.final[None], t.X)[0]
+    out = {"ids": t.ids, "n_models": params.shape[0], "n_calibration": len(rows), "method": method,
+           "alpha": alpha, "replay": replay}
+    if c.spec.task == "regression":
+        out["prediction"] = full_out
+        out["lower"], out["upper"] = jackknife_plus_intervals(own, y_tr, test_out, alpha)
+    else:
+        out["prediction"] = full_out.argmax(-1)
+        out["sets"] = jackknife_plus_sets(own, y_tr, test_out, alpha)
+    return out

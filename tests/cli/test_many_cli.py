@@ -1,0 +1,72 @@
+"""loo / jackknife / influence / conformal from the command line."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from deltagrad_ray.datasets import sklearn_dataset
+from deltagrad_ray.results import read_table
+from deltagrad_ray.store import write_dataset
+
+from .test_cli import ok, run
+
+
+@pytest.fixture(scope="module")
+def bc(tmp_path_factory):
+    d = tmp_path_factory.mktemp("many")
+    ds = sklearn_dataset("breast_cancer")
+    perm = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))
+    write_dataset(ds.rows(perm[:200]), d / "train.parquet")
+    write_dataset(ds.rows(perm[200:260]), d / "test.parquet")
+    ok("train", "--data", "train.parquet", "--model", "logreg", "--steps", "100", "--lr", "0.5", "--l2", "0.001",
+       "--cache", "c", cwd=d)
+    (d / "ids.txt").write_text("\n".join(str(int(i)) for i in ds.ids[perm[:10]]))
+    return d
+
+
+def test_loo_writes_one_row_per_id(bc):
+    out = ok("loo", "--cache", "c", "--ids", "ids.txt", "--batch-size", "4", "--out", "loo.parquet", cwd=bc)
+    table, _ = read_table(bc / "loo.parquet")
+    assert table.column_names == ["id", "params", "explicit_steps", "approx_steps", "fallbacks"]
+    assert table.column("id").to_pylist() == [int(x) for x in (bc / "ids.txt").read_text().split()]
+    assert table.column("params").type.list_size == 62 and out["requests"] == 10
+
+
+def test_conformal_sets_in_test_order(bc):
+    ok("conformal", "--cache", "c", "--test", "test.parquet", "--alpha", "0.1", "--out", "conf.parquet", cwd=bc)
+    table, meta = read_table(bc / "conf.parquet")
+    test_ids = sklearn_dataset("breast_cancer").ids[torch.randperm(569, generator=torch.Generator().manual_seed(0))
+                                                    [200:260]].tolist()
+    assert table.column("id").to_pylist() == test_ids
+    assert set(table.column_names) == {"id", "prediction", "set"}
+    assert all(set(s) <= {0, 1} for s in table.column("set").to_pylist())
+    assert meta["method"] == "jackknife+" and meta["calibration"] == 200
+
+
+def test_jackknife_and_influence(bc):
+    out = ok("jackknife", "--cache", "c", "--test", "test.parquet", "--ids", "ids.txt", "--out", "jk.parquet", cwd=bc)
+    assert out["test_loss"]["se"] > 0
+    table, meta = read_table(bc / "jk.parquet")
+    assert {"id", "estimate", "bias_corrected", "se"} <= set(table.column_names)
+    ok("influence", "--cache", "c", "--test", "test.parquet", "--ids", "ids.txt", "--out", "inf.parquet", cwd=bc)
+    table, _ = read_table(bc / "inf.parquet")
+    assert table.num_rows == 10
+
+
+@pytest.mark.parametrize("args,message", [
+    (["conformal", "--alpha", "1.5"], "alpha must be in (0, 1), got 1.5"),
+    (["conformal", "--method", "cv+", "--folds", "1"], "K must be an integer with 2 <= K <= 200"),
+    (["conformal", "--ids", "bad-ids.txt"], "unknown ids (not in the data): 424242"),
+])
+def test_many_bad_input(bc, args, message):
+    (bc / "bad-ids.txt").write_text("424242\n")
+    p = run(*args[:1], "--cache", "c", "--test", "test.parquet", *args[1:], "--out", "bad.parquet", cwd=bc)
+    assert p.returncode == 2 and message in p.stderr and len(p.stderr.strip().splitlines()) == 1
+    assert not (bc / "bad.parquet").exists()
+
+
+def test_test_set_of_the_wrong_width(bc):
+    write_dataset(sklearn_dataset("diabetes"), bc / "narrow.parquet", overwrite=True)
+    p = run("influence", "--cache", "c", "--test", "narrow.parquet", "--out", "x.parquet", cwd=bc)
+    assert p.returncode == 2 and "test set: rows have 10 features, expected 30" in p.stderr

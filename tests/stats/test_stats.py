@@ -1,0 +1,165 @@
+"""Jackknife, influence and conformal prediction from DeltaGrad LOO models, against exact LOO refits."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+from deltagrad_ray import api, many
+from deltagrad_ray.core import InputError
+from deltagrad_ray.datasets import sklearn_dataset
+from deltagrad_ray.stats import jackknife, jackknife_plus_intervals, jackknife_plus_sets
+from deltagrad_ray.store import write_dataset
+
+
+# -- the pure functions ---------------------------------------------------------------------------
+def test_jackknife_of_the_mean_is_the_textbook_one():
+    x = torch.tensor([1.0, 2.0, 4.0, 7.0, 11.0], dtype=torch.float64)
+    loo = torch.stack([torch.cat([x[:i], x[i + 1:]]).mean() for i in range(5)])
+    jk = jackknife(x.mean(), loo)
+    assert torch.isclose(jk.se, x.std() / 5 ** 0.5) and torch.isclose(jk.bias_corrected, x.mean())
+
+
+def test_jackknife_removes_the_bias_of_the_plug_in_variance():
+    x = torch.randn(30, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    plug = lambda v: ((v - v.mean()) ** 2).mean()
+    loo = torch.stack([plug(torch.cat([x[:i], x[i + 1:]])) for i in range(30)])
+    assert torch.isclose(jackknife(plug(x), loo).bias_corrected, x.var(), rtol=1e-12)
+
+
+def test_jackknife_plus_quantiles_follow_barber_et_al():
+    # n = 9, α = 0.2: lower = ⌊0.2·10⌋ = 2nd smallest of μ − R; upper = ⌈0.8·10⌉ = 8th smallest of μ + R
+    mu_train = torch.zeros(9, dtype=torch.float64)
+    y = torch.arange(1.0, 10.0, dtype=torch.float64)                   # R_i = i
+    mu_test = torch.zeros(9, 1, dtype=torch.float64)
+    lo, hi = jackknife_plus_intervals(mu_train, y, mu_test, 0.2)
+    assert float(lo) == -8.0 and float(hi) == 8.0
+    lo, hi = jackknife_plus_intervals(mu_train, y, mu_test, 0.05)     # ⌈0.95·10⌉ = 10 > n
+    assert float(lo) == -float("inf") and float(hi) == float("inf")
+
+
+def test_conformal_sets_contain_every_label_at_tiny_alpha():
+    p = torch.full((20, 3), 1 / 3, dtype=torch.float64)
+    sets = jackknife_plus_sets(p, torch.zeros(20, dtype=torch.int64), p[:, None, :].expand(20, 4, 3), 0.01)
+    assert sets.all()
+
+
+@pytest.mark.parametrize("alpha", [0, 1, -0.1, 1.5, float("nan")])
+def test_alpha_outside_the_unit_interval(alpha):
+    with pytest.raises(InputError, match=r"alpha must be in \(0, 1\)"):
+        jackknife_plus_intervals(torch.zeros(3), torch.zeros(3), torch.zeros(3, 1), alpha)
+
+
+# -- against exact leave-one-out refits ------------------------------------------------------------
+def _split(name: str, n_train: int, seed: int):
+    ds = sklearn_dataset(name)
+    perm = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))
+    return ds.rows(perm[:n_train]), ds.rows(perm[n_train:])
+
+
+# η well inside the stability region (η·L ≈ 0.4 on diabetes): see README, "Accuracy"
+SETUPS = {"diabetes": dict(model="linear", steps=200, lr=0.1, l2=0.001),
+          "breast_cancer": dict(model="logreg", steps=200, lr=0.5, l2=0.001)}
+
+
+@functools.lru_cache(maxsize=None)
+def _world(name: str, tmp: str, seed: int = 0, n_train: int = 300):
+    tr, te = _split(name, n_train, seed)
+    write_dataset(tr, f"{tmp}/{name}-{seed}-train.parquet", overwrite=True)
+    write_dataset(te, f"{tmp}/{name}-{seed}-test.parquet", overwrite=True)
+    cache = api.fit(f"{tmp}/{name}-{seed}-train.parquet", f"{tmp}/{name}-{seed}-cache", **SETUPS[name])
+    return cache, te, f"{tmp}/{name}-{seed}-test.parquet"
+
+
+@pytest.fixture(scope="module")
+def tmp(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("stats"))
+
+
+def test_jackknife_plus_intervals_agree_with_exact_loo(tmp):
+    cache, te, test_uri = _world("diabetes", tmp)
+    dg = many.conformal(cache, test_uri, 0.1, runner=many.serial_runner(batch_size=64))
+    ex = many.conformal(cache, test_uri, 0.1, runner=many.exact_runner())
+    width = ex["upper"] - ex["lower"]
+    rel = torch.maximum((dg["lower"] - ex["lower"]).abs(), (dg["upper"] - ex["upper"]).abs()) / width
+    # reported in the README: the largest end-point difference relative to the interval width
+    print(f"diabetes jackknife+: max end-point difference / width = {float(rel.max()):.2e}")
+    assert float(rel.max()) <= 0.01
+
+
+def test_cv_plus_intervals_agree_with_exact_k_fold(tmp):
+    cache, te, test_uri = _world("diabetes", tmp)
+    dg = many.conformal(cache, test_uri, 0.1, method="cv+", folds=10)
+    ex = many.conformal(cache, test_uri, 0.1, method="cv+", folds=10, runner=many.exact_runner())
+    rel = (dg["upper"] - ex["upper"]).abs().max() / (ex["upper"] - ex["lower"]).min()
+    print(f"diabetes CV+: max end-point difference / width = {float(rel):.2e}")
+    assert float(rel) <= 0.01
+
+
+def test_conformal_sets_agree_with_exact_loo(tmp):
+    cache, te, test_uri = _world("breast_cancer", tmp)
+    dg = many.conformal(cache, test_uri, 0.1, runner=many.serial_runner(batch_size=64))
+    ex = many.conformal(cache, test_uri, 0.1, runner=many.exact_runner())
+    same = (dg["sets"] == ex["sets"]).all(dim=1).double().mean()
+    print(f"breast_cancer jackknife+ sets: fraction identical = {float(same):.4f}")
+    assert float(same) >= 0.98
+
+
+def test_jackknife_and_influence_agree_with_exact_loo(tmp):
+    cache, te, test_uri = _world("breast_cancer", tmp)
+    ids = cache.data().ids[:60]
+    dg = many.jackknife(cache, test_uri, ids)
+    ex = many.jackknife(cache, test_uri, ids, runner=many.exact_runner())
+    assert torch.allclose(dg["test_loss"].se, ex["test_loss"].se, rtol=0.02)
+    assert torch.allclose(dg["predictions"].se, ex["predictions"].se, rtol=0.05, atol=1e-6)
+    # and the jackknife must see the leave-one-out spread: a no-op replay would give se = 0
+    assert float(ex["test_loss"].se) > 0
+    idg = many.influence(cache, test_uri, ids)["influence"]
+    iex = many.influence(cache, test_uri, ids, runner=many.exact_runner())["influence"]
+    assert float((idg - iex).abs().max()) <= 0.05 * float(iex.abs().max())
+    assert float(torch.corrcoef(torch.stack([idg, iex]))[0, 1]) > 0.99
+
+
+# -- coverage, statistically -------------------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["diabetes", "breast_cancer"])
+def test_coverage_over_repeated_splits(tmp, name):
+    """Mean coverage over R random splits must not be significantly below 1 − α.
+
+    Jackknife+ guarantees 1 − 2α and gives ≈ 1 − α in practice (Barber et al. 2021). Coverage
+    of different test points in one split is correlated, so the test uses the split-to-split
+    variation: it fails when c̄ < 1 − α − z·sd(c)/√R with z = 2.33 (a one-sided test at the 1%
+    level; a margin of about 0.01-0.02 here)."""
+    alpha, R = 0.1, 12
+    cov = []
+    for seed in range(R):
+        cache, te, test_uri = _world(name, tmp, seed=100 + seed, n_train=250)
+        out = many.conformal(cache, test_uri, alpha, runner=many.serial_runner(batch_size=128))
+        if name == "diabetes":
+            hit = (te.y >= out["lower"]) & (te.y <= out["upper"])
+        else:
+            hit = out["sets"][torch.arange(len(te)), te.y]
+        cov.append(float(hit.double().mean()))
+    c = torch.tensor(cov, dtype=torch.float64)
+    margin = 2.33 * float(c.std()) / R ** 0.5
+    print(f"{name}: coverage {float(c.mean()):.4f} ± {float(c.std()):.4f} over {R} splits (margin {margin:.4f})")
+    assert float(c.mean()) >= 1 - alpha - margin
+
+
+# -- bad input ---------------------------------------------------------------------------------------
+def test_bad_input_is_named(tmp):
+    cache, te, test_uri = _world("diabetes", tmp)
+    with pytest.raises(InputError, match=r"unknown ids \(not in the data\): 99999"):
+        many.loo(cache, [1, 99999])
+    with pytest.raises(InputError, match=r"K must be an integer with 2 <= K <= 300"):
+        many.conformal(cache, test_uri, 0.1, method="cv+", folds=1)
+    with pytest.raises(InputError, match=r"K must be an integer with 2 <= K <= 300"):
+        many.conformal(cache, test_uri, 0.1, method="cv+", folds=301)
+    with pytest.raises(InputError, match=r"alpha must be in \(0, 1\), got 1.5"):
+        many.conformal(cache, test_uri, 1.5)
+    wide = sklearn_dataset("breast_cancer")
+    write_dataset(wide, f"{tmp}/wide.parquet", overwrite=True)
+    with pytest.raises(InputError, match="test set: rows have 30 features, expected 10"):
+        many.conformal(cache, f"{tmp}/wide.parquet", 0.1)
