@@ -251,7 +251,8 @@ def cmd_loo(a: argparse.Namespace) -> dict:
     write_table(a.out, {"id": res.ids, "params": res.params, "explicit_steps": res.replay.explicit_steps,
                         "approx_steps": res.replay.approx_steps, "fallbacks": res.replay.fallbacks},
                 overwrite=a.overwrite)
-    return {"command": "loo", "out": a.out, "seconds": round(time.perf_counter() - t0, 3), **_replay_summary(res.replay)}
+    return {"command": "loo", "out": a.out, "seconds": round(time.perf_counter() - t0, 3),
+            **_replay_summary(res.replay)}
 
 
 def cmd_jackknife(a: argparse.Namespace) -> dict:

@@ -42,7 +42,8 @@ def serial_runner(batch_size: int = 32, config: DeltaGradConfig | None = None,
     def run(cache: Cache, data: Dataset, changes: list[ChangeSet]) -> BatchedResult:
         if progress is not None and hasattr(progress, "set_total"):
             progress.set_total(len(changes))
-        return deltagrad_batched(cache.model, cache.trajectory(data.X.device), data, changes, config or DeltaGradConfig(),
+        return deltagrad_batched(cache.model, cache.trajectory(data.X.device), data, changes,
+                                 config or DeltaGradConfig(),
                                  batch_size=batch_size, gemm_dtype=gemm_dtype,
                                  batches_per_pass=4 if progress is not None else None, progress=progress)
     return run

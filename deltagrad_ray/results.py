@@ -24,7 +24,8 @@ def _column(values) -> pa.Array:
     return pa.array(values)
 
 
-def write_table(uri: str | Location, columns: dict, *, metadata: dict | None = None, overwrite: bool = False) -> Location:
+def write_table(uri: str | Location, columns: dict, *, metadata: dict | None = None,
+                overwrite: bool = False) -> Location:
     """Write columns (tensors: 1-D → scalars, 2-D+ → fixed-size lists; lists → list columns) as one
     Parquet file, atomically; ``metadata`` goes into the schema as JSON under ``deltagrad_ray``."""
     table = pa.table({k: _column(v) for k, v in columns.items()})

@@ -64,7 +64,7 @@ SETUPS = {"diabetes": dict(model="linear", steps=200, lr=0.1, l2=0.001),
           "breast_cancer": dict(model="logreg", steps=200, lr=0.5, l2=0.001)}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _world(name: str, tmp: str, seed: int = 0, n_train: int = 300):
     tr, te = _split(name, n_train, seed)
     write_dataset(tr, f"{tmp}/{name}-{seed}-train.parquet", overwrite=True)
