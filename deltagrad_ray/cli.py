@@ -107,6 +107,13 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--test", required=True, help="test data (Parquet: id, features[, label])")
         p.add_argument("--ids", help="training ids to leave out (default: all of the cache's points)")
         p.add_argument("--batch-size", type=int, default=32, help="requests replayed together (B)")
+        p.add_argument("--backend", choices=["serial", "ray"], default="serial")
+        p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+        p.add_argument("--workers", type=int, default=2, help="Ray shard actors")
+        p.add_argument("--mode", choices=["auto", "pipeline", "replicated"], default="auto",
+                       help="Ray: actors own step ranges (pipeline) or all steps (replicated)")
+        p.add_argument("--num-cpus", type=float, default=1, help="Ray: CPUs per actor")
+        p.add_argument("--num-gpus", type=float, default=0, help="Ray: GPUs per actor (fractions allowed)")
         p.add_argument("--gemm-dtype", choices=["float64", "float32"], default=None,
                        help="precision of the batched explicit-step GEMMs (linear models; default: the data's)")
         p.add_argument("--data", help="the training data (default: the location recorded in the cache)")
@@ -218,16 +225,33 @@ def cmd_evaluate(a: argparse.Namespace) -> dict:
     return {"command": "evaluate", "model": a.model, "data": a.data, **api.evaluate(a.model, a.data)}
 
 
-def _runner(a: argparse.Namespace):
+def _fanout(a: argparse.Namespace):
+    """The Fanout of a many-request command; results are kept incrementally next to --out."""
     import torch
 
     from .core.replay import DeltaGradConfig
-    from .many import serial_runner
+    from .distributed.backends import backend
+    from .many import Fanout
     from .progress import bar
     cfg = DeltaGradConfig(period=a.period, burn_in=a.burn_in, history=a.history)
     gemm = getattr(torch, a.gemm_dtype) if a.gemm_dtype else None
+    be = backend(a.backend, address=a.address, workers=a.workers, mode=a.mode, num_cpus=a.num_cpus,
+                 num_gpus=a.num_gpus, device="cuda" if a.num_gpus else "cpu")
     progress = bar(a.command)
-    return serial_runner(batch_size=a.batch_size, config=cfg, gemm_dtype=gemm, progress=progress), progress
+    return Fanout(backend=be, batch_size=a.batch_size, config=cfg, gemm_dtype=gemm, parts=a.out + ".parts",
+                  progress=progress), progress
+
+
+def _done(fanout, out: str) -> None:
+    """The final file is written: the incremental parts are no longer needed."""
+    from .store.location import location
+    fanout.progress.close()
+    parts = location(out + ".parts")
+    for f in parts.list():
+        f.delete()
+    if parts.is_local and parts.is_dir():
+        import os
+        os.rmdir(parts.path)
 
 
 def _ids_arg(a: argparse.Namespace):
@@ -236,21 +260,24 @@ def _ids_arg(a: argparse.Namespace):
 
 
 def _replay_summary(r) -> dict:
-    return {"requests": int(r.params.shape[0]), "explicit_steps_mean": float(r.explicit_steps.double().mean()),
-            "fallbacks": int(r.fallbacks.sum())}
+    c = r.counters
+    return {"requests": int(r.params.shape[0]), "explicit_steps_mean": float(c["explicit_steps"].double().mean()),
+            "fallbacks": int(c["fallbacks"].sum()), "failed": len(r.errors), "backend": r.stats.get("backend")}
 
 
 def cmd_loo(a: argparse.Namespace) -> dict:
     from . import many
     from .results import write_table
     _check_out(a.out, a.overwrite)
-    run, progress = _runner(a)
+    fan, progress = _fanout(a)
     t0 = time.perf_counter()
-    res = many.loo(a.cache, _ids_arg(a), runner=run, data=a.data)
-    progress.close()
-    write_table(a.out, {"id": res.ids, "params": res.params, "explicit_steps": res.replay.explicit_steps,
-                        "approx_steps": res.replay.approx_steps, "fallbacks": res.replay.fallbacks},
+    res = many.loo(a.cache, _ids_arg(a), fanout=fan, data=a.data)
+    c = res.replay.counters
+    write_table(a.out, {"id": res.ids, "params": res.params, "explicit_steps": c["explicit_steps"],
+                        "approx_steps": c["approx_steps"], "fallbacks": c["fallbacks"],
+                        "error": [res.replay.errors.get(i) for i in range(len(res.ids))]},
                 overwrite=a.overwrite)
+    _done(fan, a.out)
     return {"command": "loo", "out": a.out, "seconds": round(time.perf_counter() - t0, 3),
             **_replay_summary(res.replay)}
 
@@ -259,15 +286,15 @@ def cmd_jackknife(a: argparse.Namespace) -> dict:
     from . import many
     from .results import write_table
     _check_out(a.out, a.overwrite)
-    run, progress = _runner(a)
+    fan, progress = _fanout(a)
     t0 = time.perf_counter()
-    r = many.jackknife(a.cache, a.test, _ids_arg(a), runner=run, data=a.data)
-    progress.close()
+    r = many.jackknife(a.cache, a.test, _ids_arg(a), fanout=fan, data=a.data)
     p, loss = r["predictions"], r["test_loss"]
     meta = {"test_loss": {k: float(getattr(loss, k)) for k in ("estimate", "bias", "bias_corrected", "se")},
             "n_loo": r["n_loo"]}
     write_table(a.out, {"id": r["test_ids"], "estimate": p.estimate, "bias": p.bias,
                         "bias_corrected": p.bias_corrected, "se": p.se}, metadata=meta, overwrite=a.overwrite)
+    _done(fan, a.out)
     return {"command": "jackknife", "out": a.out, "seconds": round(time.perf_counter() - t0, 3), **meta,
             **_replay_summary(r["replay"])}
 
@@ -276,12 +303,12 @@ def cmd_influence(a: argparse.Namespace) -> dict:
     from . import many
     from .results import write_table
     _check_out(a.out, a.overwrite)
-    run, progress = _runner(a)
+    fan, progress = _fanout(a)
     t0 = time.perf_counter()
-    r = many.influence(a.cache, a.test, _ids_arg(a), runner=run, data=a.data)
-    progress.close()
+    r = many.influence(a.cache, a.test, _ids_arg(a), fanout=fan, data=a.data)
     write_table(a.out, {"id": r["ids"], "influence": r["influence"]}, metadata={"test_loss": r["test_loss"]},
                 overwrite=a.overwrite)
+    _done(fan, a.out)
     return {"command": "influence", "out": a.out, "seconds": round(time.perf_counter() - t0, 3),
             "test_loss": r["test_loss"], **_replay_summary(r["replay"])}
 
@@ -290,11 +317,10 @@ def cmd_conformal(a: argparse.Namespace) -> dict:
     from . import many
     from .results import write_table
     _check_out(a.out, a.overwrite)
-    run, progress = _runner(a)
+    fan, progress = _fanout(a)
     t0 = time.perf_counter()
     r = many.conformal(a.cache, a.test, a.alpha, method=a.method, folds=a.folds, ids=_ids_arg(a), seed=a.seed,
-                       runner=run, data=a.data)
-    progress.close()
+                       fanout=fan, data=a.data)
     cols = {"id": r["ids"], "prediction": r["prediction"]}
     if "sets" in r:
         cols["set"] = [torch_nonzero_list(row) for row in r["sets"]]
@@ -302,6 +328,7 @@ def cmd_conformal(a: argparse.Namespace) -> dict:
         cols["lower"], cols["upper"] = r["lower"], r["upper"]
     meta = {"method": r["method"], "alpha": a.alpha, "models": r["n_models"], "calibration": r["n_calibration"]}
     write_table(a.out, cols, metadata=meta, overwrite=a.overwrite)
+    _done(fan, a.out)
     return {"command": "conformal", "out": a.out, "seconds": round(time.perf_counter() - t0, 3), **meta,
             **_replay_summary(r["replay"])}
 

@@ -8,58 +8,97 @@ back in the order of the requests.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import NamedTuple
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 from torch.func import vmap
 
-from .core.batched import BatchedResult, deltagrad_batched
 from .core.data import ChangeSet, Dataset, validate
 from .core.errors import InputError
 from .core.replay import DeltaGradConfig
 from .core.requests import fold_assignment, k_fold, leave_one_out
+from .distributed.backends import RunReport, SerialBackend
+from .distributed.sink import ResultSink
 from .stats import jackknife as _jackknife
 from .stats import jackknife_plus_intervals, jackknife_plus_sets, loo_influence
 from .store.cache import Cache, open_cache
 from .store.datasets import read_dataset
 from .store.location import Location
 
-Runner = Callable[[Cache, Dataset, list[ChangeSet]], BatchedResult]
+@dataclass
+class Fanout:
+    """How many change sets are replayed: backend, batch size, DeltaGrad settings, output.
+
+    Fields:
+      backend: :class:`SerialBackend` (default), :class:`RayBackend`, or :class:`ExactBackend`
+        (exact retraining for every request: the ground truth, for verification).
+      batch_size: requests per batch (B).
+      config: DeltaGrad settings.
+      gemm_dtype: precision of the batched explicit-step GEMMs (linear models).
+      parts: location for incremental, resumable results (see :class:`ResultSink`).
+      progress: ``progress(n_done)`` callback (a tqdm bar on the CLI).
+    """
+
+    backend: Any = field(default_factory=SerialBackend)
+    batch_size: int = 32
+    config: DeltaGradConfig = field(default_factory=DeltaGradConfig)
+    gemm_dtype: torch.dtype | None = None
+    parts: str | None = None
+    progress: Callable[[int], None] | None = None
+
+    def run(self, cache: Cache, data: Dataset, changes: list[ChangeSet], data_uri=None) -> RunReport:
+        sink = None
+        if self.parts is not None:
+            sink = ResultSink(self.parts, {"cache": cache.manifest["run_id"], "batch_size": self.batch_size,
+                                           "config": repr(self.config), "gemm": str(self.gemm_dtype),
+                                           "requests": _fingerprint(changes)})
+        return self.backend.run(cache, data_uri, changes, batch_size=self.batch_size, config=self.config,
+                                gemm_dtype=self.gemm_dtype, sink=sink, progress=self.progress, data=data)
+
+
+def _fingerprint(changes: list[ChangeSet]) -> str:
+    import hashlib
+    h = hashlib.sha256()
+    for c in changes:
+        h.update(c.delete.cpu().numpy().tobytes())
+        h.update(b"|")
+        if c.add is not None:
+            h.update(c.add.ids.cpu().numpy().tobytes())
+        h.update(b";")
+    return h.hexdigest()
+
+
+class ExactBackend:
+    """Exact retraining for every request (T full passes each): the ground truth."""
+
+    name = "exact"
+
+    def run(self, cache, data_uri, changes, *, data=None, progress=None, **_) -> RunReport:
+        from .core.train import retrain
+        traj = cache.trajectory(data.X.device)
+        params = torch.stack([retrain(cache.model, traj, data, ch) for ch in changes])
+        n = len(changes)
+        counters = {"explicit_steps": torch.full((n,), traj.steps), "approx_steps": torch.zeros(n, dtype=torch.int64),
+                    "fallbacks": torch.zeros(n, dtype=torch.int64), "skipped_pairs": torch.zeros(n, dtype=torch.int64)}
+        return RunReport(params, counters, {}, {"backend": "exact"})
+
+
+def _checked(report: RunReport, labels: Tensor, what: str) -> RunReport:
+    """Statistics need every model: name the requests that failed."""
+    if report.errors:
+        shown = ", ".join(f"{int(labels[i])} ({e})" for i, e in list(report.errors.items())[:3])
+        raise InputError(f"{len(report.errors)} {what} replay(s) failed, e.g. {shown}")
+    return report
 
 
 class ManyResult(NamedTuple):
     """Replayed models for a list of requests, in request order."""
 
-    ids: Tensor              # (B,) the id each LOO request left out (or fold index for K-fold)
+    ids: Tensor              # (B,) the id each LOO request left out
     params: Tensor           # (B, p)
-    replay: BatchedResult
-
-
-def serial_runner(batch_size: int = 32, config: DeltaGradConfig | None = None,
-                  gemm_dtype: torch.dtype | None = None, progress: Callable[[int], None] | None = None) -> Runner:
-    """Replays in this process (the backend the Ray one must agree with)."""
-    def run(cache: Cache, data: Dataset, changes: list[ChangeSet]) -> BatchedResult:
-        if progress is not None and hasattr(progress, "set_total"):
-            progress.set_total(len(changes))
-        return deltagrad_batched(cache.model, cache.trajectory(data.X.device), data, changes,
-                                 config or DeltaGradConfig(),
-                                 batch_size=batch_size, gemm_dtype=gemm_dtype,
-                                 batches_per_pass=4 if progress is not None else None, progress=progress)
-    return run
-
-
-def exact_runner() -> Runner:
-    """Exact retraining for every request (the ground truth; T full passes per request)."""
-    from .core.train import retrain
-
-    def run(cache: Cache, data: Dataset, changes: list[ChangeSet]) -> BatchedResult:
-        traj = cache.trajectory(data.X.device)
-        params = torch.stack([retrain(cache.model, traj, data, ch) for ch in changes])
-        full = torch.full((len(changes),), traj.steps, dtype=torch.int64)
-        zero = torch.zeros(len(changes), dtype=torch.int64)
-        return BatchedResult(params, traj.steps, full, zero, zero, zero.clone())
-    return run
+    replay: RunReport
 
 
 def _cache(cache: Cache | str | Location) -> Cache:
@@ -77,17 +116,27 @@ def _test_set(cache: Cache, test: Dataset | str | Location, labels: bool = True)
     return ds.to(dtype=cache.dtype)
 
 
-def loo(cache: Cache | str | Location, ids: Sequence[int] | Tensor | None = None, *, runner: Runner | None = None,
-        data: str | Location | None = None) -> ManyResult:
-    """Leave-one-out models for ``ids`` (default: every training point still in the cache)."""
-    c = _cache(cache)
-    ds = c.data(data)
+def _loo_ids(c: Cache, ds: Dataset, ids) -> Tensor:
     if ids is None:
         removed = c.removed_mask()
         ids = ds.ids if removed is None else ds.ids[~removed]
-    changes = leave_one_out(ds, ids)
-    res = (runner or serial_runner())(c, ds, changes)
-    return ManyResult(torch.as_tensor(ids, dtype=torch.int64).reshape(-1), res.params, res)
+    return torch.as_tensor(ids, dtype=torch.int64).reshape(-1)
+
+
+def loo(cache: Cache | str | Location, ids: Sequence[int] | Tensor | None = None, *, fanout: Fanout | None = None,
+        data: str | Location | None = None, strict: bool = False) -> ManyResult:
+    """Leave-one-out models for ``ids`` (default: every training point still in the cache).
+
+    Failed requests (isolated by the backend) come back as NaN rows, listed in
+    ``result.replay.errors``; with ``strict`` they raise instead.
+    """
+    c = _cache(cache)
+    ds = c.data(data)
+    ids = _loo_ids(c, ds, ids)
+    rep = (fanout or Fanout()).run(c, ds, leave_one_out(ds, ids), data)
+    if strict:
+        _checked(rep, ids, "leave-one-out")
+    return ManyResult(ids, rep.params.to(c.dtype), rep)
 
 
 def predict_many(cache: Cache, thetas: Tensor, X: Tensor) -> Tensor:
@@ -111,12 +160,12 @@ def _test_loss(cache: Cache, thetas: Tensor, test: Dataset) -> Tensor:
 
 
 def jackknife(cache: Cache | str | Location, test: Dataset | str | Location, ids=None, *,
-              runner: Runner | None = None, data=None) -> dict:
+              fanout: Fanout | None = None, data=None) -> dict:
     """Jackknife estimates, bias-corrected estimates and standard errors of the test predictions
     (probabilities for classification) and of the mean test loss."""
     c = _cache(cache)
     t = _test_set(c, test)
-    res = loo(c, ids, runner=runner, data=data)
+    res = loo(c, ids, fanout=fanout, data=data, strict=True)
     full = c.final[None]
     pred = _jackknife(predict_many(c, full, t.X)[0], predict_many(c, res.params, t.X))
     loss = _jackknife(_test_loss(c, full, t)[0], _test_loss(c, res.params, t))
@@ -124,11 +173,11 @@ def jackknife(cache: Cache | str | Location, test: Dataset | str | Location, ids
 
 
 def influence(cache: Cache | str | Location, test: Dataset | str | Location, ids=None, *,
-              runner: Runner | None = None, data=None) -> dict:
+              fanout: Fanout | None = None, data=None) -> dict:
     """Per training id, the leave-one-out change in mean test loss L(θ_(i)) − L(θ̂)."""
     c = _cache(cache)
     t = _test_set(c, test)
-    res = loo(c, ids, runner=runner, data=data)
+    res = loo(c, ids, fanout=fanout, data=data, strict=True)
     full = _test_loss(c, c.final[None], t)[0]
     return {"ids": res.ids, "influence": loo_influence(full, _test_loss(c, res.params, t)),
             "test_loss": float(full), "replay": res.replay}
@@ -136,7 +185,7 @@ def influence(cache: Cache | str | Location, test: Dataset | str | Location, ids
 
 def conformal(cache: Cache | str | Location, test: Dataset | str | Location, alpha: float = 0.1, *,
               method: str = "jackknife+", folds: int = 10, ids=None, seed: int = 0,
-              runner: Runner | None = None, data=None) -> dict:
+              fanout: Fanout | None = None, data=None) -> dict:
     """Jackknife+ / CV+ intervals (regression) or sets (classification) for the test rows.
 
     Returns a dict with ``ids`` and ``prediction`` (full model) per test row, and ``lower``,
@@ -149,17 +198,14 @@ def conformal(cache: Cache | str | Location, test: Dataset | str | Location, alp
     c = _cache(cache)
     t = _test_set(c, test, labels=False)
     ds = c.data(data)
-    run = runner or serial_runner()
-    if ids is None:
-        removed = c.removed_mask()
-        ids = ds.ids if removed is None else ds.ids[~removed]
-    ids = torch.as_tensor(ids, dtype=torch.int64).reshape(-1)
+    ids = _loo_ids(c, ds, ids)
     if method == "jackknife+":
         changes = leave_one_out(ds, ids)
     else:
         changes = k_fold(ds, folds, ids=ids, seed=seed)
-    replay = run(c, ds, changes)
-    params = replay.params
+    replay = _checked((fanout or Fanout()).run(c, ds, changes, data), ids if method == "jackknife+"
+                      else torch.arange(len(changes)), "leave-one-out" if method == "jackknife+" else "fold")
+    params = replay.params.to(c.dtype)
     rows = torch.cat([ch.delete for ch in changes])            # the calibration points
     # the model that left each calibration point out: its own (jackknife+) or its fold's (CV+)
     model_of = torch.arange(len(rows)) if method == "jackknife+" else fold_assignment(ds, changes)[rows]

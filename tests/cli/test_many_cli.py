@@ -28,7 +28,8 @@ def bc(tmp_path_factory):
 def test_loo_writes_one_row_per_id(bc):
     out = ok("loo", "--cache", "c", "--ids", "ids.txt", "--batch-size", "4", "--out", "loo.parquet", cwd=bc)
     table, _ = read_table(bc / "loo.parquet")
-    assert table.column_names == ["id", "params", "explicit_steps", "approx_steps", "fallbacks"]
+    assert table.column_names == ["id", "params", "explicit_steps", "approx_steps", "fallbacks", "error"]
+    assert table.column("error").null_count == table.num_rows  # nothing failed
     assert table.column("id").to_pylist() == [int(x) for x in (bc / "ids.txt").read_text().split()]
     assert table.column("params").type.list_size == 62 and out["requests"] == 10
 

@@ -13,6 +13,8 @@ from deltagrad_ray.datasets import sklearn_dataset
 from deltagrad_ray.stats import jackknife, jackknife_plus_intervals, jackknife_plus_sets
 from deltagrad_ray.store import write_dataset
 
+EXACT = many.Fanout(backend=many.ExactBackend())
+
 
 # -- the pure functions ---------------------------------------------------------------------------
 def test_jackknife_of_the_mean_is_the_textbook_one():
@@ -80,8 +82,8 @@ def tmp(tmp_path_factory):
 
 def test_jackknife_plus_intervals_agree_with_exact_loo(tmp):
     cache, te, test_uri = _world("diabetes", tmp)
-    dg = many.conformal(cache, test_uri, 0.1, runner=many.serial_runner(batch_size=64))
-    ex = many.conformal(cache, test_uri, 0.1, runner=many.exact_runner())
+    dg = many.conformal(cache, test_uri, 0.1, fanout=many.Fanout(batch_size=64))
+    ex = many.conformal(cache, test_uri, 0.1, fanout=EXACT)
     width = ex["upper"] - ex["lower"]
     rel = torch.maximum((dg["lower"] - ex["lower"]).abs(), (dg["upper"] - ex["upper"]).abs()) / width
     # reported in the README: the largest end-point difference relative to the interval width
@@ -92,7 +94,7 @@ def test_jackknife_plus_intervals_agree_with_exact_loo(tmp):
 def test_cv_plus_intervals_agree_with_exact_k_fold(tmp):
     cache, te, test_uri = _world("diabetes", tmp)
     dg = many.conformal(cache, test_uri, 0.1, method="cv+", folds=10)
-    ex = many.conformal(cache, test_uri, 0.1, method="cv+", folds=10, runner=many.exact_runner())
+    ex = many.conformal(cache, test_uri, 0.1, method="cv+", folds=10, fanout=EXACT)
     rel = (dg["upper"] - ex["upper"]).abs().max() / (ex["upper"] - ex["lower"]).min()
     print(f"diabetes CV+: max end-point difference / width = {float(rel):.2e}")
     assert float(rel) <= 0.01
@@ -100,8 +102,8 @@ def test_cv_plus_intervals_agree_with_exact_k_fold(tmp):
 
 def test_conformal_sets_agree_with_exact_loo(tmp):
     cache, te, test_uri = _world("breast_cancer", tmp)
-    dg = many.conformal(cache, test_uri, 0.1, runner=many.serial_runner(batch_size=64))
-    ex = many.conformal(cache, test_uri, 0.1, runner=many.exact_runner())
+    dg = many.conformal(cache, test_uri, 0.1, fanout=many.Fanout(batch_size=64))
+    ex = many.conformal(cache, test_uri, 0.1, fanout=EXACT)
     same = (dg["sets"] == ex["sets"]).all(dim=1).double().mean()
     print(f"breast_cancer jackknife+ sets: fraction identical = {float(same):.4f}")
     assert float(same) >= 0.98
@@ -111,13 +113,13 @@ def test_jackknife_and_influence_agree_with_exact_loo(tmp):
     cache, te, test_uri = _world("breast_cancer", tmp)
     ids = cache.data().ids[:60]
     dg = many.jackknife(cache, test_uri, ids)
-    ex = many.jackknife(cache, test_uri, ids, runner=many.exact_runner())
+    ex = many.jackknife(cache, test_uri, ids, fanout=EXACT)
     assert torch.allclose(dg["test_loss"].se, ex["test_loss"].se, rtol=0.02)
     assert torch.allclose(dg["predictions"].se, ex["predictions"].se, rtol=0.05, atol=1e-6)
     # and the jackknife must see the leave-one-out spread: a no-op replay would give se = 0
     assert float(ex["test_loss"].se) > 0
     idg = many.influence(cache, test_uri, ids)["influence"]
-    iex = many.influence(cache, test_uri, ids, runner=many.exact_runner())["influence"]
+    iex = many.influence(cache, test_uri, ids, fanout=EXACT)["influence"]
     assert float((idg - iex).abs().max()) <= 0.05 * float(iex.abs().max())
     assert float(torch.corrcoef(torch.stack([idg, iex]))[0, 1]) > 0.99
 
@@ -136,7 +138,7 @@ def test_coverage_over_repeated_splits(tmp, name):
     cov = []
     for seed in range(R):
         cache, te, test_uri = _world(name, tmp, seed=100 + seed, n_train=250)
-        out = many.conformal(cache, test_uri, alpha, runner=many.serial_runner(batch_size=128))
+        out = many.conformal(cache, test_uri, alpha, fanout=many.Fanout(batch_size=128))
         if name == "diabetes":
             hit = (te.y >= out["lower"]) & (te.y <= out["upper"])
         else:
