@@ -90,7 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--period", type=int, default=5, help="T0: explicit step every T0 steps")
             p.add_argument("--burn-in", type=int, default=10, help="j0: explicit steps at the start")
             p.add_argument("--history", type=int, default=2, help="m: L-BFGS pairs kept")
-            p.add_argument("--schedule", choices=["uniform", "geometric"], default="uniform")
+            p.add_argument("--schedule", choices=["uniform", "geometric", "adaptive"], default="uniform",
+                           help="explicit steps: every T0 (uniform), growing gaps (geometric), or shortened "
+                                "where the L-BFGS prediction measured at explicit steps is poor (adaptive)")
             p.add_argument("--out-cache", help="also write the replayed trajectory as a new cache here "
                            "(a new location; later changes can start from it)")
 
@@ -199,10 +201,19 @@ def cmd_unlearn(a: argparse.Namespace) -> dict:
             "config": {"period": a.period, "burn_in": a.burn_in, "history": a.history, "schedule": a.schedule},
             **_change_summary(a), **res.diagnostics()}
     save_model(a.out, cache.model, res.params, metadata=meta, overwrite=a.overwrite)
+    _warn_accuracy(res.prediction_error_mean)
     out = {"command": "unlearn", "out": a.out, "seconds": round(seconds, 3), **res.diagnostics()}
     if a.out_cache:
         out["out_cache"] = a.out_cache
     return out
+
+
+def _warn_accuracy(prediction_error: float) -> None:
+    """One stderr line when the explicit steps saw the L-BFGS model predict poorly."""
+    if prediction_error > 0.5:
+        print(f"warning: the L-BFGS approximation was {prediction_error:.0%} off at explicit steps (mean); the "
+              "result may be inaccurate: try --schedule adaptive, a smaller --period or a longer --history, and "
+              "check against `retrain`", file=sys.stderr)
 
 
 def cmd_retrain(a: argparse.Namespace) -> dict:

@@ -23,7 +23,10 @@ setup() {
 cmd=${1:-demo}
 shift || true
 setup
-export RAY_AUTH_MODE=${RAY_AUTH_MODE:-disabled}
+export RAY_AUTH_MODE=${RAY_AUTH_MODE:-token}
+# OpenMP threads sleep instead of spinning while idle: spinning made torch up to 10x slower on
+# 2 cores shared with other processes (Ray workers, servers) — measured on this machine
+export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
 case "$cmd" in
     demo)  exec "$VENV/bin/deltagrad-ray" demo "$@" ;;
     test)  exec "$VENV/bin/python" -m pytest "$@" ;;

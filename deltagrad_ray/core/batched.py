@@ -127,6 +127,11 @@ class BatchedState(NamedTuple):
     approx_steps: Tensor
     fallbacks: Tensor
     skipped_pairs: Tensor
+    gap: Tensor               # (B,) int64, adaptive schedule
+    next_explicit: Tensor     # (B,) int64
+    pred_max: Tensor          # (B,) float64, L-BFGS prediction error at explicit steps
+    pred_sum: Tensor
+    pred_n: Tensor
 
 
 class BatchedResult(NamedTuple):
@@ -138,11 +143,17 @@ class BatchedResult(NamedTuple):
     approx_steps: Tensor
     fallbacks: Tensor
     skipped_pairs: Tensor
+    prediction_error_max: Tensor | None = None
+    prediction_error_mean: Tensor | None = None
 
-    def diagnostics(self, b: int) -> dict[str, int]:
-        return {"steps": self.steps, "explicit_steps": int(self.explicit_steps[b]),
-                "approx_steps": int(self.approx_steps[b]), "fallbacks": int(self.fallbacks[b]),
-                "skipped_pairs": int(self.skipped_pairs[b])}
+    def diagnostics(self, b: int) -> dict:
+        out = {"steps": self.steps, "explicit_steps": int(self.explicit_steps[b]),
+               "approx_steps": int(self.approx_steps[b]), "fallbacks": int(self.fallbacks[b]),
+               "skipped_pairs": int(self.skipped_pairs[b])}
+        if self.prediction_error_max is not None:
+            out["prediction_error_max"] = round(float(self.prediction_error_max[b]), 6)
+            out["prediction_error_mean"] = round(float(self.prediction_error_mean[b]), 6)
+        return out
 
 
 def _group(keys: Tensor, values: Tensor) -> dict[int, Tensor]:
@@ -176,6 +187,7 @@ class BatchedReplay:
         self.B, self.l2, dev = len(changes), traj.l2, data.X.device
         self.index = BatchIndex(traj.plan, data, traj.removed)  # the cached batches, shared
         self.explicit = config.explicit_steps(traj.steps).tolist()
+        self.adaptive = config.schedule == "adaptive"
         self.gather = RowGather(data.X)
         self.low = None
         if gemm_dtype is not None and gemm_dtype != data.X.dtype:
@@ -260,9 +272,12 @@ class BatchedReplay:
         t, B, dev = self.traj, self.B, self.traj.initial.device
         hist = empty_histories(B, self.config.history, t.p, t.dtype, dev, self.config.sigma)
         zeros = torch.zeros(B, dtype=torch.int64, device=dev)
+        fz = torch.zeros(B, dtype=torch.float64, device=dev)
         return BatchedState(t.initial.expand(B, t.p).clone(), hist, 0, torch.ones(B, dtype=torch.bool, device=dev),
-                            torch.zeros(B, dtype=torch.float64, device=dev), zeros, zeros.clone(), zeros.clone(),
-                            zeros.clone())
+                            fz.clone(), zeros, zeros.clone(), zeros.clone(), zeros.clone(),
+                            torch.full((B,), self.config.period, dtype=torch.int64, device=dev),
+                            torch.full((B,), self.config.burn_in, dtype=torch.int64, device=dev),
+                            fz.clone(), fz.clone(), zeros.clone())
 
     def _explicit_grads(self, W: Tensor, sb, w_t: Tensor) -> Tensor:
         """Σ ∇ℓ_i(w_b) over the cached batch for each row of W: one pass over the rows per chunk."""
@@ -298,23 +313,29 @@ class BatchedReplay:
         fallbacks, skipped = st.fallbacks.clone(), st.skipped_pairs.clone()
 
         full = g_t.expand_as(W).clone()          # ∇F_{B_t}(w_b): exact for synced requests (v = 0)
-        need = active.clone() if self.explicit[t] else torch.zeros_like(active)
-        if not self.explicit[t] and bool(active.any()):
+        scheduled = torch.full_like(active, bool(self.explicit[t]))
+        if self.adaptive:
+            scheduled = scheduled | (st.next_explicit <= t)
+        need = active & scheduled
+        track = dict(gap=st.gap, next_explicit=st.next_explicit, pred_max=st.pred_max, pred_sum=st.pred_sum,
+                     pred_n=st.pred_n)
+        if bool((active & ~scheduled).any()):
             Bv, ratio, usable = hvp_many(hist, V)
             limit = cfg.curvature_guard * curv
             if cfg.max_curvature is not None:
                 limit = limit.clamp(max=cfg.max_curvature)
             Bd, Vd = Bv.double(), V.double()
             stable = lr * (Bd * Bd).sum(1) <= 2 * (Vd * Bd).sum(1) * (1 + 1e-12)  # non-expansive (see replay)
-            take = active & usable & (ratio <= limit) & stable
+            take = active & ~scheduled & usable & (ratio <= limit) & stable
             full[take] = g_t + Bv[take]
             approx_steps += take.long()
-            refuse = active & ~take
+            refuse = active & ~scheduled & ~take
             fallbacks += refuse.long()
-            need = refuse
+            need = need | refuse
         G = size * (full - l2 * W)
         if bool(need.any()):
-            G, full, hist, curv, skipped = self._explicit(need, W, V, sb, w_t, g_t, G, full, hist, curv, skipped)
+            G, full, hist, curv, skipped = self._explicit(need, W, V, sb, w_t, g_t, G, full, hist, curv, skipped,
+                                                          t, track)
             explicit_steps += need.long()
         corr = self.model.grad_sum_each(W, Xp, yp, wp) if Xp.shape[1] else None
         num = G if corr is None else G + corr
@@ -327,16 +348,17 @@ class BatchedReplay:
         if bool(bad.any()):  # an approximation produced inf/NaN: redo those steps explicitly
             approx_steps -= bad.long()
             fallbacks += bad.long()
-            G, full, hist, curv, skipped = self._explicit(bad, W, V, sb, w_t, g_t, G, full, hist, curv, skipped)
+            G, full, hist, curv, skipped = self._explicit(bad, W, V, sb, w_t, g_t, G, full, hist, curv, skipped,
+                                                          t, track)
             explicit_steps += bad.long()
             num = G if corr is None else G + corr
             g = torch.where((new_size > 0)[:, None], num / safe, torch.zeros_like(num)) + l2 * W
             g[keep] = g_t
             W_next = torch.where(bad[:, None], W - lr * g, W_next)
         return BatchedState(W_next, hist, t + 1, st.synced & ~changed, curv, explicit_steps, approx_steps,
-                            fallbacks, skipped)
+                            fallbacks, skipped, **track)
 
-    def _explicit(self, mask, W, V, sb, w_t, g_t, G, full, hist, curv, skipped):
+    def _explicit(self, mask, W, V, sb, w_t, g_t, G, full, hist, curv, skipped, t, track):
         """Explicit steps (Alg. 1, lines 5-7) for the requests in ``mask``, in one computation."""
         idx = torch.nonzero(mask).reshape(-1)
         Gx = self._explicit_grads(W[idx], sb, w_t)
@@ -347,6 +369,20 @@ class BatchedReplay:
         y = torch.zeros_like(W)
         s[idx], y[idx] = V[idx], fx - g_t
         sd, yd = s.double(), y.double()
+        # the L-BFGS prediction error at this explicit step (see ReplayResult), and the adaptive gap
+        pred, _, usable = hvp_many(hist, s)
+        measured = mask & usable
+        e = (pred.double() - yd).norm(dim=1) / yd.norm(dim=1).clamp_min(1e-300)
+        e = torch.where(measured, e, torch.zeros_like(e))
+        track["pred_max"] = torch.where(measured, torch.maximum(track["pred_max"], e), track["pred_max"])
+        track["pred_sum"] = track["pred_sum"] + e
+        track["pred_n"] = track["pred_n"] + measured.long()
+        if self.adaptive and t >= self.config.burn_in:
+            tol, gap = self.config.adaptive_tol, track["gap"]
+            new_gap = torch.where(e > tol, (gap // 2).clamp(min=1),
+                                  torch.where(e < tol / 4, (gap * 2).clamp(max=self.config.period), gap))
+            track["gap"] = torch.where(measured, new_gap, gap)
+            track["next_explicit"] = torch.where(mask, t + track["gap"], track["next_explicit"])
         sy, ns, ny = (sd * yd).sum(1), sd.norm(dim=1), yd.norm(dim=1)
         ok = mask & (ns > 0) & (ny > 0) & torch.isfinite(sy) & (sy > self.config.curvature_eps * ns * ny)
         skipped = skipped + (mask & ~ok).long()
@@ -364,7 +400,7 @@ class BatchedReplay:
 
     def result(self, st: BatchedState) -> BatchedResult:
         return BatchedResult(st.W, self.traj.steps, st.explicit_steps, st.approx_steps, st.fallbacks,
-                             st.skipped_pairs)
+                             st.skipped_pairs, st.pred_max, st.pred_sum / st.pred_n.clamp(min=1))
 
 
 def deltagrad_batched(model: FunctionalModel, traj: Trajectory, data: Dataset, changes: Sequence[ChangeSet],
@@ -410,4 +446,5 @@ def deltagrad_batched(model: FunctionalModel, traj: Trajectory, data: Dataset, c
             progress(sum(r.B for r in runs))
     return BatchedResult(torch.cat([r.params for r in results]), traj.steps,
                          *(torch.cat([getattr(r, f) for r in results])
-                           for f in ("explicit_steps", "approx_steps", "fallbacks", "skipped_pairs")))
+                           for f in ("explicit_steps", "approx_steps", "fallbacks", "skipped_pairs",
+                                     "prediction_error_max", "prediction_error_mean")))

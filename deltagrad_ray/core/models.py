@@ -80,30 +80,55 @@ class _ClosedForm:
         return torch.cat([(R.T @ X).reshape(-1), R.sum(0)])
 
     # many requests over shared rows: (B, p)
+    BLOCK = 8192  # rows per block: keeps the (rows × c × B) logits in cache-sized, reused buffers
+
     def grad_many(self, thetas: Tensor, X: Tensor, y: Tensor, weights: Tensor | None,
                   ref: ManyRef | None = None) -> Tensor:
+        """Σ_i w_i ∇ℓ_i(θ_b) for B parameter vectors: two GEMMs per block of rows.
+
+        Logits are laid out (rows, c, B) so the softmax over c is vectorised across requests.
+        With ``ref``, in difference form: z_b = z_ref + X·(θ_b − θ_ref), the differences through
+        GEMMs in ``ref.X_low``'s precision, the reference point in full precision.
+        """
         B, (c, d), n = thetas.shape[0], (self.c, self.d), X.shape[0]
+        W, b = self._split(thetas)                                   # (B, c, d), (B, c)
+        full = X.dtype
         if ref is None:
-            W, b = self._split(thetas)
-            Z = torch.addmm(b.reshape(-1), X, W.reshape(B * c, d).T).view(n, B, c)
-            R = self.residual(Z, y[:, None].expand(n, B))
+            Wt, bt = W.transpose(0, 1).reshape(c * B, d), b.T.reshape(c * B)
+        else:
+            low = ref.X_low.dtype
+            Wr, br = self._split(ref.theta)
+            dW, db = self._split(thetas - ref.theta)
+            Wt = dW.transpose(0, 1).reshape(c * B, d).to(low)
+            bt = db.T.reshape(c * B)
+        G = torch.zeros(c * B, d, dtype=full, device=X.device)
+        gb = torch.zeros(c * B, dtype=full, device=X.device)
+        Zbuf = torch.empty(min(self.BLOCK, n), c * B, dtype=full, device=X.device)
+        for i in range(0, n, self.BLOCK):
+            Xb, yb = X[i:i + self.BLOCK], y[i:i + self.BLOCK]
+            m = Xb.shape[0]
+            Z = Zbuf[:m]
+            if ref is None:
+                torch.addmm(bt, Xb, Wt.T, out=Z)
+            else:
+                Xl = ref.X_low[i:i + self.BLOCK]
+                Z.copy_(Xl @ Wt.T)
+                Z += bt
+                Zr = torch.addmm(br, Xb, Wr.T)                       # (m, c) reference logits
+                Z.view(m, c, B).add_(Zr[:, :, None])
+            R = self.residual_cb(Z.view(m, c, B), yb)                # (m, c, B)
+            if ref is not None:
+                R -= self.residual(Zr, yb)[:, :, None]
             if weights is not None:
-                R = R * weights[:, None, None]
-            GW = R.reshape(n, B * c).T @ X
-            return torch.cat([GW.view(B, c * d), R.sum(0)], dim=1)
-        # difference form: z_b = z_ref + X·(θ_b − θ_ref); the small differences go through the
-        # GEMMs in ref.X_low's precision, the reference point stays in full precision
-        low = ref.X_low.dtype
-        Wr, br = self._split(ref.theta)
-        Zr = torch.addmm(br, X, Wr.T)                                    # (n, c), full precision
-        Rr = self.residual(Zr, y)
-        dW, db = self._split(thetas - ref.theta)
-        Zd = (ref.X_low @ dW.reshape(B * c, d).T.to(low)).to(X.dtype).view(n, B, c) + db
-        R = self.residual(Zr[:, None, :] + Zd, y[:, None].expand(n, B)) - Rr[:, None, :]
-        if weights is not None:
-            R = R * weights[:, None, None]
-        dGW = (R.reshape(n, B * c).T.to(low) @ ref.X_low).to(X.dtype)
-        return ref.grad + torch.cat([dGW.view(B, c * d), R.sum(0)], dim=1)
+                R *= weights[i:i + self.BLOCK, None, None]
+            R2 = R.reshape(m, c * B)
+            if ref is None:
+                G.addmm_(R2.T, Xb)
+            else:
+                G += (R2.T.to(low) @ Xl).to(full)
+            gb += R2.sum(0)
+        out = torch.cat([G.view(c, B, d).transpose(0, 1).reshape(B, c * d), gb.view(c, B).T], dim=1)
+        return out if ref is None else ref.grad + out
 
     # many requests over their own rows, padded: X (B, r, d), y (B, r), weights (B, r)
     def grad_each(self, thetas: Tensor, X: Tensor, y: Tensor, weights: Tensor) -> Tensor:
@@ -119,12 +144,21 @@ class _Softmax(_ClosedForm):
         R = torch.softmax(Z, dim=-1)
         return R - nn.functional.one_hot(y, self.c).to(R.dtype)
 
+    def residual_cb(self, Z: Tensor, y: Tensor) -> Tensor:
+        """Logits laid out (m, c, B): softmax over c minus the one-hot of y."""
+        R = torch.softmax(Z, dim=1)
+        R[torch.arange(len(y), device=y.device), y] -= 1
+        return R
+
 
 class _LeastSquares(_ClosedForm):
     """½(xᵀw + b − y)², θ = [w (d), b]: ∇_w = Σ r_i x_i, ∇_b = Σ r_i with r = f(x) − y."""
 
     def residual(self, Z: Tensor, y: Tensor) -> Tensor:
         return Z - y[..., None].to(Z.dtype)
+
+    def residual_cb(self, Z: Tensor, y: Tensor) -> Tensor:
+        return Z - y[:, None, None].to(Z.dtype)
 
 
 @dataclass(frozen=True)

@@ -43,7 +43,7 @@ from .schedule import geometric_explicit_steps, uniform_explicit_steps
 from .train import Recorder, RowGather, changed_data, objective_grad
 from .trajectory import MemoryRecorder, Segment, Trajectory
 
-SCHEDULES = ("uniform", "geometric")
+SCHEDULES = ("uniform", "geometric", "adaptive")
 
 
 @dataclass(frozen=True)
@@ -54,8 +54,11 @@ class DeltaGradConfig:
       period: T0, an explicit step every T0 steps after the burn-in (paper default 5).
       burn_in: j0, explicit steps at the start (paper default 10).
       history: m, L-BFGS pairs kept (paper default 2).
-      schedule: ``"uniform"`` (Alg. 1) or ``"geometric"`` (gaps growing from ``first_gap`` by
-        ``growth`` up to ``max_gap``; ``period`` is then unused).
+      schedule: ``"uniform"`` (Alg. 1), ``"geometric"`` (gaps growing from ``first_gap`` by
+        ``growth`` up to ``max_gap``; ``period`` is then unused), or ``"adaptive"``: the gap
+        between explicit steps halves when the L-BFGS prediction measured at an explicit step
+        is off by more than ``adaptive_tol`` and doubles (up to ``period``) when it is off by
+        less than a quarter of it.
       sigma: scale rule of B_0 = σI, ``"sy/ss"`` (authors') or ``"yy/sy"`` (textbook).
       curvature_eps: pairs with sᵀy ≤ ε‖s‖‖y‖ are skipped.
       curvature_guard: κ; an approximation with ‖B·v‖ > κ·L̂·‖v‖ is refused, where L̂ is the
@@ -83,6 +86,7 @@ class DeltaGradConfig:
     first_gap: int = 2
     growth: float = 1.4
     max_gap: int = 40
+    adaptive_tol: float = 0.1
 
     def __post_init__(self) -> None:
         if not isinstance(self.period, int) or self.period < 1:
@@ -99,11 +103,16 @@ class DeltaGradConfig:
             raise InputError(f"curvature_eps must be in [0, 1), got {self.curvature_eps!r}")
         if not self.curvature_guard >= 1:
             raise InputError(f"curvature_guard must be >= 1, got {self.curvature_guard!r}")
+        if not self.adaptive_tol > 0:
+            raise InputError(f"adaptive_tol must be > 0, got {self.adaptive_tol!r}")
         if self.max_curvature is not None and not self.max_curvature > 0:
             raise InputError(f"max_curvature must be > 0, got {self.max_curvature!r}")
 
     def explicit_steps(self, steps: int) -> Tensor:
-        """Bool mask (steps,) of the scheduled explicit steps."""
+        """Bool mask (steps,) of the scheduled explicit steps (for ``adaptive``: the burn-in only;
+        later explicit steps are decided during the replay)."""
+        if self.schedule == "adaptive":
+            return torch.arange(steps) < self.burn_in
         if self.schedule == "uniform":
             return uniform_explicit_steps(steps, self.period, self.burn_in)
         return geometric_explicit_steps(steps, self.burn_in, self.first_gap, self.growth, self.max_gap)
@@ -119,6 +128,9 @@ class ReplayState(NamedTuple):
       synced:        True while w^I_t == w_t bit for bit (no changed batch met yet)
       curvature:     L̂, the largest ‖y‖/‖s‖ of the pairs measured so far
       explicit_steps, approx_steps, fallbacks, skipped_pairs: counters
+      gap, next_explicit: the adaptive schedule's current period and next explicit step
+      pred_max, pred_sum, pred_n: the L-BFGS prediction error ‖B·s − y‖/‖y‖ measured at
+                     explicit steps (before the new pair enters): an accuracy signal for free
     """
 
     w: Tensor
@@ -130,6 +142,11 @@ class ReplayState(NamedTuple):
     approx_steps: int = 0
     fallbacks: int = 0
     skipped_pairs: int = 0
+    gap: int = 1
+    next_explicit: int = 0
+    pred_max: float = 0.0
+    pred_sum: float = 0.0
+    pred_n: int = 0
 
 
 def _non_expansive(v: Tensor, Bv: Tensor, lr: float) -> bool:
@@ -139,7 +156,13 @@ def _non_expansive(v: Tensor, Bv: Tensor, lr: float) -> bool:
 
 
 class ReplayResult(NamedTuple):
-    """Outcome of a replay: final parameters, diagnostics, and the new trajectory if recorded."""
+    """Outcome of a replay: final parameters, diagnostics, and the new trajectory if recorded.
+
+    ``prediction_error_max`` / ``_mean``: how far the L-BFGS product was from the exact
+    gradient difference at the explicit steps (0 = perfect, 1 = no better than predicting
+    nothing). Values near 1 warn that approximate steps were inaccurate: use a smaller period,
+    a longer history, or ``schedule="adaptive"``.
+    """
 
     params: Tensor
     steps: int
@@ -148,11 +171,15 @@ class ReplayResult(NamedTuple):
     fallbacks: int
     skipped_pairs: int
     trajectory: Trajectory | None = None
+    prediction_error_max: float = 0.0
+    prediction_error_mean: float = 0.0
 
-    def diagnostics(self) -> dict[str, int]:
+    def diagnostics(self) -> dict:
         return {"steps": self.steps, "explicit_steps": self.explicit_steps,
                 "approx_steps": self.approx_steps, "fallbacks": self.fallbacks,
-                "skipped_pairs": self.skipped_pairs}
+                "skipped_pairs": self.skipped_pairs,
+                "prediction_error_max": round(self.prediction_error_max, 6),
+                "prediction_error_mean": round(self.prediction_error_mean, 6)}
 
 
 class Replay:
@@ -174,6 +201,7 @@ class Replay:
         self.l2 = traj.l2
         self.index = BatchIndex(traj.plan, data, traj.removed, change)
         self.explicit = config.explicit_steps(traj.steps).tolist()
+        self.adaptive = config.schedule == "adaptive"
         self.gather = RowGather(data.X)
         nb = traj.plan.n_base
         self._full = traj.plan.full_batch
@@ -187,7 +215,7 @@ class Replay:
         """State before step 0: w^I_0 = w_0."""
         t = self.traj
         hist = lbfgs.empty_history(self.config.history, t.p, t.dtype, t.initial.device, self.config.sigma)
-        return ReplayState(t.initial, hist, 0, True)
+        return ReplayState(t.initial, hist, 0, True, gap=self.config.period, next_explicit=self.config.burn_in)
 
     # -- gradients over rows ------------------------------------------------------------
     def _rows_grad(self, w: Tensor, rows: Tensor, gd_cached: tuple[Tensor, Tensor] | None) -> Tensor:
@@ -230,11 +258,14 @@ class Replay:
         hist, curv = st.history, st.curvature
         counts = dict(explicit_steps=st.explicit_steps, approx_steps=st.approx_steps,
                       fallbacks=st.fallbacks, skipped_pairs=st.skipped_pairs)
+        gap, next_explicit = st.gap, st.next_explicit
+        pred_max, pred_sum, pred_n = st.pred_max, st.pred_sum, st.pred_n
         G = None        # Σ over the cached batch at w^I_t, when computed exactly
         full = None     # ∇F_{B_t}(w^I_t), exact or approximated
+        scheduled = self.explicit[t] or (self.adaptive and t >= next_explicit)
         if st.synced:
             full = g_t  # v = 0: the cached gradient is the gradient at w^I_t
-        elif not self.explicit[t]:
+        elif not scheduled:
             v = w - w_t
             prod = lbfgs.hvp(hist, v)
             Bv = None
@@ -255,6 +286,17 @@ class Replay:
                 full = objective_grad(G, sb.size, w, self.l2)
                 counts["explicit_steps"] += 1
                 s, y = w - w_t, full - g_t
+                if hist.size and not st.synced:  # how good would the approximation have been?
+                    pred = lbfgs.hvp(hist, s)
+                    if pred is not None:
+                        e = float((pred[0] - y).norm()) / max(float(y.norm()), 1e-300)
+                        pred_max, pred_sum, pred_n = max(pred_max, e), pred_sum + e, pred_n + 1
+                        if self.adaptive and t >= self.config.burn_in:
+                            tol = self.config.adaptive_tol
+                            gap = max(1, gap // 2) if e > tol else min(self.config.period, gap * 2) \
+                                if e < tol / 4 else gap
+                if self.adaptive and t >= self.config.burn_in:
+                    next_explicit = t + gap
                 if lbfgs.curvature_ok(s, y, self.config.curvature_eps):
                     hist = lbfgs.push(hist, s, y)
                     curv = max(curv, float(y.norm()) / float(s.norm()))
@@ -272,7 +314,8 @@ class Replay:
             full = None
         if rec is not None:
             rec.record(t, w, g)
-        return ReplayState(w_next, hist, t + 1, False, curv, **counts)
+        return ReplayState(w_next, hist, t + 1, False, curv, **counts, gap=gap, next_explicit=next_explicit,
+                           pred_max=pred_max, pred_sum=pred_sum, pred_n=pred_n)
 
     # -- segments and whole replays ----------------------------------------------------------
     def run_segment(self, st: ReplayState, seg: Segment, rec: Recorder | None = None) -> ReplayState:
@@ -301,7 +344,7 @@ class Replay:
             new_traj = Trajectory(traj.plan, traj.l2, traj.lrs, traj.initial, st.w, len(new_data),
                                   removed, rec.finish(traj.lrs))
         return ReplayResult(st.w, traj.steps, st.explicit_steps, st.approx_steps, st.fallbacks,
-                            st.skipped_pairs, new_traj)
+                            st.skipped_pairs, new_traj, st.pred_max, st.pred_sum / max(st.pred_n, 1))
 
 
 def deltagrad(model: FunctionalModel, traj: Trajectory, data: Dataset, change: ChangeSet,
@@ -352,16 +395,18 @@ def deltagrad_online(model: FunctionalModel, traj: Trajectory, data: Dataset,
     from .data import make_change_set
 
     totals = dict(explicit_steps=0, approx_steps=0, fallbacks=0, skipped_pairs=0)
+    worst = 0.0
     res = None
     for ids in deletions:
         change = make_change_set(data, delete_ids=ids, removed=traj.removed, n_classes=n_classes)
         res = deltagrad(model, traj, data, change, config, record=True)
         for k in totals:
             totals[k] += getattr(res, k)
+        worst = max(worst, res.prediction_error_max)
         traj = res.trajectory
     if res is None:
         raise InputError("no deletion requests given")
-    return res._replace(**totals)
+    return res._replace(**totals, prediction_error_max=worst)
 
 
 def relative_error(approx: Tensor, exact: Tensor, reference: Tensor) -> float:

@@ -194,3 +194,21 @@ def test_delete_then_add_back_returns_to_the_original_model():
     restored = deltagrad(p.model, gone.trajectory, p.data, back)
     moved = float((gone.params - p.traj.final).norm())
     assert float((restored.params - p.traj.final).norm()) <= CONVEX_BOUND * moved
+
+
+def test_prediction_error_flags_a_poor_curvature_model_and_the_adaptive_schedule_fixes_it():
+    # least squares whose Hessian has one outlying eigenvalue (the intercept, ≈1, against ≈0.1
+    # for the 60 features): with m = 2 pairs, B = σI off their span under-estimates that
+    # direction tenfold, and a uniform T0 = 5 replay is poor. The explicit steps see it (the
+    # L-BFGS prediction is ~50% off); the adaptive schedule shortens the period there.
+    from deltagrad_ray.core import ModelSpec, synthetic_regression
+    data = synthetic_regression(4000, 60, seed=2)
+    m = ModelSpec("linear", 60).build()
+    traj = train(m, data, steps=150, lrs=learning_rates(150, 1.0), l2=0.05)
+    change = make_change_set(data, delete_ids=torch.arange(40))
+    exact = retrain(m, traj, data, change)
+    uniform = deltagrad(m, traj, data, change, DeltaGradConfig(schedule="uniform"))
+    adaptive = deltagrad(m, traj, data, change, DeltaGradConfig(schedule="adaptive"))
+    assert relative_error(uniform.params, exact, traj.final) > 0.1 and uniform.prediction_error_mean > 0.3
+    assert relative_error(adaptive.params, exact, traj.final) <= CONVEX_BOUND
+    assert adaptive.explicit_steps < 2 * uniform.explicit_steps  # not just "everything explicit"
