@@ -43,3 +43,26 @@ def s3_env(monkeypatch):
         monkeypatch.setattr(s3, "_configured", s3.S3Options())
         return server
     return point
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One Ray cluster for the whole test run: a head and two worker nodes on this machine, each
+    with one unit of a custom resource standing in for a GPU, the dashboard on 127.0.0.1 (for
+    job submission). Connected once; every Ray test shares it."""
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # every Ray process on loopback: without this Ray advertises the machine's interface address
+    # while its GCS listens on 127.0.0.1, and nodes cannot reach it
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    import ray
+    from ray.cluster_utils import Cluster
+    cluster = Cluster(initialize_head=True, connect=False, head_node_args={
+        "num_cpus": 2, "resources": {"accel": 1}, "include_dashboard": True, "dashboard_host": "127.0.0.1"})
+    for _ in range(2):
+        cluster.add_node(num_cpus=1, resources={"accel": 1})
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, log_to_driver=False)
+    yield cluster
+    ray.shutdown()
+    cluster.shutdown()

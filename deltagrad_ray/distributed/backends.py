@@ -196,6 +196,8 @@ def ensure_ray(address: str | None = None, **init_kwargs) -> None:
     from ..store.s3 import environment_for_workers
     env = {"env_vars": environment_for_workers()} if environment_for_workers() else None
     address = address or os.environ.get("RAY_ADDRESS")
+    if not address:  # a local Ray: keep every process on loopback (see the tests' conftest)
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     kwargs = {"include_dashboard": False, "log_to_driver": False, **init_kwargs}
     if env:
         kwargs["runtime_env"] = env

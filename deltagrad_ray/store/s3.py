@@ -135,6 +135,12 @@ def s3_location(uri: str, options: S3Options | None = None):
     return Location(_filesystem(o), f"{bucket}/{key}" if key else bucket, shown, endpoint)
 
 
+_SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+
+
 def environment_for_workers() -> dict[str, str]:
-    """The AWS settings of this process, to pass to remote workers (e.g. a Ray runtime_env)."""
-    return {k: os.environ[k] for k in _ENV_KEYS if k in os.environ}
+    """The non-secret AWS settings of this process (endpoint, region, profile, config paths), to
+    pass to remote workers (a Ray runtime_env). Credentials are never passed this way — a
+    runtime_env is shown in job details — workers get them from their own environment (instance
+    profile, Kubernetes secret, or the local processes they inherit it from)."""
+    return {k: os.environ[k] for k in _ENV_KEYS if k in os.environ and k not in _SECRET_KEYS}

@@ -1,0 +1,160 @@
+"""The serial and Ray backends on a real (multi-node, local) Ray cluster."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from deltagrad_ray import api
+from deltagrad_ray.core import ChangeSet, Dataset, leave_one_out, make_change_set
+from deltagrad_ray.core import synthetic_classification
+from deltagrad_ray.distributed.backends import RayBackend, SerialBackend
+from deltagrad_ray.distributed.sink import ResultSink
+from deltagrad_ray.store import write_dataset
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    d = tmp_path_factory.mktemp("ray")
+    data = synthetic_classification(600, 10, 3, seed=0)
+    write_dataset(data, d / "data.parquet")
+    cache = api.fit(str(d / "data.parquet"), str(d / "cache"), model="logreg", steps=60, lr=0.5, l2=0.01,
+                    shard_steps=15)  # 4 shards: a pipeline of 2 actors gets 2 each
+    return d, data, cache
+
+
+def _changes(data, n):
+    return leave_one_out(data, data.ids[:n]) + [make_change_set(data, delete_ids=torch.arange(100, 130),
+                                                                n_classes=3)]
+
+
+def _same(a, b):
+    assert torch.equal(a.params, b.params)
+    for k in a.counters:
+        assert torch.equal(a.counters[k], b.counters[k]), k
+    assert a.errors == b.errors
+
+
+@pytest.mark.parametrize("mode", ["pipeline", "replicated"])
+def test_ray_equals_serial_bit_for_bit(ray_cluster, world, mode):
+    d, data, cache = world
+    changes = _changes(data, 40)
+    serial = SerialBackend(threads=1).run(cache, None, changes, batch_size=8)
+    rb = RayBackend(workers=2, mode=mode, resources={"accel": 1}, strategy="SPREAD")
+    ray_rep = rb.run(cache.uri, None, changes, batch_size=8)
+    assert ray_rep.stats["mode"] == mode
+    _same(serial, ray_rep)
+    # ... and both equal the single-request replay (the core's own test covers the tolerance)
+    one = api.unlearn(cache, delete=[int(data.ids[0])])
+    assert torch.allclose(serial.params[0], one.params, rtol=1e-12, atol=0)
+
+
+def test_shards_are_placed_across_nodes_as_configured(ray_cluster, world):
+    import ray
+    d, data, cache = world
+    rb = RayBackend(workers=2, mode="pipeline", resources={"accel": 1}, strategy="SPREAD")
+    rb.start(cache.uri, None)
+    try:
+        table = ray.util.placement_group_table(rb.pg)
+        nodes = set(table["bundles_to_node_id"].values())
+        assert len(nodes) == 2  # SPREAD: one accelerator-holding node each
+        assert [tuple(i["range"]) for i in rb.info] == [(0, 30), (30, 60)]  # contiguous step ranges, at shard cuts
+    finally:
+        rb.stop()
+    import time
+    deadline = time.time() + 30  # removing a placement group frees its resources asynchronously
+    while ray.available_resources().get("CPU", 0) < 4 and time.time() < deadline:
+        time.sleep(0.2)
+    rb = RayBackend(workers=2, mode="pipeline", num_cpus=0.5, strategy="PACK")
+    rb.start(cache.uri, None)
+    try:
+        assert len(set(ray.util.placement_group_table(rb.pg)["bundles_to_node_id"].values())) == 1
+    finally:
+        rb.stop()
+
+
+def test_unplaceable_workers_give_a_clear_error(ray_cluster, world):
+    from deltagrad_ray.core import InputError
+    rb = RayBackend(workers=4, resources={"accel": 1}, ready_timeout=5)
+    with pytest.raises(InputError, match=r"the cluster cannot place 4 workers"):
+        rb.start(world[2].uri, None)
+
+
+def test_poisoned_requests_are_isolated_and_the_rest_complete(ray_cluster, world):
+    d, data, cache = world
+    changes = leave_one_out(data, data.ids[:12])
+    # a request that makes the replay raise (a row index outside the data) ...
+    changes[3] = ChangeSet(torch.tensor([10 ** 6]))
+    # ... and one that drives the parameters to inf/NaN (a huge but finite added row)
+    huge = Dataset(torch.full((1, 10), 1e300, dtype=torch.float64), torch.tensor([0]), torch.tensor([10 ** 7]))
+    changes[8] = make_change_set(data, add=huge, n_classes=3)
+    for be in (SerialBackend(threads=1), RayBackend(workers=2, resources={"accel": 1})):
+        rep = be.run(cache.uri if isinstance(be, RayBackend) else cache, None, changes, batch_size=4)
+        assert set(rep.errors) == {3, 8}, rep.errors
+        assert "IndexError" in rep.errors[3] and "NaN" in rep.errors[8]
+        ok = [i for i in range(12) if i not in (3, 8)]
+        assert torch.isfinite(rep.params[ok]).all()
+        assert torch.isnan(rep.params[[3, 8]]).all()
+
+
+def test_results_are_incremental_and_resumable(world, tmp_path):
+    d, data, cache = world
+    changes = _changes(data, 20)
+    sig = {"run": "t"}
+    first = SerialBackend(threads=1).run(cache, None, changes[:8], batch_size=4,
+                                         sink=ResultSink(tmp_path / "parts", {**sig, "n": 8}))
+    # a different run at the same location is refused, nothing is lost
+    from deltagrad_ray.core import InputError
+    with pytest.raises(InputError, match="holds partial results of a different run"):
+        ResultSink(tmp_path / "parts", {"run": "other"})
+    sink = ResultSink(tmp_path / "parts2", sig)
+    calls = []
+    SerialBackend(threads=1).run(cache, None, changes, batch_size=4, sink=sink, progress=calls.append)
+    again = SerialBackend(threads=1).run(cache, None, changes, batch_size=4, sink=ResultSink(tmp_path / "parts2", sig),
+                                         progress=calls.append)
+    assert calls[-1] == len(changes)  # the rerun found every request already done
+    assert torch.equal(again.params[:8], first.params)
+
+
+@pytest.mark.integration
+def test_actor_killed_and_node_removed_mid_run_every_result_once(ray_cluster, world, tmp_path):
+    """500 LOO requests; an actor is killed and a worker node removed while they run."""
+    import ray
+    d, data, cache = world
+    changes = leave_one_out(data, data.ids[:500])
+    serial = SerialBackend(threads=1).run(cache, None, changes, batch_size=25)
+    rb = RayBackend(workers=2, mode="pipeline", resources={"accel": 1}, strategy="SPREAD", max_attempts=6)
+    rb.start(cache.uri, None)
+    victim_node = None
+
+    def inject(done: int) -> None:
+        nonlocal victim_node
+        if done == 6:
+            ray.kill(rb.actors[0], no_restart=False)       # the actor restarts; its batch is re-run
+        if done == 16:
+            table = ray.util.placement_group_table(rb.pg)
+            node_id = table["bundles_to_node_id"][1]
+            for node in ray_cluster.worker_nodes:
+                if node.node_id == node_id:
+                    victim_node = node
+                    ray_cluster.remove_node(node)           # the node dies with actor 1
+                    break
+
+    sink = ResultSink(tmp_path / "parts", {"run": "faults"})
+    try:
+        rep = rb.run(cache.uri, None, changes, batch_size=25, sink=sink, on_stage=inject)
+    finally:
+        rb.stop()
+        if victim_node is not None:
+            ray_cluster.add_node(num_cpus=1, resources={"accel": 1}, node_ip_address="127.0.0.1")
+            ray_cluster.wait_for_nodes()
+    assert rep.stats["retries"] >= 1
+    assert not rep.errors
+    _same(serial, rep)
+    # every request's result was written exactly once
+    finished = sink.load()
+    assert sorted(finished) == list(range(500))
+    parts_rows = sum(len(p.read_bytes()) > 0 for p in sink.root.list() if p.name.startswith("part-"))
+    assert parts_rows == 20  # 500 / 25 batches, one part each, no duplicates
