@@ -3,8 +3,9 @@
 import pytest
 import torch
 
-from deltagrad_ray.core import (BatchedReplay, DeltaGradConfig, InputError, deltagrad, deltagrad_batched, fold_assignment, k_fold,
-                                leave_one_out, make_change_set, random_subsets, relative_error, retrain)
+from deltagrad_ray.core import (BatchedReplay, DeltaGradConfig, InputError, deltagrad, deltagrad_batched,
+                                fold_assignment, k_fold, leave_one_out, make_change_set, random_subsets,
+                                relative_error, retrain)
 
 from .problems import N, problem, random_ids
 
