@@ -198,13 +198,56 @@ def write_derived_cache(parent: Cache, writer: CacheWriter, res: ReplayResult, d
 
 
 def retrain_exact(cache: Cache | str | Location, *, delete=None, add=None, data: str | Location | None = None,
-                  device: str = "cpu") -> torch.Tensor:
-    """Exact retraining after the change: same θ_0, learning rates and batch order."""
+                  device: str = "cpu", out_cache: str | Location | None = None, note: dict | None = None
+                  ) -> torch.Tensor:
+    """Exact retraining after the change: same θ_0, learning rates and batch order.
+
+    With ``out_cache``, the retrained path is recorded as a new cache there (as :func:`unlearn`
+    does for DeltaGrad), e.g. to publish an exactly retrained version.
+    """
     c = _as_cache(cache)
     ds = c.data(data, device=device)
     traj = c.trajectory(device)
     change = change_set(c, ds, delete, add, traj.removed)
-    return retrain(c.model, traj, ds, change)
+    if out_cache is None:
+        return retrain(c.model, traj, ds, change)
+    from .core.replay import ReplayResult
+    from .core.train import changed_data
+    from .core.trajectory import Trajectory
+    writer = CacheWriter(location(out_cache), traj.lrs, c.model.p, c.dtype, shard_steps=c.manifest["shard_steps"],
+                         storage=c.storage, row_group_steps=c.manifest.get("row_group_steps"))
+    final = retrain(c.model, traj, ds, change, recorder=writer)
+    new_data, removed = changed_data(traj, ds, change)
+    path = Trajectory(traj.plan, traj.l2, traj.lrs, traj.initial, final, len(new_data), removed,
+                      writer.finish(traj.lrs))
+    res = ReplayResult(final, traj.steps, traj.steps, 0, 0, 0, path)
+    write_derived_cache(c, writer, res, ds, change, DeltaGradConfig(), {**(note or {}), "method": "exact-retrain"})
+    return final
+
+
+def training_curve(cache: Cache | str | Location, points: int = 50, rows: int = 5000,
+                   data: str | Location | None = None) -> tuple[list[int], list[float]]:
+    """The objective (mean loss + (λ/2)‖θ‖²) at the cached θ_t of ~``points`` steps, on up to
+    ``rows`` training rows (a seeded subsample) — read from the cache, nothing is retrained."""
+    c = _as_cache(cache)
+    ds = c.data(data)
+    if len(ds) > rows:
+        ds = ds.rows(torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))[:rows])
+    every = max(1, c.steps // points)
+    steps, losses = [], []
+    with torch.no_grad():
+        for seg in c.trajectory().segments():
+            for i in range(0, seg.stop - seg.start):
+                t = seg.start + i
+                if t % every == 0:
+                    th = seg.params[i]
+                    obj = c.model.loss_sum(th, ds.X, ds.y) / len(ds) + c.l2 / 2 * (th @ th)
+                    steps.append(t)
+                    losses.append(float(obj))
+    th = c.final
+    steps.append(c.steps)
+    losses.append(float(c.model.loss_sum(th, ds.X, ds.y) / len(ds) + c.l2 / 2 * (th @ th)))
+    return steps, losses
 
 
 def evaluate(model: str | Location, data: str | Location) -> dict:

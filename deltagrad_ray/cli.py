@@ -146,8 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
 
     p = sub.add_parser("demo", help="the main job on embedded defaults (see README)")
-    p.add_argument("--out", default="demo-output", help="working directory")
-    p.add_argument("--n", type=int, default=60_000)
+    p.add_argument("--out", default=None, help="working directory (default: demo-output/<time>)")
+    p.add_argument("--n", type=int, default=20_000, help="rows of the MNIST-shaped data set")
     p.add_argument("--d", type=int, default=784)
     p.add_argument("--steps", type=int, default=120)
     return ap
@@ -357,8 +357,11 @@ def cmd_make_data(a: argparse.Namespace) -> dict:
 
 
 def cmd_demo(a: argparse.Namespace) -> dict:
+    import datetime as _dt
+
     from .demo import run_demo
-    return run_demo(a.out, n=a.n, d=a.d, steps=a.steps, emit=_emit)
+    out = a.out or f"demo-output/{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    return run_demo(out, n=a.n, d=a.d, steps=a.steps, emit=_emit)
 
 
 COMMANDS = {"train": cmd_train, "unlearn": cmd_unlearn, "retrain": cmd_retrain, "evaluate": cmd_evaluate,

@@ -1,59 +1,134 @@
-"""The main job on embedded defaults: make data, train, delete 1% with DeltaGrad, retrain
-exactly, report the speed-up and the distances (README, first command)."""
+"""The main job on embedded defaults (README, first command).
+
+On a local Ray and a local directory: make the data → train (an MNIST-shaped logistic
+regression, and a least-squares model of scikit-learn's diabetes data) → bulk erasure of a batch
+of requests (some of them invalid on purpose) with DeltaGrad → verification against exact
+retraining → jackknife+ prediction intervals and jackknife/influence from DeltaGrad
+leave-one-out models fanned out on Ray → a report. It runs the pipelines with their default
+configs (``pipelines/configs/``), re-rooted under the output directory.
+"""
 
 from __future__ import annotations
 
-import datetime as _dt
+import json
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
+import yaml
 
-from . import api
-from .core.replay import DeltaGradConfig, deltagrad
-from .core.train import retrain
-from .datasets import make_dataset
+from .datasets import make_dataset, sklearn_dataset
 from .store.datasets import write_dataset
 from .store.location import location
-from .store.models import save_model
+
+CONFIGS = Path(__file__).resolve().parents[1] / "pipelines" / "configs"
 
 
-def run_demo(out: str, *, n: int = 60_000, d: int = 784, steps: int = 120,
+def _config(name: str, root: str, **overrides) -> dict:
+    """A pipeline's default config with every ``demo-output/`` path moved under ``root``."""
+    text = (CONFIGS / f"{name}.yaml").read_text().replace("demo-output/", root.rstrip("/") + "/")
+    cfg = yaml.safe_load(text)
+    for key, value in overrides.items():
+        if isinstance(value, dict):
+            cfg[key] = {**cfg.get(key, {}), **value}
+        else:
+            cfg[key] = value
+    from pipelines._config import load
+    tmp = location(root).join("configs", f"{name}-{len(overrides)}.yaml")
+    tmp.write_text(yaml.safe_dump(cfg), overwrite=True)
+    return load(tmp.uri, _schema(name))
+
+
+def _schema(name: str) -> dict:
+    import importlib
+    return importlib.import_module(f"pipelines.{name}").SCHEMA
+
+
+def _run(name: str, cfg: dict) -> dict:
+    import importlib
+    return importlib.import_module(f"pipelines.{name}").run(cfg)
+
+
+def _requests(path, ids: torch.Tensor, unknown_id: int) -> int:
+    """JSONL erasure requests for ``ids``, plus a malformed row, an unknown id and a duplicate."""
+    lines = [json.dumps({"request_id": f"req-{i:05d}", "data_id": int(d), "timestamp": "2026-11-22T09:00:00Z"})
+             for i, d in enumerate(ids.tolist())]
+    lines += ['{"request_id": "req-bad-json", "data_id": ',                        # cut off
+              json.dumps({"request_id": "req-unknown", "data_id": unknown_id}),   # not in the data
+              json.dumps({"request_id": "req-00000", "data_id": int(ids[0])}),    # duplicate request
+              json.dumps({"request_id": "req-text-id", "data_id": "seven"})]      # not an integer
+    location(path).write_text("\n".join(lines) + "\n")
+    return len(lines)
+
+
+def run_demo(out: str = "demo-output", *, n: int = 20_000, d: int = 784, steps: int = 120,
              emit: Callable[[dict], None] = print) -> dict:
-    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    root = location(out).join(stamp)
     t0 = time.perf_counter()
-    data = make_dataset("classification", n=n, d=d, n_classes=10, seed=0)
-    data_loc = write_dataset(data, root.join("data.parquet"))
-    emit({"stage": "data", "rows": n, "features": d, "classes": 10, "location": data_loc.uri})
+    root = location(out).uri
+    # -- data ------------------------------------------------------------------------------------
+    mnist = make_dataset("classification", n=n, d=d, n_classes=10, seed=0)
+    write_dataset(mnist, location(root).join("data", "mnist.parquet"), overwrite=True)
+    diabetes = sklearn_dataset("diabetes")
+    perm = torch.randperm(len(diabetes), generator=torch.Generator().manual_seed(0))
+    write_dataset(diabetes.rows(perm[:342]), location(root).join("data", "diabetes-train.parquet"), overwrite=True)
+    write_dataset(diabetes.rows(perm[342:]), location(root).join("data", "diabetes-test.parquet"), overwrite=True)
+    emit({"stage": "data", "mnist_shaped": [n, d], "diabetes": [342, len(diabetes) - 342], "location": root})
 
-    t = time.perf_counter()
-    cache = api.fit(data_loc, root.join("cache"), model="logreg", optimizer="gd", steps=steps, lr=0.1, l2=0.005)
-    emit({"stage": "train", "cache": cache.uri, "steps": steps, "seconds": round(time.perf_counter() - t, 2)})
+    # -- train: the MNIST-shaped model (default config) and the diabetes model -------------------
+    for existing in ("models/current", "models/diabetes"):
+        if location(root).join(existing, "manifest.json").exists():
+            raise FileExistsError(f"{root}/{existing} already holds a cache; choose a new --out")
+    trained = _run("train", _config("train", root, optimizer={"steps": steps}))
+    emit({"stage": "train", **trained})
+    trained_diabetes = _run("train", _config("train", root, data=f"{root}/data/diabetes-train.parquet",
+                                             cache=f"{root}/models/diabetes", model={"kind": "linear"},
+                                             optimizer={"steps": 200, "lr": 0.1, "l2": 0.001}))
+    emit({"stage": "train", **trained_diabetes})
 
-    ids = torch.randperm(n, generator=torch.Generator().manual_seed(1))[: n // 100]
-    id_file = root.join("deleted-ids.txt")
-    id_file.write_text("\n".join(str(int(i)) for i in ids) + "\n")
-    cfg = DeltaGradConfig(period=5, burn_in=10, history=2)
-    # load and verify the data once; both timings below are computation (DeltaGrad's includes
-    # reading its cache from storage, which retraining does not need)
-    ds = cache.data()
-    traj = cache.trajectory()
-    change = api.change_set(cache, ds, delete=ids)
-    t = time.perf_counter()
-    res = deltagrad(cache.model, traj, ds, change, cfg)
-    dg_s = time.perf_counter() - t
-    emit({"stage": "deltagrad", "deleted": len(ids), "seconds": round(dg_s, 2), **res.diagnostics()})
+    # -- bulk erasure of 1% of the MNIST-shaped rows, verified against exact retraining ----------
+    ids = mnist.ids[torch.randperm(n, generator=torch.Generator().manual_seed(1))[: n // 100]]
+    received = _requests(location(root).join("erasure", "requests", "batch-0001.jsonl"), ids, unknown_id=10 * n)
+    erasure = _run("bulk_erasure", _config("bulk_erasure", root))
+    emit({"stage": "bulk_erasure", "received": received, **erasure})
 
-    t = time.perf_counter()
-    exact = retrain(cache.model, traj, ds, change)
-    ex_s = time.perf_counter() - t
-    emit({"stage": "exact-retrain", "seconds": round(ex_s, 2)})
+    # -- jackknife+ intervals, jackknife and influence: LOO models on a local Ray -----------------
+    conformal = _run("conformal", _config("conformal", root))
+    emit({"stage": "conformal", **conformal})
+    jackknife = _run("jackknife", _config("jackknife", root))
+    emit({"stage": "jackknife", **jackknife})
 
-    save_model(root.join("model-deltagrad.safetensors"), cache.model, res.params, metadata={"method": "deltagrad"})
-    save_model(root.join("model-exact.safetensors"), cache.model, exact, metadata={"method": "exact-retrain"})
-    dist = float((res.params - exact).norm())
-    moved = float((exact - cache.final).norm())
-    return {"stage": "summary", "deleted": len(ids), "deltagrad_s": round(dg_s, 2), "retrain_s": round(ex_s, 2),
-            "speedup": round(ex_s / dg_s, 2), "dist_deltagrad_exact": dist, "dist_exact_full": moved,
-            "error_ratio": dist / moved, "total_s": round(time.perf_counter() - t0, 1), "output": root.uri}
+    # -- the report index -----------------------------------------------------------------------
+    audits = location(root).join("models", "audit").list()
+    audit = json.loads(audits[0].read_text()) if audits else {}
+    ver = audit.get("verification") or {}
+    timings = audit.get("timings") or {}
+    speedup = (timings.get("exact_s") or 0) / max(timings.get("deltagrad_s") or 0, 1e-9)
+    lines = [
+        "# deltagrad-ray demo", "",
+        f"Everything below ran on this machine in {time.perf_counter() - t0:.0f} s, on a local Ray.", "",
+        "| step | result | report |", "| --- | --- | --- |",
+        f"| train | MNIST-shaped logistic regression, {n:,} × {d}, {steps} GD steps, cache "
+        f"{trained['cache_mb']} MB | {_rel(trained.get('report'), root)} |",
+        f"| train | diabetes least squares, 342 rows | {_rel(trained_diabetes.get('report'), root)} |",
+        f"| bulk erasure | {erasure['applied']} requests applied, {erasure['rejected']} rejected; "
+        f"DeltaGrad {ver.get('ratio', float('nan')):.2g} × the erasure's effect from exact retraining, "
+        f"{speedup:.1f}× faster (including writing the new cache) | {_rel(erasure.get('report'), root)} |",
+        f"| jackknife+ (diabetes) | coverage {conformal.get('coverage', float('nan')):.3f} at α = "
+        f"{conformal['alpha']}, mean width {conformal.get('mean_width', float('nan')):.1f} | "
+        f"{_rel(conformal.get('report'), root)} |",
+        f"| jackknife (diabetes) | test loss {jackknife['test_loss']:.1f} ± {jackknife['test_loss_se']:.1f} "
+        f"(jackknife SE) | {_rel(jackknife.get('report'), root)} |",
+    ]
+    index = location(root).join("reports", "index.md")
+    index.write_text("\n".join(lines) + "\n", overwrite=True)
+    return {"stage": "done", "seconds": round(time.perf_counter() - t0, 1), "report": index.uri,
+            "erasure_ratio_vs_exact": ver.get("ratio"), "coverage": conformal.get("coverage")}
+
+
+def _rel(path: str | None, root: str) -> str:
+    """A link from reports/index.md to another report in reports/."""
+    if not path:
+        return "—"
+    folder = path.rstrip("/").split("/")[-2]
+    return f"[{folder}]({folder}/report.md)"

@@ -160,12 +160,13 @@ def _test_loss(cache: Cache, thetas: Tensor, test: Dataset) -> Tensor:
 
 
 def jackknife(cache: Cache | str | Location, test: Dataset | str | Location, ids=None, *,
-              fanout: Fanout | None = None, data=None) -> dict:
+              fanout: Fanout | None = None, data=None, loo_result: ManyResult | None = None) -> dict:
     """Jackknife estimates, bias-corrected estimates and standard errors of the test predictions
-    (probabilities for classification) and of the mean test loss."""
+    (probabilities for classification) and of the mean test loss. ``loo_result`` reuses
+    leave-one-out models already replayed."""
     c = _cache(cache)
     t = _test_set(c, test)
-    res = loo(c, ids, fanout=fanout, data=data, strict=True)
+    res = loo_result or loo(c, ids, fanout=fanout, data=data, strict=True)
     full = c.final[None]
     pred = _jackknife(predict_many(c, full, t.X)[0], predict_many(c, res.params, t.X))
     loss = _jackknife(_test_loss(c, full, t)[0], _test_loss(c, res.params, t))
@@ -173,11 +174,11 @@ def jackknife(cache: Cache | str | Location, test: Dataset | str | Location, ids
 
 
 def influence(cache: Cache | str | Location, test: Dataset | str | Location, ids=None, *,
-              fanout: Fanout | None = None, data=None) -> dict:
+              fanout: Fanout | None = None, data=None, loo_result: ManyResult | None = None) -> dict:
     """Per training id, the leave-one-out change in mean test loss L(θ_(i)) − L(θ̂)."""
     c = _cache(cache)
     t = _test_set(c, test)
-    res = loo(c, ids, fanout=fanout, data=data, strict=True)
+    res = loo_result or loo(c, ids, fanout=fanout, data=data, strict=True)
     full = _test_loss(c, c.final[None], t)[0]
     return {"ids": res.ids, "influence": loo_influence(full, _test_loss(c, res.params, t)),
             "test_loss": float(full), "replay": res.replay}
@@ -197,6 +198,7 @@ def conformal(cache: Cache | str | Location, test: Dataset | str | Location, alp
         raise InputError(f"method must be jackknife+ or cv+, got {method!r}")
     c = _cache(cache)
     t = _test_set(c, test, labels=False)
+    labelled = _has_labels(test)
     ds = c.data(data)
     ids = _loo_ids(c, ds, ids)
     if method == "jackknife+":
@@ -217,8 +219,22 @@ def conformal(cache: Cache | str | Location, test: Dataset | str | Location, alp
            "alpha": alpha, "replay": replay}
     if c.spec.task == "regression":
         out["prediction"] = full_out
-        out["lower"], out["upper"] = jackknife_plus_intervals(own, y_tr, test_out, alpha)
+        out["lower"], out["upper"] = lo, hi = jackknife_plus_intervals(own, y_tr, test_out, alpha)
+        out["mean_width"] = float((hi - lo).mean())
+        if labelled:
+            out["coverage"] = float(((t.y >= lo) & (t.y <= hi)).double().mean())
     else:
         out["prediction"] = full_out.argmax(-1)
-        out["sets"] = jackknife_plus_sets(own, y_tr, test_out, alpha)
+        out["sets"] = sets = jackknife_plus_sets(own, y_tr, test_out, alpha)
+        out["mean_set_size"] = float(sets.sum(1).double().mean())
+        if labelled:
+            out["coverage"] = float(sets[torch.arange(len(t)), t.y].double().mean())
+    out["y"] = t.y if labelled else None
     return out
+
+
+def _has_labels(test) -> bool:
+    if isinstance(test, Dataset):
+        return True
+    from .store.datasets import column_names
+    return "label" in column_names(test)

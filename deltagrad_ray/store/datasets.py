@@ -77,6 +77,12 @@ def read_dataset(uri: str | Location, *, regression: bool | None = None, labels_
     return dataset_from_table(table, loc.uri, regression)
 
 
+def column_names(uri: str | Location) -> list[str]:
+    """The columns of a data set (from its first Parquet part's footer)."""
+    part = _parquet_parts(location(uri))[0]
+    return pq.read_schema(pa.BufferReader(part.read_buffer())).names
+
+
 def dataset_from_table(table: pa.Table, uri: str, regression: bool | None = None) -> Dataset:
     missing = [c for c in ("id", "label", "features") if c not in table.column_names]
     if missing:

@@ -43,7 +43,7 @@ BUCKET = "s3://deltagrad-prod/"
 # The config keys each pipeline reads (the contract of issue 6); nested blocks are mappings.
 RAY_BLOCK = {"address", "workers", "num_cpus", "num_gpus", "mode", "strategy", "batch_size"}
 CONTRACT = {
-    "train": {"data", "cache", "model", "optimizer"},
+    "train": {"data", "cache", "model", "optimizer", "report"},
     "bulk_erasure": {"data", "cache", "requests", "output", "deltagrad", "verify", "ray", "report"},
     "jackknife": {"cache", "test", "output", "ray", "report"},
     "conformal": {"cache", "test", "output", "alpha", "method", "folds", "ray", "report"},

@@ -1,0 +1,112 @@
+"""Reports a person reads: Markdown with PNG plots, written to any location.
+
+A report is a folder ``<root>/<name>-<time>/`` holding ``report.md`` and its figures; the
+Markdown names the figures by relative path, so the folder can be copied or browsed as is.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import io
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display: files only
+import matplotlib.pyplot as plt  # noqa: E402
+
+from .store.location import Location, location  # noqa: E402
+
+
+@dataclass
+class Report:
+    """Sections of Markdown and figures, written by :meth:`write`."""
+
+    title: str
+    parts: list[str] = field(default_factory=list)
+    figures: dict[str, bytes] = field(default_factory=dict)
+
+    def text(self, markdown: str) -> Report:
+        self.parts.append(markdown.strip() + "\n")
+        return self
+
+    def table(self, header: Sequence[str], rows: Sequence[Sequence]) -> Report:
+        lines = ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"]
+        lines += ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in rows]
+        return self.text("\n".join(lines))
+
+    def figure(self, name: str, fig, caption: str) -> Report:
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+        plt.close(fig)
+        self.figures[f"{name}.png"] = buf.getvalue()
+        return self.text(f"![{caption}]({name}.png)\n\n*{caption}*")
+
+    def write(self, root: str | Location, name: str) -> Location:
+        stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        folder = location(root).join(f"{name}-{stamp}-{uuid.uuid4().hex[:4]}")  # reports never collide
+        for fname, raw in self.figures.items():
+            folder.join(fname).write_bytes(raw)
+        body = f"# {self.title}\n\n_generated {stamp}_\n\n" + "\n".join(self.parts)
+        folder.join("report.md").write_text(body)
+        return folder.join("report.md")
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def bars(labels: Sequence[str], values: Sequence[float], ylabel: str, title: str):
+    fig, ax = plt.subplots(figsize=(5.5, 3.2))
+    ax.bar(list(labels), list(values), color=["#4c72b0", "#dd8452", "#55a868", "#c44e52"][: len(values)])
+    for i, v in enumerate(values):
+        ax.text(i, v, f"{v:.3g}", ha="center", va="bottom", fontsize=9)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    return fig
+
+
+def histogram(values, xlabel: str, title: str, bins: int = 40, vline: float | None = None, log: bool = False):
+    fig, ax = plt.subplots(figsize=(5.5, 3.2))
+    ax.hist(list(map(float, values)), bins=bins, color="#4c72b0", log=log)
+    if vline is not None:
+        ax.axvline(vline, color="#c44e52", linestyle="--")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("count")
+    ax.set_title(title)
+    return fig
+
+
+def line(x, ys: dict[str, Sequence[float]], xlabel: str, ylabel: str, title: str, logy: bool = False):
+    fig, ax = plt.subplots(figsize=(5.5, 3.2))
+    for label, y in ys.items():
+        ax.plot(list(x), list(map(float, y)), label=label)
+    if logy:
+        ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    if len(ys) > 1:
+        ax.legend()
+    return fig
+
+
+def intervals(y_true, lower, upper, prediction, title: str, limit: int = 60):
+    """Prediction intervals of the first ``limit`` test points (sorted by prediction), with the truth."""
+    import torch
+    order = torch.argsort(prediction)[:limit] if len(prediction) <= limit else \
+        torch.argsort(prediction)[torch.linspace(0, len(prediction) - 1, limit).long()]
+    fig, ax = plt.subplots(figsize=(6.5, 3.4))
+    xs = range(len(order))
+    ax.vlines(xs, lower[order].tolist(), upper[order].tolist(), color="#4c72b0", alpha=0.6, label="interval")
+    ax.plot(xs, prediction[order].tolist(), ".", color="#4c72b0", label="prediction")
+    if y_true is not None:
+        ax.plot(xs, y_true[order].tolist(), "x", color="#c44e52", label="truth")
+    ax.set_xlabel("test points (sorted by prediction)")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    return fig
