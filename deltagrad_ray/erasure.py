@@ -116,7 +116,9 @@ def settled(prefix: str | Location) -> dict[str, dict]:
     out: dict[str, dict] = {}
     for f in location(prefix).join(DONE_DIR).list():
         for entry in json.loads(f.read_text())["requests"]:
-            out[entry["request_id"]] = entry
+            # a request that was applied stays applied, whatever its duplicates' fate
+            if out.get(entry["request_id"], {}).get("status") != "applied":
+                out[entry["request_id"]] = entry
     return out
 
 

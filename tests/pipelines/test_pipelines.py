@@ -1,0 +1,127 @@
+"""The pipelines end to end: as `python -m pipelines.<name>`, in-process on Ray, and as Ray jobs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from deltagrad_ray.datasets import sklearn_dataset
+from deltagrad_ray.results import read_table
+from deltagrad_ray.store import write_dataset
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def diabetes(tmp_path_factory):
+    d = tmp_path_factory.mktemp("pipelines")
+    ds = sklearn_dataset("diabetes")
+    perm = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))
+    write_dataset(ds.rows(perm[:200]), d / "train.parquet")
+    write_dataset(ds.rows(perm[200:260]), d / "test.parquet")
+    return d
+
+
+def _config(path: Path, cfg: dict) -> str:
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path)
+
+
+def _pipeline(name: str, config: str, cwd) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "DELTAGRAD_NO_PROGRESS": "1"}
+    return subprocess.run([sys.executable, "-m", f"pipelines.{name}", "--config", config], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def _train(d: Path) -> Path:
+    cache = d / "cache"
+    if not (cache / "manifest.json").exists():
+        cfg = _config(d / "train.yaml", {"data": str(d / "train.parquet"), "cache": str(cache),
+                                         "model": {"kind": "linear"},
+                                         "optimizer": {"steps": 150, "lr": 0.1, "l2": 0.001},
+                                         "report": str(d / "reports")})
+        p = _pipeline("train", cfg, d)
+        assert p.returncode == 0, p.stderr
+        out = json.loads(p.stdout.strip().splitlines()[-1])
+        assert Path(out["report"]).read_text().startswith("# Training")
+        assert (Path(out["report"]).parent / "loss.png").stat().st_size > 1000
+    return cache
+
+
+def test_train_pipeline_as_a_module(diabetes):
+    assert (_train(diabetes) / "manifest.json").exists()
+
+
+@pytest.mark.parametrize("cfg,message", [
+    ({"data": "x.parquet", "cache": "c", "colour": "blue"}, "config: unknown key colour; expected one of"),
+    ({"data": "x.parquet"}, "config: missing required key cache"),
+    ({"data": "x.parquet", "cache": "c", "optimizer": {"steps": "many"}},
+     "config: optimizer.steps must be a int, got 'many'"),
+])
+def test_bad_configs_are_one_line_errors(tmp_path, cfg, message):
+    p = _pipeline("train", _config(tmp_path / "bad.yaml", cfg), tmp_path)
+    assert p.returncode == 2 and message in p.stderr and len(p.stderr.strip().splitlines()) == 1
+
+
+def test_unparseable_config(tmp_path):
+    (tmp_path / "bad.yaml").write_text("data: [unclosed\n")
+    p = _pipeline("train", str(tmp_path / "bad.yaml"), tmp_path)
+    assert p.returncode == 2 and "is not valid YAML" in p.stderr
+
+
+@pytest.mark.slow
+def test_jackknife_pipeline_on_ray(ray_cluster, diabetes):
+    from pipelines import jackknife
+    from pipelines._config import load
+    cache = _train(diabetes)
+    cfg = load(_config(diabetes / "jk.yaml", {
+        "cache": str(cache), "test": str(diabetes / "test.parquet"), "output": str(diabetes / "jk"),
+        "ray": {"address": ray_cluster.address, "workers": 2, "batch_size": 32}, "report": str(diabetes / "reports")}),
+        jackknife.SCHEMA)
+    out = jackknife.run(cfg)
+    assert out["backend"] == "ray" and out["loo_models"] == 200
+    table, _ = read_table(diabetes / "jk" / "influence.parquet")
+    assert table.num_rows == 200
+    assert (Path(out["report"]).parent / "influence.png").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_conformal_pipeline_as_a_ray_job(ray_cluster, diabetes):
+    """Submitted with JobSubmissionClient (runtime_env working_dir = the repo), it succeeds and
+    writes its outputs; a job with a broken config ends FAILED with the reason in its logs."""
+    from ray.job_submission import JobStatus, JobSubmissionClient
+    cache = _train(diabetes)
+    dashboard = ray_cluster.head_node.address_info["webui_url"]
+    client = JobSubmissionClient(f"http://{dashboard}")
+    cfg = _config(diabetes / "conformal.yaml", {
+        "cache": str(cache), "test": str(diabetes / "test.parquet"), "output": str(diabetes / "conformal"),
+        "alpha": 0.1, "ray": {"address": "auto", "workers": 2, "batch_size": 32}, "report": str(diabetes / "reports")})
+    broken = _config(diabetes / "broken.yaml", {"cache": str(cache), "tset": "typo"})
+    env = {"working_dir": str(ROOT), "excludes": [".venv", ".git", "demo-output", "*.parquet", "docs"],
+           "env_vars": {"DELTAGRAD_NO_PROGRESS": "1", "OMP_WAIT_POLICY": "PASSIVE"}}
+    ok = client.submit_job(entrypoint=f"{sys.executable} -m pipelines.conformal --config {cfg}", runtime_env=env)
+    bad = client.submit_job(entrypoint=f"{sys.executable} -m pipelines.conformal --config {broken}", runtime_env=env)
+    final = {}
+    deadline = time.time() + 600
+    while len(final) < 2 and time.time() < deadline:
+        for job in (ok, bad):
+            status = client.get_job_status(job)
+            if status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
+                final[job] = status
+        time.sleep(1)
+    assert final.get(ok) == JobStatus.SUCCEEDED, client.get_job_logs(ok)[-3000:]
+    summary = json.loads(client.get_job_logs(ok).strip().splitlines()[-1])
+    assert summary["coverage"] >= 0.75 and summary["models"] == 200
+    table, meta = read_table(diabetes / "conformal" / "conformal.parquet")
+    assert table.num_rows == 60 and {"lower", "upper"} <= set(table.column_names)
+    assert final.get(bad) == JobStatus.FAILED
+    assert "config: unknown key tset" in client.get_job_logs(bad)
