@@ -53,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="deltagrad-ray", description="Rapid retraining after deletions and additions (DeltaGrad), on Ray.",
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--debug", action="store_true", help="show tracebacks of unexpected errors")
+    ap.add_argument("--json", action="store_true", help="print results as JSON lines (for scripts)")
     ap.add_argument("--endpoint-url", help="S3-compatible endpoint for s3:// locations (default: AWS_ENDPOINT_URL_S3, "
                     "AWS_ENDPOINT_URL, or the AWS config file)")
     ap.add_argument("--profile", help="AWS profile for s3:// locations (default: AWS_PROFILE)")
@@ -153,8 +154,26 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+_JSON = False
+
+
 def _emit(obj: dict) -> None:
-    print(json.dumps(obj, sort_keys=False), flush=True)
+    """One result: a JSON line with --json, else a readable line (``command: key value, …``)."""
+    if _JSON:
+        print(json.dumps(obj, sort_keys=False, default=str), flush=True)
+        return
+    head = obj.get("command") or obj.get("stage") or obj.get("pipeline") or "result"
+    rest = ", ".join(f"{k.replace('_', ' ')} {_human(v)}" for k, v in obj.items()
+                     if k not in ("command", "stage", "pipeline"))
+    print(f"{head}: {rest}", flush=True)
+
+
+def _human(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{k} {_human(x)}" for k, x in v.items()) + "}"
+    return str(v)
 
 
 def _check_out(path: str, overwrite: bool) -> None:
@@ -371,6 +390,8 @@ COMMANDS = {"train": cmd_train, "unlearn": cmd_unlearn, "retrain": cmd_retrain, 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    global _JSON
+    _JSON = args.json
     from .core.errors import InputError
     from .store.location import StorageError
     from .store.s3 import configure_s3

@@ -64,5 +64,12 @@ def ray_cluster():
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, log_to_driver=False)
     yield cluster
+    import gc
+    import warnings
     ray.shutdown()
-    cluster.shutdown()
+    with warnings.catch_warnings():
+        # Ray's cluster utility drops Popen handles of processes it has just killed; collect them
+        # here rather than let "subprocess still running" surface in an unrelated later test
+        warnings.simplefilter("ignore", ResourceWarning)
+        cluster.shutdown()
+        gc.collect()

@@ -183,6 +183,8 @@ class CacheWriter:
       row_group_steps: steps per row group (default: a multiple of 10 of ~8 MB).
     """
 
+    WRITERS = 2  # shards in flight (one writer thread reached 44% of the disk's raw write speed)
+
     def __init__(self, root: Location, lrs: torch.Tensor, p: int, dtype: torch.dtype, *,
                  shard_steps: int | None = None, shard_bytes: int | None = None,
                  storage: str | torch.dtype | None = None, row_group_steps: int | None = None) -> None:
@@ -205,13 +207,14 @@ class CacheWriter:
         self.shards: list[ShardRef] = []
         self._params = torch.empty(self.shard_steps, p, dtype=self.storage)
         self._grads = torch.empty(self.shard_steps, p, dtype=self.storage)
-        self._spare: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._free: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._start = 0
         self._count = 0
-        # shards are encoded, hashed and uploaded by one background thread while the next one
-        # fills the other buffer: two shard buffers at most, and the caller keeps computing
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer")
-        self._pending = None
+        # up to WRITERS shards are encoded, hashed and uploaded by background threads while the
+        # next one fills (WRITERS + 1 buffers at most): the caller keeps computing, and the
+        # encoding of one shard overlaps the upload (or fsync) of another
+        self._pool = ThreadPoolExecutor(max_workers=self.WRITERS, thread_name_prefix="shard-writer")
+        self._pending: list = []
 
     def record(self, step: int, theta: torch.Tensor, grad: torch.Tensor) -> None:
         if step != self._start + self._count:
@@ -228,27 +231,29 @@ class CacheWriter:
         self.root.join(rel).write_bytes(raw)
         return ShardRef(rel, a, a + len(params), raw.size, sha256(raw))
 
-    def _wait(self) -> None:
-        if self._pending is not None:
-            pending, self._pending = self._pending, None
-            self.shards.append(pending.result())  # re-raises a failed upload here
+    def _wait(self, keep: int) -> None:
+        """Wait for written shards, oldest first, until at most ``keep`` are in flight."""
+        while len(self._pending) > keep:
+            job, buffers = self._pending.pop(0)
+            self.shards.append(job.result())  # re-raises a failed upload here; order is kept
+            self._free.append(buffers)
 
     def _flush(self) -> None:
         if self._count == 0:
             return
-        self._wait()  # the previous shard is written: its buffers are free again
+        self._wait(self.WRITERS - 1)  # a writer is free, and so is its buffer
         a, full = self._start, (self._params, self._grads)
-        self._pending = self._pool.submit(self._write_shard, len(self.shards), a, self._params[: self._count],
-                                          self._grads[: self._count])
-        if self._spare is None:
-            self._spare = (torch.empty_like(self._params), torch.empty_like(self._grads))
-        (self._params, self._grads), self._spare = self._spare, full
+        job = self._pool.submit(self._write_shard, len(self.shards) + len(self._pending), a,
+                                self._params[: self._count], self._grads[: self._count])
+        self._pending.append((job, full))
+        self._params, self._grads = self._free.pop() if self._free else (torch.empty_like(self._params),
+                                                                         torch.empty_like(self._grads))
         self._start, self._count = a + self._count, 0
 
     def finish(self, lrs: torch.Tensor) -> ParquetSource:
         try:
             self._flush()
-            self._wait()
+            self._wait(0)
         finally:
             self._pool.shutdown(wait=True)
         if self._start != self.steps:

@@ -17,7 +17,7 @@ from deltagrad_ray.core import Dataset, synthetic_classification
 
 def run(*args: str, cwd) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    return subprocess.run([sys.executable, "-m", "deltagrad_ray.cli", *args], cwd=cwd, env=env,
+    return subprocess.run([sys.executable, "-m", "deltagrad_ray.cli", "--json", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=300)
 
 
@@ -114,3 +114,12 @@ def test_cli_help_lists_commands_with_examples():
     for cmd in ("train", "unlearn", "retrain", "evaluate", "make-data", "demo"):
         assert cmd in p.stdout
     assert "examples:" in p.stdout
+
+
+def test_default_output_is_one_readable_line(workdir):
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    p = subprocess.run([sys.executable, "-m", "deltagrad_ray.cli", "evaluate", "--model", "u.safetensors",
+                        "--data", "data.parquet"], cwd=workdir, env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    line = p.stdout.strip()
+    assert line.startswith("evaluate: ") and "accuracy" in line and "{" not in line.split(": ", 1)[0]

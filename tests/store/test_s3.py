@@ -187,7 +187,8 @@ def test_reduced_storage_precision(wide, storage):
 def test_cli_honours_aws_endpoint_url(world, moto_s3, tmp_path):
     _, bucket, _, _, _ = world
     env = {**__import__("os").environ, **moto_s3.env(), "PYTHONWARNINGS": "ignore"}
-    p = subprocess.run([sys.executable, "-m", "deltagrad_ray.cli", "train", "--data", f"s3://{bucket}/data",
+    p = subprocess.run([sys.executable, "-m", "deltagrad_ray.cli", "--json", "train", "--data",
+                        f"s3://{bucket}/data",
                         "--model", "logreg", "--steps", "10", "--lr", "0.1", "--cache", f"s3://{bucket}/runs/cli"],
                        env=env, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
