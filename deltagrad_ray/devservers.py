@@ -106,13 +106,16 @@ def start_seaweedfs(timeout: float = 30.0):
             return proc, server, data_dir
         time.sleep(0.3)
     proc.kill()
+    proc.wait(10)
     raise RuntimeError(f"weed mini did not answer on {server.endpoint} within {timeout} s")
 
 
 def stop_seaweedfs(proc, data_dir: str) -> None:
+    """Stop the server and reap it (weed mini shuts its components down one by one: seconds)."""
     proc.terminate()
     try:
-        proc.wait(10)
+        proc.wait(30)
     except subprocess.TimeoutExpired:
         proc.kill()
+        proc.wait(10)
     shutil.rmtree(data_dir, ignore_errors=True)
