@@ -158,3 +158,31 @@ def test_actor_killed_and_node_removed_mid_run_every_result_once(ray_cluster, wo
     assert sorted(finished) == list(range(500))
     parts_rows = sum(len(p.read_bytes()) > 0 for p in sink.root.list() if p.name.startswith("part-"))
     assert parts_rows == 20  # 500 / 25 batches, one part each, no duplicates
+
+
+def test_cli_loo_on_the_ray_backend_equals_serial(ray_cluster, world, tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from deltagrad_ray.results import read_table
+    d, data, cache = world
+    (tmp_path / "ids.txt").write_text("\n".join(str(int(i)) for i in data.ids[:20]))
+    outs = {}
+    for backend in ("serial", "ray"):
+        args = [sys.executable, "-m", "deltagrad_ray.cli", "--json", "loo", "--cache", cache.uri, "--ids",
+                str(tmp_path / "ids.txt"), "--batch-size", "8", "--backend", backend,
+                "--out", str(tmp_path / f"{backend}.parquet")]
+        if backend == "ray":
+            args += ["--address", ray_cluster.address, "--workers", "2", "--mode", "pipeline"]
+        env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+        p = subprocess.run(args, capture_output=True, text=True, env=env, timeout=300)
+        assert p.returncode == 0, p.stderr[-2000:]
+        assert json.loads(p.stdout.strip().splitlines()[-1])["backend"] == backend
+        outs[backend] = read_table(tmp_path / f"{backend}.parquet")[0]
+        assert not (tmp_path / f"{backend}.parquet.parts").exists()  # parts removed once the file is written
+    assert outs["serial"].column("id").to_pylist() == outs["ray"].column("id").to_pylist()
+    a = torch.tensor(outs["serial"].column("params").to_pylist())
+    b = torch.tensor(outs["ray"].column("params").to_pylist())
+    assert torch.allclose(a, b, rtol=1e-12, atol=0)  # serial here runs with the CLI process's threads
