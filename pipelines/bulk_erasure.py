@@ -30,8 +30,19 @@ def run(cfg: dict) -> dict:
     from deltagrad_ray.erasure import bulk_erasure
     from deltagrad_ray.report import Report, bars
 
-    audits = bulk_erasure(cache=cfg["cache"], requests=cfg["requests"], output=cfg["output"],
-                          config=DeltaGradConfig(**cfg["deltagrad"]), verify=cfg["verify"], data=cfg["data"])
+    kwargs = dict(cache=cfg["cache"], requests=cfg["requests"], output=cfg["output"],
+                  config=DeltaGradConfig(**cfg["deltagrad"]), verify=cfg["verify"], data=cfg["data"])
+    ray_cfg = cfg["ray"]
+    if ray_cfg["address"] in (None, "local"):
+        audits = bulk_erasure(**kwargs)  # one change set: replayed in this process
+    else:  # on a cluster: the replay and the verification run on a worker with the block's resources
+        import ray
+
+        from deltagrad_ray.distributed.backends import ensure_ray
+        ensure_ray(ray_cfg["address"])
+        task = ray.remote(num_cpus=float(ray_cfg["num_cpus"]), num_gpus=float(ray_cfg["num_gpus"]),
+                          max_retries=2)(bulk_erasure)  # a retried run resumes from its own markers
+        audits = ray.get(task.remote(**kwargs))
     out = {"pipeline": "bulk_erasure", "runs": [a["run_id"] for a in audits],
            "applied": sum(a["requests"].get("applied", 0) for a in audits),
            "rejected": sum(a["requests"].get("rejected", 0) for a in audits),

@@ -125,3 +125,28 @@ def test_conformal_pipeline_as_a_ray_job(ray_cluster, diabetes):
     assert table.num_rows == 60 and {"lower", "upper"} <= set(table.column_names)
     assert final.get(bad) == JobStatus.FAILED
     assert "config: unknown key tset" in client.get_job_logs(bad)
+
+
+@pytest.mark.slow
+def test_bulk_erasure_pipeline_runs_its_replay_on_a_ray_worker(ray_cluster, tmp_path):
+    from deltagrad_ray import api
+    from deltagrad_ray.core import synthetic_classification
+    from deltagrad_ray.erasure import Registry
+    from pipelines import bulk_erasure
+    from pipelines._config import load
+    write_dataset(synthetic_classification(1500, 10, 3, seed=0), tmp_path / "data.parquet")
+    cache = api.fit(str(tmp_path / "data.parquet"), str(tmp_path / "models" / "current"), steps=50, lr=0.5, l2=0.01)
+    (tmp_path / "requests").mkdir()
+    (tmp_path / "requests" / "r.jsonl").write_text(
+        "\n".join(json.dumps({"request_id": f"r{i}", "data_id": i}) for i in range(15)) + "\n")
+    cfg = load(_config(tmp_path / "be.yaml", {
+        "cache": str(tmp_path / "models" / "current"), "requests": str(tmp_path / "requests"),
+        "output": str(tmp_path / "models"), "ray": {"address": ray_cluster.address, "num_cpus": 1},
+        "report": str(tmp_path / "reports")}), bulk_erasure.SCHEMA)
+    out = bulk_erasure.run(cfg)
+    assert out["applied"] == 15 and out["published"]["version"] == 1
+    latest = Registry(tmp_path / "models").latest()
+    exact = api.retrain_exact(cache, delete=list(range(15)))
+    from deltagrad_ray.store import open_cache
+    assert float((open_cache(latest["cache"]).final - exact).norm()) <= 0.05 * float((exact - cache.final).norm())
+    assert Path(out["report"]).exists()
