@@ -52,6 +52,13 @@ def ray_cluster():
     job submission). Connected once; every Ray test shares it."""
     os.environ.setdefault("RAY_AUTH_MODE", "token")
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    if not (os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")
+            or os.path.exists(os.path.expanduser("~/.ray/auth_token"))):
+        # ray.init generates ~/.ray/auth_token, the cluster utility does not: on a fresh machine
+        # its GCS dies for want of a token. A token for this test run only, inherited by every
+        # subprocess (CLI, job submission), never written to disk.
+        import secrets
+        os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
     # every Ray process on loopback: without this Ray advertises the machine's interface address
     # while its GCS listens on 127.0.0.1, and nodes cannot reach it
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
