@@ -8,7 +8,8 @@ per actor; the serial backend also runs with one thread, so that both do the sam
 
 * requests per second with 1 and 2 workers (replicated mode);
 * the Ray layer's overhead per batch: Ray with one worker against the serial backend, B = 32;
-* pipeline against replicated mode when the cache is bigger than an actor's memory cap.
+* pipeline against replicated mode when the cache is bigger than an actor's memory cap;
+* the data-parallel mode (the features split over two data actors, none in the replay actors).
 """
 
 from __future__ import annotations
@@ -86,6 +87,16 @@ def main(argv: list[str] | None = None) -> int:
                   "trajectory_mb": round(in_memory_mb, 1), "actor_cap_mb": round(cap, 1),
                   "per_actor_mb": [round(i["bytes"] / 2**20, 1) for i in rep.stats["actors"]],
                   "seconds": round(secs, 2), "requests_per_s": round(requests / secs, 2)})
+        data_mb = n * d * 8 / 2**20
+        rb = RayBackend(workers=1, mode="replicated", num_cpus=1, data_shards=2, data_cpus=0.5)
+        secs, rep = _timed(rb, cache, changes, B)
+        assert torch.allclose(rep.params, serial.params, rtol=1e-12, atol=1e-14)
+        emit({**base, "backend": "ray, 1 replay worker + 2 data shards (data-parallel)",
+              "data_mb": round(data_mb, 1),
+              "replay_actor_data_mb": [a["data_bytes"] / 2**20 for a in rep.stats["actors"]],
+              "shard_mb": [round(s["bytes"] / 2**20, 1) for s in rep.stats["data_shards"]],
+              "seconds": round(secs, 2), "requests_per_s": round(requests / secs, 2),
+              "vs_1_worker_replicated": round(per_worker[1] / secs, 2)})
     return 0
 
 

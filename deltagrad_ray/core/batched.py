@@ -164,30 +164,25 @@ def _group(keys: Tensor, values: Tensor) -> dict[int, Tensor]:
     return dict(zip(uniq.tolist(), torch.split(values[order], counts.tolist())))
 
 
-class BatchedReplay:
-    """B change sets over one trajectory.
+class LocalRows:
+    """The training rows a batched replay reads, held in this process (the default provider).
+
+    A provider answers two questions: the features of some rows (the changed rows of the
+    requests), and Σ ∇ℓ_i(w_b) over a step's cached batch for B parameter vectors — the explicit
+    step's one pass over the data. The Ray backend's data-parallel mode answers them from data
+    shards on other actors instead (:class:`deltagrad_ray.distributed.datashard.RemoteRows`).
 
     Args:
-      model, traj, data, config: as for :class:`~.replay.Replay`.
-      changes: B change sets (e.g. from :mod:`deltagrad_ray.core.requests`).
-      gemm_dtype: precision of the explicit-step GEMMs (linear models only); default: the
-        data's. A lower one runs them in difference form around the cached point.
-      gemm_bytes: memory budget of one explicit-step computation; requests are processed in
-        chunks that fit (an MLP's activations for B requests over all rows can be large).
+      model, data: the model and the rows.
+      n_base: rows placed by the batch plan's permutation (the others were added later).
+      gemm_dtype: precision of the explicit-step GEMMs (linear models; see BatchedReplay).
+      gemm_bytes: memory budget of one explicit-step computation.
+      batch_rows: rows of one cached batch (sizes the chunks of requests).
     """
 
-    def __init__(self, model: FunctionalModel, traj: Trajectory, data: Dataset, changes: Sequence[ChangeSet],
-                 config: DeltaGradConfig = DeltaGradConfig(), *, gemm_dtype: torch.dtype | None = None,
-                 gemm_bytes: int = 1 << 30) -> None:
-        if len(data) != traj.n_rows:
-            raise InputError(f"the trajectory was trained on {traj.n_rows} rows, the data has {len(data)}")
-        if not changes:
-            raise InputError("no change sets given")
-        self.model, self.traj, self.data, self.config = model, traj, data, config
-        self.B, self.l2, dev = len(changes), traj.l2, data.X.device
-        self.index = BatchIndex(traj.plan, data, traj.removed)  # the cached batches, shared
-        self.explicit = config.explicit_steps(traj.steps).tolist()
-        self.adaptive = config.schedule == "adaptive"
+    def __init__(self, model: FunctionalModel, data: Dataset, n_base: int, *, gemm_dtype: torch.dtype | None = None,
+                 gemm_bytes: int = 1 << 30, batch_rows: int | None = None) -> None:
+        self.model, self.data, self.n_base = model, data, n_base
         self.gather = RowGather(data.X)
         self.low = None
         if gemm_dtype is not None and gemm_dtype != data.X.dtype:
@@ -198,15 +193,68 @@ class BatchedReplay:
             self.gather_low = RowGather(self.X_low)
         # memory of one request's explicit step ≈ rows × (activations per row, ~p/d) × 4 buffers
         width = max(1, model.p // max(1, data.n_features))
-        per_request = (traj.plan.batch_size or traj.plan.n_base) * width * data.X.element_size() * 4
+        per_request = max(1, batch_rows or n_base) * width * data.X.element_size() * 4
         self.chunk = max(1, gemm_bytes // per_request)
+
+    def features(self, rows: Tensor) -> Tensor:
+        return self.data.X[rows]
+
+    def grad_many(self, W: Tensor, base: Tensor | None, weights: Tensor | None, extra: Tensor,
+                  w_t: Tensor) -> Tensor:
+        """Σ over ``base`` rows (None: all base rows, weighted) and ``extra`` rows of ∇ℓ_i(w_b), (B, p)."""
+        if base is None:
+            X, y = self.data.X[: self.n_base], self.data.y[: self.n_base]
+            X_low = self.X_low[: self.n_base] if self.low is not None else None
+        else:
+            X, y = self.gather(base), self.data.y[base]
+            X_low = self.gather_low(base) if self.low is not None else None
+        ref = None
+        if self.low is not None:
+            ref = ManyRef(w_t, self.model.grad_sum(w_t, X, y, weights), X_low)
+        out = [self.model.grad_sum_many(W[i:i + self.chunk], X, y, weights, ref)
+               for i in range(0, W.shape[0], self.chunk)]
+        G = torch.cat(out)
+        if len(extra):
+            G = G + self.model.grad_sum_many(W, self.data.X[extra], self.data.y[extra])
+        return G
+
+
+class BatchedReplay:
+    """B change sets over one trajectory.
+
+    Args:
+      model, traj, data, config: as for :class:`~.replay.Replay`.
+      changes: B change sets (e.g. from :mod:`deltagrad_ray.core.requests`).
+      gemm_dtype: precision of the explicit-step GEMMs (linear models only); default: the
+        data's. A lower one runs them in difference form around the cached point.
+      gemm_bytes: memory budget of one explicit-step computation; requests are processed in
+        chunks that fit (an MLP's activations for B requests over all rows can be large).
+      rows: where the training rows' features are read (default :class:`LocalRows` over ``data``;
+        ``data.X`` may then be zero-width: only ids and labels are used here).
+    """
+
+    def __init__(self, model: FunctionalModel, traj: Trajectory, data: Dataset, changes: Sequence[ChangeSet],
+                 config: DeltaGradConfig = DeltaGradConfig(), *, gemm_dtype: torch.dtype | None = None,
+                 gemm_bytes: int = 1 << 30, rows=None) -> None:
+        if len(data) != traj.n_rows:
+            raise InputError(f"the trajectory was trained on {traj.n_rows} rows, the data has {len(data)}")
+        if not changes:
+            raise InputError("no change sets given")
+        self.model, self.traj, self.data, self.config = model, traj, data, config
+        self.B, self.l2, dev = len(changes), traj.l2, data.X.device
+        self.index = BatchIndex(traj.plan, data, traj.removed)  # the cached batches, shared
+        self.explicit = config.explicit_steps(traj.steps).tolist()
+        self.adaptive = config.schedule == "adaptive"
+        self.rows = rows if rows is not None else LocalRows(
+            model, data, traj.plan.n_base, gemm_dtype=gemm_dtype, gemm_bytes=gemm_bytes,
+            batch_rows=traj.plan.batch_size)
 
         # every request's changed rows as one table of entries: (row features, label, ±1, owner)
         Xs, ys, signs, owners, base_rows, extra_ids, kinds = [], [], [], [], [], [], []
         nb = traj.plan.n_base
         for b, ch in enumerate(changes):
             d = ch.delete.to(dev)
-            Xs.append(data.X[d])
+            Xs.append(self.rows.features(d))
             ys.append(data.y[d])
             signs.append(torch.full((len(d),), -1.0, dtype=data.X.dtype, device=dev))
             owners.append(torch.full((len(d),), b, dtype=torch.int64, device=dev))
@@ -280,24 +328,9 @@ class BatchedReplay:
                             fz.clone(), fz.clone(), zeros.clone())
 
     def _explicit_grads(self, W: Tensor, sb, w_t: Tensor) -> Tensor:
-        """Σ ∇ℓ_i(w_b) over the cached batch for each row of W: one pass over the rows per chunk."""
+        """Σ ∇ℓ_i(w_b) over the cached batch for each row of W: one pass over the rows."""
         base, weights = self.index.base(sb)
-        if base is None:
-            X, y = self.data.X[: self.traj.plan.n_base], self.data.y[: self.traj.plan.n_base]
-            X_low = self.X_low[: self.traj.plan.n_base] if self.low is not None else None
-        else:
-            X, y = self.gather(base), self.data.y[base]
-            X_low = self.gather_low(base) if self.low is not None else None
-        ref = None
-        if self.low is not None:
-            ref = ManyRef(w_t, self.model.grad_sum(w_t, X, y, weights), X_low)
-        out = [self.model.grad_sum_many(W[i:i + self.chunk], X, y, weights, ref)
-               for i in range(0, W.shape[0], self.chunk)]
-        G = torch.cat(out)
-        if len(sb.extra):
-            Xe, ye = self.data.X[sb.extra], self.data.y[sb.extra]
-            G = G + self.model.grad_sum_many(W, Xe, ye)
-        return G
+        return self.rows.grad_many(W, base, weights, sb.extra, w_t)
 
     def _step(self, st: BatchedState, t: int, w_t: Tensor, g_t: Tensor, lr: float) -> BatchedState:
         sb = self.index.at(t)

@@ -18,6 +18,7 @@ are written as they arrive (:class:`~.sink.ResultSink`) and returned in request 
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections import deque
@@ -220,6 +221,11 @@ class RayBackend:
       max_in_flight: batches in flight (default 2 × workers).
       max_attempts: attempts of one stage of a batch when actors or nodes die.
       device: torch device inside the actors (``cuda`` with num_gpus).
+      data_shards: split the training data over this many data actors (each holding a
+        contiguous row range; replay actors then hold ids and labels only and sum the shards'
+        partial gradients at explicit steps), or ``"auto"``: as many as the data needs to fit
+        ``actor_memory_mb`` each, none when it fits one actor.
+      data_cpus: CPUs per data actor.
     """
 
     name = "ray"
@@ -227,7 +233,8 @@ class RayBackend:
     def __init__(self, address: str | None = None, *, workers: int = 2, mode: str = "auto", num_cpus: float = 1,
                  num_gpus: float = 0, resources: dict[str, float] | None = None, strategy: str = "SPREAD",
                  max_in_flight: int | None = None, actor_memory_mb: float = 2048, max_attempts: int = 4,
-                 device: str = "cpu", ready_timeout: float = 120.0) -> None:
+                 device: str = "cpu", ready_timeout: float = 120.0, data_shards: int | str = "auto",
+                 data_cpus: float = 0.5) -> None:
         if mode not in ("auto", "pipeline", "replicated"):
             raise InputError(f"mode must be auto, pipeline or replicated, got {mode!r}")
         if strategy not in ("SPREAD", "PACK"):
@@ -240,7 +247,11 @@ class RayBackend:
         self.max_in_flight = max_in_flight or 2 * workers
         self.actor_memory = actor_memory_mb * 2 ** 20
         self.ready_timeout = ready_timeout
+        if not (data_shards == "auto" or (isinstance(data_shards, int) and data_shards >= 0)):
+            raise InputError(f"data_shards must be 'auto' or an integer >= 0, got {data_shards!r}")
+        self.data_shards, self.data_cpus = data_shards, data_cpus
         self.actors: list = []
+        self.data_actors: list = []
         self.info: list[dict] = []
 
     # -- actors ---------------------------------------------------------------------------------
@@ -254,6 +265,13 @@ class RayBackend:
             bounds[0], bounds[-1] = 0, T
         bounds = sorted(set(bounds))
         return [(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
+
+    def _choose_data_shards(self, cache) -> int:
+        if self.data_shards != "auto":
+            return int(self.data_shards)
+        info = cache.manifest["data"]
+        data_bytes = int(info["n"]) * int(info["d"]) * torch.empty(0, dtype=cache.dtype).element_size()
+        return 0 if data_bytes <= self.actor_memory else math.ceil(data_bytes / self.actor_memory)
 
     def _choose_mode(self, cache) -> str:
         if self.mode != "auto":
@@ -271,6 +289,8 @@ class RayBackend:
         cache = open_cache(cache_uri)
         mode = self._choose_mode(cache)
         ranges = self._ranges(cache) if mode == "pipeline" else [None] * self.workers
+        threads = max(1, int(self.num_cpus))
+        names = self._start_data_shards(cache, cache_uri, data_uri, threads)
         bundle = {"CPU": self.num_cpus, **({"GPU": self.num_gpus} if self.num_gpus else {}), **self.resources}
         self.pg = placement_group([dict(bundle) for _ in ranges], strategy=self.strategy)
         try:
@@ -280,20 +300,40 @@ class RayBackend:
             raise InputError(f"the cluster cannot place {len(ranges)} workers with {bundle} each "
                              f"({self.strategy}); available: {ray.available_resources()}") from None
         Actor = ray.remote(ReplayWorker)
-        threads = max(1, int(self.num_cpus))
         self.actors = [Actor.options(num_cpus=self.num_cpus, num_gpus=self.num_gpus, resources=self.resources,
                                      max_restarts=-1, max_task_retries=0,
                                      scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, k))
-                       .remote(cache_uri, data_uri, r, threads, self.device) for k, r in enumerate(ranges)]
+                       .remote(cache_uri, data_uri, r, threads, self.device, None, names or None)
+                       for k, r in enumerate(ranges)]
         self.info = ray.get([a.info.remote() for a in self.actors])
         self.ranges, self.run_mode, self.p = ranges, mode, cache.model.p
         return mode
 
+    def _start_data_shards(self, cache, cache_uri: str, data_uri: str | None, threads: int) -> list[str]:
+        """Data actors for the data-parallel mode, by name (replay actors look them up: URIs and
+        names only in constructors, so restarted actors rebuild themselves)."""
+        D = self._choose_data_shards(cache)
+        if D == 0:
+            return []
+        import uuid
+        ray = _ray()
+        from .datashard import DataShard
+        n = cache.n_rows
+        bounds = [round(n * k / D) for k in range(D + 1)]
+        tag = uuid.uuid4().hex[:8]
+        Data = ray.remote(DataShard)
+        names = [f"deltagrad-data-{tag}-{k}" for k in range(D)]
+        self.data_actors = [Data.options(name=name, num_cpus=self.data_cpus, max_restarts=-1, max_task_retries=0)
+                            .remote(cache_uri, data_uri, (a, b), threads, self.device)
+                            for name, a, b in zip(names, bounds[:-1], bounds[1:])]
+        self.data_info = ray.get([a.info.remote() for a in self.data_actors])
+        return names
+
     def stop(self) -> None:
         ray = _ray()
-        for a in self.actors:
+        for a in self.actors + self.data_actors:
             ray.kill(a, no_restart=True)
-        self.actors = []
+        self.actors, self.data_actors = [], []
         if getattr(self, "pg", None) is not None:
             ray.util.remove_placement_group(self.pg)
             self.pg = None
@@ -365,6 +405,7 @@ class RayBackend:
                     jobs.appendleft(job)  # the next stage goes first: finish batches before starting new ones
             stats["seconds"] = time.perf_counter() - t0
             stats["actors"] = self.info
+            stats["data_shards"] = getattr(self, "data_info", []) if self.data_actors else []
             return col.report(stats)
         finally:
             if own:

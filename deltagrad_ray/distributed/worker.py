@@ -29,12 +29,24 @@ class ReplayWorker:
     """
 
     def __init__(self, cache_uri, data_uri: str | None = None, steps: tuple[int, int] | None = None,
-                 threads: int | None = None, device: str = "cpu", data=None) -> None:
+                 threads: int | None = None, device: str = "cpu", data=None,
+                 data_shards: list[str] | None = None) -> None:
         if threads:
             torch.set_num_threads(threads)
         # an already open Cache and its Dataset may be passed in-process (serial backend)
         self.cache = cache_uri if hasattr(cache_uri, "manifest") else open_cache(cache_uri)
-        self.data = data if data is not None else self.cache.data(data_uri, device=device)
+        self.rows = None
+        if data_shards:  # data-parallel: the features live on DataShard actors, found by name
+            import ray
+
+            from ..store.cache import labels_only
+            from .datashard import RemoteRows
+            self.data = labels_only(self.cache, data_uri)
+            actors = [ray.get_actor(name) for name in data_shards]
+            ranges = ray.get([a.info.remote() for a in actors])
+            self.rows = RemoteRows([(a, *r["range"]) for a, r in zip(actors, ranges)], self.cache.plan.n_base)
+        else:
+            self.data = data if data is not None else self.cache.data(data_uri, device=device)
         self.traj = self.cache.trajectory(device)
         self.range = steps or (0, self.traj.steps)
         self.segments = list(self.traj.segments(*self.range))
@@ -44,13 +56,18 @@ class ReplayWorker:
         import os
         import socket
         held = sum(s.params.element_size() * (s.params.numel() + s.grads.numel()) for s in self.segments)
-        return {"range": list(self.range), "bytes": held, "pid": os.getpid(), "host": socket.gethostname(),
-                "threads": torch.get_num_threads()}
+        data_bytes = self.data.X.element_size() * self.data.X.numel()
+        return {"range": list(self.range), "bytes": held, "data_bytes": data_bytes, "pid": os.getpid(),
+                "host": socket.gethostname(), "threads": torch.get_num_threads()}
 
     def _replay(self, changes: Sequence[ChangeSet], config: DeltaGradConfig, gemm_dtype) -> BatchedReplay:
         changes = [ChangeSet(c.delete.to(self.device), None if c.add is None else c.add.to(device=self.device))
                    for c in changes]
-        return BatchedReplay(self.cache.model, self.traj, self.data, changes, config, gemm_dtype=gemm_dtype)
+        if self.rows is not None and gemm_dtype is not None:
+            from ..core.errors import InputError
+            raise InputError("gemm_dtype is not available with data shards")
+        return BatchedReplay(self.cache.model, self.traj, self.data, changes, config, gemm_dtype=gemm_dtype,
+                             rows=self.rows)
 
     def advance(self, changes: Sequence[ChangeSet], config: DeltaGradConfig, gemm_dtype,
                 state: BatchedState | None) -> BatchedState:

@@ -462,6 +462,26 @@ class Cache:
         return data.to(dtype=self.dtype, device=device)
 
 
+def labels_only(cache: Cache, uri: str | Location | None = None) -> Dataset:
+    """The cache's rows with ids and labels but zero-width features: what a replay needs when
+    the features live elsewhere (data-parallel mode). The data is not re-verified here: the
+    shards holding the features verify it."""
+    from .datasets import read_labels
+    info = cache.manifest["data"]
+    ids, y = read_labels(location(uri if uri is not None else info["uri"]))
+    added = cache._row_file("added.parquet")
+    if added is not None:
+        extra = dataset_from_table(pq.read_table(pa.BufferReader(added)), cache.root.join("added.parquet").uri,
+                                   cache.spec.task == "regression")
+        ids, y = torch.cat([ids, extra.ids]), torch.cat([y.to(extra.y.dtype), extra.y])
+    y = y.to(torch.float64 if cache.spec.task == "regression" else torch.int64)
+    if cache.spec.task == "regression":
+        y = y.to(cache.dtype)
+    if len(ids) != cache.n_rows:
+        raise StorageError(f"{cache.uri}: the cache covers {cache.n_rows} rows, its data has {len(ids)}")
+    return Dataset(torch.zeros(len(ids), 0, dtype=cache.dtype), y, ids)
+
+
 def read_manifest(root: Location) -> dict:
     mloc = root.join(MANIFEST)
     if not mloc.exists():

@@ -77,6 +77,16 @@ def read_dataset(uri: str | Location, *, regression: bool | None = None, labels_
     return dataset_from_table(table, loc.uri, regression)
 
 
+def read_labels(uri: str | Location) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, labels) of a data set, without reading its features (labels as stored: int or float)."""
+    ids, labels = [], []
+    for part in _parquet_parts(location(uri)):
+        t = pq.read_table(pa.BufferReader(part.read_buffer()), columns=["id", "label"])
+        ids.append(t.column("id").to_numpy().astype(np.int64))
+        labels.append(t.column("label").to_numpy())
+    return torch.from_numpy(np.concatenate(ids)), torch.from_numpy(np.concatenate(labels))
+
+
 def column_names(uri: str | Location) -> list[str]:
     """The columns of a data set (from its first Parquet part's footer)."""
     part = _parquet_parts(location(uri))[0]

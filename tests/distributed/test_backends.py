@@ -186,3 +186,42 @@ def test_cli_loo_on_the_ray_backend_equals_serial(ray_cluster, world, tmp_path):
     a = torch.tensor(outs["serial"].column("params").to_pylist())
     b = torch.tensor(outs["ray"].column("params").to_pylist())
     assert torch.allclose(a, b, rtol=1e-12, atol=0)  # serial here runs with the CLI process's threads
+
+
+def test_data_parallel_mode_equals_serial(ray_cluster, world, tmp_path):
+    """Features split over data actors; replay actors keep ids and labels only."""
+    d, data, cache = world
+    changes = _changes(data, 16)
+    serial = SerialBackend(threads=1).run(cache, None, changes, batch_size=8)
+    rb = RayBackend(workers=2, mode="pipeline", resources={"accel": 1}, data_shards=2)
+    rep = rb.run(cache.uri, None, changes, batch_size=8)
+    # the shards' partial gradients are summed in another order than one pass over all rows
+    assert torch.allclose(rep.params, serial.params, rtol=1e-12, atol=1e-14)
+    assert all(a["data_bytes"] == 0 for a in rep.stats["actors"])          # no features in replay actors
+    assert [s["range"] for s in rep.stats["data_shards"]] == [[0, 300], [300, 600]]
+
+
+def test_data_parallel_mode_on_sgd_with_removed_and_added_rows(ray_cluster, tmp_path):
+    data = synthetic_classification(800, 8, 3, seed=5)
+    write_dataset(data, tmp_path / "data.parquet")
+    base = api.fit(str(tmp_path / "data.parquet"), str(tmp_path / "c0"), optimizer="sgd", batch_size=200, steps=40,
+                   lr=0.3, l2=0.01, shard_steps=10)
+    extra = synthetic_classification(6, 8, 3, seed=6)
+    api.unlearn(base, delete=[1, 2, 3], add=Dataset(extra.X, extra.y, extra.ids + 5000),
+                out_cache=str(tmp_path / "c1"))   # a derived cache: removed rows and added rows
+    from deltagrad_ray.store import open_cache
+    c1 = open_cache(tmp_path / "c1")
+    ds = c1.data()
+    changes = leave_one_out(ds, torch.tensor([10, 20, 5001, 5003]))
+    serial = SerialBackend(threads=1).run(c1, None, changes, batch_size=2)
+    rep = RayBackend(workers=1, mode="replicated", data_shards=2).run(c1.uri, None, changes, batch_size=2)
+    assert torch.allclose(rep.params, serial.params, rtol=1e-12, atol=1e-14)
+
+
+def test_data_shards_auto_follows_the_memory_cap(world):
+    from deltagrad_ray.core import InputError
+    cache = world[2]  # 600 × 10 float64 = 48 kB of features
+    assert RayBackend(actor_memory_mb=1)._choose_data_shards(cache) == 0
+    assert RayBackend(actor_memory_mb=0.01)._choose_data_shards(cache) == 5
+    with pytest.raises(InputError, match="data_shards must be 'auto' or an integer >= 0"):
+        RayBackend(data_shards=-1)

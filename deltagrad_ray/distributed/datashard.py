@@ -1,0 +1,89 @@
+"""Data-parallel rows: the training data split across actors when it is too big for one.
+
+Each :class:`DataShard` actor holds a contiguous range of rows [a, b) (loaded, and checked
+against the cache's fingerprint, by the actor itself from the data location) and answers for
+them: the features of some rows, and its part of an explicit step's Σ ∇ℓ_i(w_b) for B parameter
+vectors. :class:`RemoteRows` is the row provider a replay worker uses instead of holding the
+data: it splits each question by range and sums the shards' answers. Explicit steps then cost
+one round trip to every shard, and the shards compute in parallel.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..core.batched import LocalRows
+from ..core.data import Dataset
+from ..store.cache import open_cache
+
+
+class DataShard:
+    """Rows [a, b) of a cache's training data (an actor in the Ray backend's data-parallel mode)."""
+
+    def __init__(self, cache_uri: str, data_uri: str | None, rows: tuple[int, int], threads: int | None = None,
+                 device: str = "cpu") -> None:
+        if threads:
+            torch.set_num_threads(threads)
+        cache = open_cache(cache_uri)
+        data = cache.data(data_uri, device=device)          # verified against the fingerprint
+        a, b = rows
+        self.range = (a, b)
+        self.n_base_local = max(0, min(b, cache.plan.n_base) - a)
+        part = Dataset(data.X[a:b].clone(), data.y[a:b].clone(), data.ids[a:b].clone())
+        del data                                              # keep only this shard's rows
+        self.rows = LocalRows(cache.model, part, self.n_base_local)
+
+    def info(self) -> dict:
+        d = self.rows.data
+        return {"range": list(self.range), "bytes": d.X.element_size() * d.X.numel()}
+
+    def features(self, local_rows: Tensor) -> Tensor:
+        return self.rows.features(local_rows)
+
+    def grad_many(self, W: Tensor, base: Tensor | None, weights: Tensor | None, extra: Tensor, w_t: Tensor) -> Tensor:
+        """This shard's part of Σ ∇ℓ_i(w_b): rows given as local indices (None: all its base rows)."""
+        return self.rows.grad_many(W, base, weights, extra, w_t)
+
+
+class RemoteRows:
+    """A row provider over :class:`DataShard` actors (see :class:`~deltagrad_ray.core.batched.LocalRows`).
+
+    Args:
+      shards: (actor handle, start, stop) of every shard, covering all rows.
+      n_base: rows placed by the batch plan's permutation.
+    """
+
+    def __init__(self, shards: list[tuple[object, int, int]], n_base: int) -> None:
+        self.shards, self.n_base = shards, n_base
+
+    def features(self, rows: Tensor) -> Tensor:
+        import ray
+        parts, where = [], []
+        for actor, a, b in self.shards:
+            m = (rows >= a) & (rows < b)
+            if bool(m.any()):
+                parts.append(actor.features.remote(rows[m] - a))
+                where.append(m)
+        got = ray.get(parts)
+        if not got:
+            raise ValueError("no rows requested")
+        out = torch.empty(len(rows), got[0].shape[1], dtype=got[0].dtype)
+        for m, x in zip(where, got):
+            out[m] = x
+        return out
+
+    def grad_many(self, W: Tensor, base: Tensor | None, weights: Tensor | None, extra: Tensor,
+                  w_t: Tensor) -> Tensor:
+        import ray
+        refs = []
+        for actor, a, b in self.shards:
+            if base is None:  # every base row: each shard its own, with its slice of the weights
+                bl = None
+                wl = weights[a:min(b, self.n_base)] if weights is not None and a < self.n_base else None
+            else:
+                m = (base >= a) & (base < b)
+                bl, wl = base[m] - a, (weights[m] if weights is not None else None)
+            el = extra[(extra >= a) & (extra < b)] - a
+            refs.append(actor.grad_many.remote(W, bl, wl, el, w_t))
+        return sum(ray.get(refs))
