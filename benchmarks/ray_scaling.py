@@ -80,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
                      {"speedup_vs_1_worker": round(per_worker[1] / secs, 2)})})
         cap = in_memory_mb / 2  # an actor may hold half the trajectory: auto picks the pipeline
         for mode in ("auto", "replicated"):
-            rb = RayBackend(workers=2, mode=mode, num_cpus=1, actor_memory_mb=cap)
+            # the cap is for the trajectory here; the features (15 MB) stay whole in each actor
+            rb = RayBackend(workers=2, mode=mode, num_cpus=1, actor_memory_mb=cap, data_shards=0)
             secs, rep = _timed(rb, cache, changes, B)
             assert torch.equal(rep.params, serial.params)
             emit({**base, "backend": f"ray, 2 workers, mode={mode} → {rep.stats['mode']}",

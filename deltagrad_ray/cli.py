@@ -117,6 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="Ray: actors own step ranges (pipeline) or all steps (replicated)")
         p.add_argument("--num-cpus", type=float, default=1, help="Ray: CPUs per actor")
         p.add_argument("--num-gpus", type=float, default=0, help="Ray: GPUs per actor (fractions allowed)")
+        p.add_argument("--data-shards", type=_data_shards, default="auto",
+                       help="Ray: split the training features over this many data actors (default auto: "
+                            "only when they do not fit one actor's memory)")
         p.add_argument("--gemm-dtype", choices=["float64", "float32"], default=None,
                        help="precision of the batched explicit-step GEMMs (linear models; default: the data's)")
         p.add_argument("--data", help="the training data (default: the location recorded in the cache)")
@@ -255,6 +258,14 @@ def cmd_evaluate(a: argparse.Namespace) -> dict:
     return {"command": "evaluate", "model": a.model, "data": a.data, **api.evaluate(a.model, a.data)}
 
 
+def _data_shards(text: str) -> int | str:
+    if text == "auto":
+        return text
+    if text.isdigit():
+        return int(text)
+    raise argparse.ArgumentTypeError(f"expected 'auto' or a count >= 0, got {text!r}")
+
+
 def _fanout(a: argparse.Namespace):
     """The Fanout of a many-request command; results are kept incrementally next to --out."""
     import torch
@@ -266,7 +277,7 @@ def _fanout(a: argparse.Namespace):
     cfg = DeltaGradConfig(period=a.period, burn_in=a.burn_in, history=a.history)
     gemm = getattr(torch, a.gemm_dtype) if a.gemm_dtype else None
     be = backend(a.backend, address=a.address, workers=a.workers, mode=a.mode, num_cpus=a.num_cpus,
-                 num_gpus=a.num_gpus, device="cuda" if a.num_gpus else "cpu")
+                 num_gpus=a.num_gpus, device="cuda" if a.num_gpus else "cpu", data_shards=a.data_shards)
     progress = bar(a.command)
     return Fanout(backend=be, batch_size=a.batch_size, config=cfg, gemm_dtype=gemm, parts=a.out + ".parts",
                   progress=progress), progress

@@ -22,8 +22,10 @@ from deltagrad_ray.store.location import StorageError, location
 
 REQUIRED = object()
 
+# data_shards: null/"auto" (split the features over data actors only when they exceed an actor's
+# memory cap) or a count; RayBackend checks the value
 RAY = {"address": None, "workers": 2, "num_cpus": 1.0, "num_gpus": 0.0, "mode": "auto", "strategy": "SPREAD",
-       "batch_size": 32}
+       "batch_size": 32, "data_shards": None}
 DELTAGRAD = {"period": 5, "burn_in": 10, "history": 2}
 
 
@@ -92,7 +94,8 @@ def fanout(ray: dict, deltagrad: dict | None = None, parts: str | None = None):
     address = ray["address"]
     backend = RayBackend(address=address if address not in (None, "local") else None, workers=int(ray["workers"]),
                          mode=ray["mode"], num_cpus=float(ray["num_cpus"]), num_gpus=float(ray["num_gpus"]),
-                         strategy=ray["strategy"], device="cuda" if ray["num_gpus"] else "cpu")
+                         strategy=ray["strategy"], device="cuda" if ray["num_gpus"] else "cpu",
+                         data_shards="auto" if ray["data_shards"] is None else ray["data_shards"])
     return Fanout(backend=backend, batch_size=int(ray["batch_size"]), config=DeltaGradConfig(**(deltagrad or {})),
                   parts=parts, progress=bar("replays"))
 

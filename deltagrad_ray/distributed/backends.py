@@ -266,11 +266,15 @@ class RayBackend:
         bounds = sorted(set(bounds))
         return [(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
 
+    @staticmethod
+    def _data_mb(cache) -> float:
+        info = cache.manifest["data"]
+        return int(info["n"]) * int(info["d"]) * torch.empty(0, dtype=cache.dtype).element_size() / 2**20
+
     def _choose_data_shards(self, cache) -> int:
         if self.data_shards != "auto":
             return int(self.data_shards)
-        info = cache.manifest["data"]
-        data_bytes = int(info["n"]) * int(info["d"]) * torch.empty(0, dtype=cache.dtype).element_size()
+        data_bytes = self._data_mb(cache) * 2**20
         return 0 if data_bytes <= self.actor_memory else math.ceil(data_bytes / self.actor_memory)
 
     def _choose_mode(self, cache) -> str:
@@ -290,13 +294,24 @@ class RayBackend:
         mode = self._choose_mode(cache)
         ranges = self._ranges(cache) if mode == "pipeline" else [None] * self.workers
         threads = max(1, int(self.num_cpus))
-        names = self._start_data_shards(cache, cache_uri, data_uri, threads)
         bundle = {"CPU": self.num_cpus, **({"GPU": self.num_gpus} if self.num_gpus else {}), **self.resources}
+        D = self._choose_data_shards(cache)
+        need = len(ranges) * self.num_cpus + D * self.data_cpus
+        have = ray.cluster_resources().get("CPU", 0)
+        if need > have:  # fail now rather than wait for actors that can never be placed
+            data = f" + {D} data actors × {self.data_cpus} CPU" if D else ""
+            why = (f" ({self._data_mb(cache):.1f} MB of features over actors of at most "
+                   f"{self.actor_memory / 2**20:g} MB: raise actor_memory_mb or add nodes)") if D else ""
+            raise InputError(f"the cluster has {have:g} CPUs, the replay needs {need:g}: {len(ranges)} workers × "
+                             f"{self.num_cpus} CPU{data}{why}")
+        names = self._start_data_shards(cache, cache_uri, data_uri, threads, D)
         self.pg = placement_group([dict(bundle) for _ in ranges], strategy=self.strategy)
         try:
             ray.get(self.pg.ready(), timeout=self.ready_timeout)
         except Exception:
             ray.util.remove_placement_group(self.pg)
+            self.pg = None
+            self.stop()  # the data actors, if any
             raise InputError(f"the cluster cannot place {len(ranges)} workers with {bundle} each "
                              f"({self.strategy}); available: {ray.available_resources()}") from None
         Actor = ray.remote(ReplayWorker)
@@ -309,23 +324,34 @@ class RayBackend:
         self.ranges, self.run_mode, self.p = ranges, mode, cache.model.p
         return mode
 
-    def _start_data_shards(self, cache, cache_uri: str, data_uri: str | None, threads: int) -> list[str]:
-        """Data actors for the data-parallel mode, by name (replay actors look them up: URIs and
+    def _start_data_shards(self, cache, cache_uri: str, data_uri: str | None, threads: int, D: int) -> list[str]:
+        """D data actors for the data-parallel mode, by name (replay actors look them up: URIs and
         names only in constructors, so restarted actors rebuild themselves)."""
-        D = self._choose_data_shards(cache)
         if D == 0:
             return []
         import uuid
         ray = _ray()
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
         from .datashard import DataShard
+        self.data_pg = placement_group([{"CPU": self.data_cpus} for _ in range(D)], strategy=self.strategy)
+        try:
+            ray.get(self.data_pg.ready(), timeout=self.ready_timeout)
+        except Exception:
+            ray.util.remove_placement_group(self.data_pg)
+            self.data_pg = None
+            raise InputError(f"the cluster cannot place {D} data actors with {self.data_cpus} CPU each "
+                             f"({self.strategy}); available: {ray.available_resources()}") from None
         n = cache.n_rows
         bounds = [round(n * k / D) for k in range(D + 1)]
         tag = uuid.uuid4().hex[:8]
         Data = ray.remote(DataShard)
         names = [f"deltagrad-data-{tag}-{k}" for k in range(D)]
-        self.data_actors = [Data.options(name=name, num_cpus=self.data_cpus, max_restarts=-1, max_task_retries=0)
+        self.data_actors = [Data.options(name=name, num_cpus=self.data_cpus, max_restarts=-1, max_task_retries=0,
+                                         scheduling_strategy=PlacementGroupSchedulingStrategy(self.data_pg, k))
                             .remote(cache_uri, data_uri, (a, b), threads, self.device)
-                            for name, a, b in zip(names, bounds[:-1], bounds[1:])]
+                            for k, (name, a, b) in enumerate(zip(names, bounds[:-1], bounds[1:]))]
         self.data_info = ray.get([a.info.remote() for a in self.data_actors])
         return names
 
@@ -334,9 +360,10 @@ class RayBackend:
         for a in self.actors + self.data_actors:
             ray.kill(a, no_restart=True)
         self.actors, self.data_actors = [], []
-        if getattr(self, "pg", None) is not None:
-            ray.util.remove_placement_group(self.pg)
-            self.pg = None
+        for attr in ("pg", "data_pg"):
+            if getattr(self, attr, None) is not None:
+                ray.util.remove_placement_group(getattr(self, attr))
+                setattr(self, attr, None)
 
     # -- the driver -------------------------------------------------------------------------------
     def run(self, cache_uri: str, data_uri: str | None, changes: Sequence[ChangeSet], *, batch_size: int = 32,

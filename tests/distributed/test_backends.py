@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from deltagrad_ray import api
-from deltagrad_ray.core import ChangeSet, Dataset, leave_one_out, make_change_set
+from deltagrad_ray.core import ChangeSet, Dataset, InputError, leave_one_out, make_change_set
 from deltagrad_ray.core import synthetic_classification
 from deltagrad_ray.distributed.backends import RayBackend, SerialBackend
 from deltagrad_ray.distributed.sink import ResultSink
@@ -225,3 +225,13 @@ def test_data_shards_auto_follows_the_memory_cap(world):
     assert RayBackend(actor_memory_mb=0.01)._choose_data_shards(cache) == 5
     with pytest.raises(InputError, match="data_shards must be 'auto' or an integer >= 0"):
         RayBackend(data_shards=-1)
+
+
+def test_data_shards_the_cluster_cannot_hold_are_refused_before_any_actor_starts(ray_cluster, world):
+    import ray
+    before = len(ray.util.placement_group_table())
+    rb = RayBackend(workers=2, data_shards=5, data_cpus=1)       # 2 + 5 CPUs on a 4-CPU cluster
+    with pytest.raises(InputError, match=r"the cluster has 4 CPUs, the replay needs 7: 2 workers × 1 CPU "
+                                         r"\+ 5 data actors × 1 CPU"):
+        rb.run(world[2].uri, None, _changes(world[1], 2), batch_size=2)
+    assert rb.actors == [] and rb.data_actors == [] and len(ray.util.placement_group_table()) == before

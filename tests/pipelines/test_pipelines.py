@@ -84,7 +84,9 @@ def test_jackknife_pipeline_on_ray(ray_cluster, diabetes):
     cache = _train(diabetes)
     cfg = load(_config(diabetes / "jk.yaml", {
         "cache": str(cache), "test": str(diabetes / "test.parquet"), "output": str(diabetes / "jk"),
-        "ray": {"address": ray_cluster.address, "workers": 2, "batch_size": 32}, "report": str(diabetes / "reports")}),
+        # data-parallel: the features on two data actors, the replay actors hold ids and labels
+        "ray": {"address": ray_cluster.address, "workers": 2, "batch_size": 32, "data_shards": 2},
+        "report": str(diabetes / "reports")}),
         jackknife.SCHEMA)
     out = jackknife.run(cfg)
     assert out["backend"] == "ray" and out["loo_models"] == 200
