@@ -23,7 +23,7 @@ from .distributed.backends import RunReport, SerialBackend
 from .distributed.sink import ResultSink
 from .stats import jackknife as _jackknife
 from .stats import jackknife_plus_intervals, jackknife_plus_sets, loo_influence
-from .store.cache import Cache, open_cache
+from .store.cache import Cache, labels_only, open_cache
 from .store.datasets import read_dataset
 from .store.location import Location
 
@@ -131,9 +131,11 @@ def loo(cache: Cache | str | Location, ids: Sequence[int] | Tensor | None = None
     ``result.replay.errors``; with ``strict`` they raise instead.
     """
     c = _cache(cache)
-    ds = c.data(data)
+    fan = fanout or Fanout()
+    # Ray actors load (and verify) the data themselves: the driver needs only ids, not features
+    ds = labels_only(c, data) if getattr(fan.backend, "name", None) == "ray" else c.data(data)
     ids = _loo_ids(c, ds, ids)
-    rep = (fanout or Fanout()).run(c, ds, leave_one_out(ds, ids), data)
+    rep = fan.run(c, ds, leave_one_out(ds, ids), data)
     if strict:
         _checked(rep, ids, "leave-one-out")
     return ManyResult(ids, rep.params.to(c.dtype), rep)
