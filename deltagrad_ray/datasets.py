@@ -29,6 +29,16 @@ def sklearn_dataset(name: str, *, standardize: bool = True, dtype: torch.dtype =
     return Dataset(X.to(dtype), y, torch.arange(len(y), dtype=torch.int64))
 
 
+def train_test_split(data: Dataset, n_train: int, *, n_test: int | None = None,
+                     seed: int = 0) -> tuple[Dataset, Dataset]:
+    """A seeded random split: ``n_train`` rows, then ``n_test`` of the rest (default: all of them)."""
+    if not 0 < n_train < len(data):
+        raise InputError(f"n_train must be in [1, {len(data) - 1}] (the data has {len(data)} rows), got {n_train!r}")
+    perm = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))
+    rest = perm[n_train:] if n_test is None else perm[n_train:n_train + n_test]
+    return data.rows(perm[:n_train]), data.rows(rest)
+
+
 def make_dataset(kind: str, *, n: int = 10_000, d: int = 20, n_classes: int = 10, seed: int = 0,
                  dtype: str | torch.dtype = "float64") -> Dataset:
     """``classification`` / ``regression`` (synthetic, n × d) or a scikit-learn name."""

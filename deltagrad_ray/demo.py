@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from .datasets import make_dataset, sklearn_dataset
+from .datasets import make_dataset, sklearn_dataset, train_test_split
 from .store.datasets import write_dataset
 from .store.location import location
 
@@ -69,11 +69,10 @@ def run_demo(out: str = "demo-output", *, n: int = 20_000, d: int = 784, steps: 
     # -- data ------------------------------------------------------------------------------------
     mnist = make_dataset("classification", n=n, d=d, n_classes=10, seed=0)
     write_dataset(mnist, location(root).join("data", "mnist.parquet"), overwrite=True)
-    diabetes = sklearn_dataset("diabetes")
-    perm = torch.randperm(len(diabetes), generator=torch.Generator().manual_seed(0))
-    write_dataset(diabetes.rows(perm[:342]), location(root).join("data", "diabetes-train.parquet"), overwrite=True)
-    write_dataset(diabetes.rows(perm[342:]), location(root).join("data", "diabetes-test.parquet"), overwrite=True)
-    emit({"stage": "data", "mnist_shaped": [n, d], "diabetes": [342, len(diabetes) - 342], "location": root})
+    train_rows, test_rows = train_test_split(sklearn_dataset("diabetes"), 342)
+    write_dataset(train_rows, location(root).join("data", "diabetes-train.parquet"), overwrite=True)
+    write_dataset(test_rows, location(root).join("data", "diabetes-test.parquet"), overwrite=True)
+    emit({"stage": "data", "mnist_shaped": [n, d], "diabetes": [342, len(test_rows)], "location": root})
 
     # -- train: the MNIST-shaped model (default config) and the diabetes model -------------------
     for existing in ("models/current", "models/diabetes"):

@@ -253,6 +253,7 @@ class RayBackend:
         self.actors: list = []
         self.data_actors: list = []
         self.info: list[dict] = []
+        self.data_info: list[dict] = []
 
     # -- actors ---------------------------------------------------------------------------------
     def _ranges(self, cache) -> list[tuple[int, int]]:
@@ -359,7 +360,7 @@ class RayBackend:
         ray = _ray()
         for a in self.actors + self.data_actors:
             ray.kill(a, no_restart=True)
-        self.actors, self.data_actors = [], []
+        self.actors, self.data_actors, self.data_info = [], [], []
         for attr in ("pg", "data_pg"):
             if getattr(self, attr, None) is not None:
                 ray.util.remove_placement_group(getattr(self, attr))
@@ -380,6 +381,8 @@ class RayBackend:
         if own:
             self.start(cache_uri, data_uri)
         try:
+            if self.data_actors and gemm_dtype is not None:
+                raise InputError("gemm_dtype is not available with data shards (data_shards=0 to use it)")
             col, pending = _prepare(changes, batch_size, sink, progress, self.p)
             jobs = _batches(pending, changes, batch_size)
             stages = len(self.ranges) if self.run_mode == "pipeline" else 1
@@ -432,7 +435,7 @@ class RayBackend:
                     jobs.appendleft(job)  # the next stage goes first: finish batches before starting new ones
             stats["seconds"] = time.perf_counter() - t0
             stats["actors"] = self.info
-            stats["data_shards"] = getattr(self, "data_info", []) if self.data_actors else []
+            stats["data_shards"] = self.data_info
             return col.report(stats)
         finally:
             if own:

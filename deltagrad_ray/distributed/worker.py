@@ -63,9 +63,6 @@ class ReplayWorker:
     def _replay(self, changes: Sequence[ChangeSet], config: DeltaGradConfig, gemm_dtype) -> BatchedReplay:
         changes = [ChangeSet(c.delete.to(self.device), None if c.add is None else c.add.to(device=self.device))
                    for c in changes]
-        if self.rows is not None and gemm_dtype is not None:
-            from ..core.errors import InputError
-            raise InputError("gemm_dtype is not available with data shards")
         return BatchedReplay(self.cache.model, self.traj, self.data, changes, config, gemm_dtype=gemm_dtype,
                              rows=self.rows)
 

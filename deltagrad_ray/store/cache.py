@@ -452,14 +452,23 @@ class Cache:
         if fp != info["fingerprint"]:
             raise InputError(f"{src.uri} is not the data set the cache {self.uri} was trained on "
                              f"(fingerprint {fp[:19]}…, the cache expects {info['fingerprint'][:19]}…)")
-        added = self._row_file("added.parquet")
-        if added is not None:
-            extra = dataset_from_table(pq.read_table(pa.BufferReader(added)), self.root.join("added.parquet").uri,
-                                       self.spec.task == "regression")
+        extra = self.added_rows()
+        if extra is not None:
             data = concat(data.to(dtype=extra.X.dtype), extra)
-        if len(data) != self.n_rows:
-            raise StorageError(f"{self.uri}: the cache covers {self.n_rows} rows, its data has {len(data)}")
+        self._check_covers(len(data))
         return data.to(dtype=self.dtype, device=device)
+
+    def added_rows(self) -> Dataset | None:
+        """The rows added by the unlearning runs that produced this cache (None: none)."""
+        raw = self._row_file("added.parquet")
+        if raw is None:
+            return None
+        return dataset_from_table(pq.read_table(pa.BufferReader(raw)), self.root.join("added.parquet").uri,
+                                  self.spec.task == "regression")
+
+    def _check_covers(self, rows: int) -> None:
+        if rows != self.n_rows:
+            raise StorageError(f"{self.uri}: the cache covers {self.n_rows} rows, its data has {rows}")
 
 
 def labels_only(cache: Cache, uri: str | Location | None = None) -> Dataset:
@@ -469,16 +478,12 @@ def labels_only(cache: Cache, uri: str | Location | None = None) -> Dataset:
     from .datasets import read_labels
     info = cache.manifest["data"]
     ids, y = read_labels(location(uri if uri is not None else info["uri"]))
-    added = cache._row_file("added.parquet")
-    if added is not None:
-        extra = dataset_from_table(pq.read_table(pa.BufferReader(added)), cache.root.join("added.parquet").uri,
-                                   cache.spec.task == "regression")
+    extra = cache.added_rows()
+    if extra is not None:
         ids, y = torch.cat([ids, extra.ids]), torch.cat([y.to(extra.y.dtype), extra.y])
-    y = y.to(torch.float64 if cache.spec.task == "regression" else torch.int64)
-    if cache.spec.task == "regression":
-        y = y.to(cache.dtype)
-    if len(ids) != cache.n_rows:
-        raise StorageError(f"{cache.uri}: the cache covers {cache.n_rows} rows, its data has {len(ids)}")
+    cache._check_covers(len(ids))
+    # as Cache.data: regression targets through float64 to the cache's dtype, classes as int64
+    y = y.to(torch.float64).to(cache.dtype) if cache.spec.task == "regression" else y.to(torch.int64)
     return Dataset(torch.zeros(len(ids), 0, dtype=cache.dtype), y, ids)
 
 

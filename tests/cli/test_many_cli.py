@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from deltagrad_ray.datasets import sklearn_dataset
+from deltagrad_ray.datasets import sklearn_dataset, train_test_split
 from deltagrad_ray.results import read_table
 from deltagrad_ray.store import write_dataset
 
@@ -15,13 +15,12 @@ from .test_cli import ok, run
 @pytest.fixture(scope="module")
 def bc(tmp_path_factory):
     d = tmp_path_factory.mktemp("many")
-    ds = sklearn_dataset("breast_cancer")
-    perm = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))
-    write_dataset(ds.rows(perm[:200]), d / "train.parquet")
-    write_dataset(ds.rows(perm[200:260]), d / "test.parquet")
+    train_rows, test_rows = train_test_split(sklearn_dataset("breast_cancer"), 200, n_test=60)
+    write_dataset(train_rows, d / "train.parquet")
+    write_dataset(test_rows, d / "test.parquet")
     ok("train", "--data", "train.parquet", "--model", "logreg", "--steps", "100", "--lr", "0.5", "--l2", "0.001",
        "--cache", "c", cwd=d)
-    (d / "ids.txt").write_text("\n".join(str(int(i)) for i in ds.ids[perm[:10]]))
+    (d / "ids.txt").write_text("\n".join(str(int(i)) for i in train_rows.ids[:10]))
     return d
 
 

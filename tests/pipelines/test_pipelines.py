@@ -10,10 +10,9 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
-from deltagrad_ray.datasets import sklearn_dataset
+from deltagrad_ray.datasets import sklearn_dataset, train_test_split
 from deltagrad_ray.results import read_table
 from deltagrad_ray.store import write_dataset
 
@@ -23,10 +22,9 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.fixture(scope="module")
 def diabetes(tmp_path_factory):
     d = tmp_path_factory.mktemp("pipelines")
-    ds = sklearn_dataset("diabetes")
-    perm = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))
-    write_dataset(ds.rows(perm[:200]), d / "train.parquet")
-    write_dataset(ds.rows(perm[200:260]), d / "test.parquet")
+    train_rows, test_rows = train_test_split(sklearn_dataset("diabetes"), 200, n_test=60)
+    write_dataset(train_rows, d / "train.parquet")
+    write_dataset(test_rows, d / "test.parquet")
     return d
 
 

@@ -9,7 +9,7 @@ import torch
 
 from deltagrad_ray import api, many
 from deltagrad_ray.core import InputError
-from deltagrad_ray.datasets import sklearn_dataset
+from deltagrad_ray.datasets import sklearn_dataset, train_test_split
 from deltagrad_ray.stats import jackknife, jackknife_plus_intervals, jackknife_plus_sets
 from deltagrad_ray.store import write_dataset
 
@@ -55,12 +55,6 @@ def test_alpha_outside_the_unit_interval(alpha):
 
 
 # -- against exact leave-one-out refits ------------------------------------------------------------
-def _split(name: str, n_train: int, seed: int):
-    ds = sklearn_dataset(name)
-    perm = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))
-    return ds.rows(perm[:n_train]), ds.rows(perm[n_train:])
-
-
 # η well inside the stability region (η·L ≈ 0.4 on diabetes): see README, "Accuracy"
 SETUPS = {"diabetes": dict(model="linear", steps=200, lr=0.1, l2=0.001),
           "breast_cancer": dict(model="logreg", steps=200, lr=0.5, l2=0.001)}
@@ -68,7 +62,7 @@ SETUPS = {"diabetes": dict(model="linear", steps=200, lr=0.1, l2=0.001),
 
 @functools.cache
 def _world(name: str, tmp: str, seed: int = 0, n_train: int = 300):
-    tr, te = _split(name, n_train, seed)
+    tr, te = train_test_split(sklearn_dataset(name), n_train, seed=seed)
     write_dataset(tr, f"{tmp}/{name}-{seed}-train.parquet", overwrite=True)
     write_dataset(te, f"{tmp}/{name}-{seed}-test.parquet", overwrite=True)
     cache = api.fit(f"{tmp}/{name}-{seed}-train.parquet", f"{tmp}/{name}-{seed}-cache", **SETUPS[name])
