@@ -14,7 +14,6 @@ import torch
 from torch import Tensor
 
 from ..core.batched import LocalRows
-from ..core.data import Dataset
 from ..store.cache import open_cache
 
 
@@ -26,13 +25,11 @@ class DataShard:
         if threads:
             torch.set_num_threads(threads)
         cache = open_cache(cache_uri)
-        data = cache.data(data_uri, device=device)          # verified against the fingerprint
         a, b = rows
         self.range = (a, b)
         self.n_base_local = max(0, min(b, cache.plan.n_base) - a)
-        part = Dataset(data.X[a:b].clone(), data.y[a:b].clone(), data.ids[a:b].clone())
-        del data                                              # keep only this shard's rows
-        self.rows = LocalRows(cache.model, part, self.n_base_local)
+        # only rows [a, b) are held; all are read once, to verify the data's fingerprint
+        self.rows = LocalRows(cache.model, cache.data_rows(a, b, data_uri, device), self.n_base_local)
 
     def info(self) -> dict:
         d = self.rows.data

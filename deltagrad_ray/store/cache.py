@@ -35,13 +35,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from ..core.data import Dataset
+from ..core.data import Dataset, concat
 from ..core.errors import InputError
 from ..core.models import FunctionalModel, ModelSpec
 from ..core.schedule import BatchPlan
 from ..core.trajectory import Segment, Trajectory
-from ..core.data import concat
-from .datasets import dataset_from_table, fingerprint, read_dataset, table_bytes
+from .datasets import dataset_from_table, fingerprint, read_dataset, read_rows, table_bytes
 from .location import Location, StorageError, location
 from .models import model_bytes, parse_model
 
@@ -445,18 +444,41 @@ class Cache:
         The data's fingerprint must match the one recorded in the manifest: unlearning against
         other data would silently produce a wrong model.
         """
-        info = self.manifest["data"]
-        src = location(uri if uri is not None else info["uri"])
+        src = self._data_location(uri)
         data = read_dataset(src, regression=self.spec.task == "regression")
-        fp = fingerprint(data)
-        if fp != info["fingerprint"]:
-            raise InputError(f"{src.uri} is not the data set the cache {self.uri} was trained on "
-                             f"(fingerprint {fp[:19]}…, the cache expects {info['fingerprint'][:19]}…)")
+        self._check_fingerprint(src, fingerprint(data))
         extra = self.added_rows()
         if extra is not None:
             data = concat(data.to(dtype=extra.X.dtype), extra)
         self._check_covers(len(data))
         return data.to(dtype=self.dtype, device=device)
+
+    def data_rows(self, start: int, stop: int, uri: str | Location | None = None,
+                  device: torch.device | str = "cpu") -> Dataset:
+        """Rows [start, stop) of :meth:`data`, reading every row once (the fingerprint covers
+        all) but holding only these and one row group at a time: a data shard's part."""
+        src = self._data_location(uri)
+        extra = self.added_rows()
+        n_added = 0 if extra is None else len(extra)
+        n_file = self.n_rows - n_added
+        if not 0 <= start <= stop <= self.n_rows:
+            raise InputError(f"rows [{start}, {stop}) are not within the {self.n_rows} rows of the cache {self.uri}")
+        data, n, fp = read_rows(src, min(start, n_file), min(stop, n_file), regression=self.spec.task == "regression")
+        self._check_fingerprint(src, fp)
+        self._check_covers(n + n_added)
+        if extra is not None and stop > n_file:
+            data = concat(data.to(dtype=extra.X.dtype), extra.rows(torch.arange(max(start, n_file) - n_file,
+                                                                                stop - n_file)))
+        return data.to(dtype=self.dtype, device=device)
+
+    def _data_location(self, uri: str | Location | None) -> Location:
+        return location(uri if uri is not None else self.manifest["data"]["uri"])
+
+    def _check_fingerprint(self, src: Location, fp: str) -> None:
+        expected = self.manifest["data"]["fingerprint"]
+        if fp != expected:
+            raise InputError(f"{src.uri} is not the data set the cache {self.uri} was trained on "
+                             f"(fingerprint {fp[:19]}…, the cache expects {expected[:19]}…)")
 
     def added_rows(self) -> Dataset | None:
         """The rows added by the unlearning runs that produced this cache (None: none)."""

@@ -93,10 +93,14 @@ def column_names(uri: str | Location) -> list[str]:
     return pq.read_schema(pa.BufferReader(part.read_buffer())).names
 
 
-def dataset_from_table(table: pa.Table, uri: str, regression: bool | None = None) -> Dataset:
-    missing = [c for c in ("id", "label", "features") if c not in table.column_names]
+def _require(names: list[str], uri: str, columns: tuple[str, ...]) -> None:
+    missing = [c for c in columns if c not in names]
     if missing:
         raise InputError(f"{uri}: missing column(s) {missing}; expected id, label, features")
+
+
+def _ids_labels(table: pa.Table, uri: str, regression: bool | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Checked ids (int64) and labels (int64 classes or float64 targets) of a table."""
     if table.column("id").null_count:
         raise InputError(f"{uri}: column 'id' has null values")
     ids = table.column("id").to_numpy()
@@ -117,9 +121,49 @@ def dataset_from_table(table: pa.Table, uri: str, regression: bool | None = None
         y_t = torch.from_numpy(np.nan_to_num(y).astype(np.int64))
     else:
         y_t = torch.from_numpy(y.astype(np.float64))
+    return torch.from_numpy(ids.astype(np.int64)), y_t
+
+
+def dataset_from_table(table: pa.Table, uri: str, regression: bool | None = None) -> Dataset:
+    _require(table.column_names, uri, ("id", "label", "features"))
+    ids, y = _ids_labels(table, uri, regression)
     X = _features(table.column("features"), uri)
-    return Dataset(torch.from_numpy(np.array(X, copy=True, order="C")), y_t,
-                   torch.from_numpy(ids.astype(np.int64)))
+    return Dataset(torch.from_numpy(np.array(X, copy=True, order="C")), y, ids)
+
+
+def read_rows(uri: str | Location, start: int, stop: int, *, regression: bool) -> tuple[Dataset, int, str]:
+    """Rows [start, min(stop, n)) of a data set of n rows, with n and the set's :func:`fingerprint`
+    (the caller checks both: a wrong data set is named by its fingerprint), holding no
+    more than those rows and one row group of features at a time (a data shard of a set too big
+    for one process): ids and labels are read first, then the features a row group at a time,
+    each hashed and dropped unless in range. Same values as ``read_dataset(uri).rows(...)``."""
+    loc = location(uri)
+    files = [pq.ParquetFile(part.open_random_access()) for part in _parquet_parts(loc)]
+    head = pa.concat_tables([f.read(columns=["id", "label"]) for f in files])
+    _require(head.column_names, loc.uri, ("id", "label"))
+    ids, y = _ids_labels(head, loc.uri, regression)
+    n = len(ids)
+    if not 0 <= start <= stop:
+        raise InputError(f"rows [{start}, {stop}): expected 0 <= start <= stop")
+    start, stop = min(start, n), min(stop, n)
+    h = hashlib.sha256()
+    for t in (ids, y):
+        _hash_array(h, t.numpy())
+    keep, row, width = [], 0, None
+    for f in files:
+        _require(f.schema_arrow.names, loc.uri, ("features",))
+        for g in range(f.num_row_groups):
+            X = np.ascontiguousarray(_features(f.read_row_group(g, columns=["features"]).column("features"), loc.uri))
+            if width is None:
+                width = X.shape[1]
+                h.update(f"{X.dtype.str}{(n, width)}".encode())   # the header _hash_array writes for all of X
+            h.update(X.data)
+            a, b = max(start - row, 0), min(stop - row, len(X))
+            if a < b:
+                keep.append(X[a:b].copy())
+            row += len(X)
+    X = np.concatenate(keep) if keep else np.empty((0, width or 0))
+    return Dataset(torch.from_numpy(X), y[start:stop].clone(), ids[start:stop].clone()), n, "sha256:" + h.hexdigest()
 
 
 def dataset_table(data: Dataset) -> pa.Table:
@@ -136,11 +180,15 @@ def table_bytes(table: pa.Table, **kwargs) -> pa.Buffer:
     return sink.getvalue()
 
 
-def write_dataset(data: Dataset, uri: str | Location, *, overwrite: bool = False) -> Location:
-    """Write a data set as one Parquet file (a ``.parquet`` path) or ``part-0.parquet`` under a prefix."""
+def write_dataset(data: Dataset, uri: str | Location, *, overwrite: bool = False,
+                  row_group_bytes: int = 64 << 20) -> Location:
+    """Write a data set as one Parquet file (a ``.parquet`` path) or ``part-0.parquet`` under a prefix,
+    in row groups of about ``row_group_bytes`` of features (what :func:`read_rows` holds at a time)."""
     loc = location(uri)
     target = loc if loc.name.endswith(".parquet") else loc.join("part-0.parquet")
-    target.write_bytes(table_bytes(dataset_table(data)), overwrite=overwrite)
+    row_bytes = max(1, data.X.shape[1] * data.X.element_size())
+    target.write_bytes(table_bytes(dataset_table(data), row_group_size=max(1, row_group_bytes // row_bytes)),
+                       overwrite=overwrite)
     return target
 
 
@@ -148,10 +196,14 @@ def fingerprint(data: Dataset) -> str:
     """sha256 over ids, labels and features (row order, dtypes and shape included)."""
     h = hashlib.sha256()
     for t in (data.ids, data.y, data.X):
-        a = np.ascontiguousarray(t.detach().cpu().numpy())
-        h.update(f"{a.dtype.str}{a.shape}".encode())
-        h.update(a.data)
+        _hash_array(h, t.detach().cpu().numpy())
     return "sha256:" + h.hexdigest()
+
+
+def _hash_array(h, a: np.ndarray) -> None:
+    a = np.ascontiguousarray(a)
+    h.update(f"{a.dtype.str}{a.shape}".encode())
+    h.update(a.data)
 
 
 def read_ids(uri: str | Location) -> torch.Tensor:

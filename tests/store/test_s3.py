@@ -203,3 +203,11 @@ def test_read_dataset_from_s3_prefix(world):
     back = read_dataset(f"s3://{bucket}/data")
     assert torch.equal(back.X, data.X) and torch.equal(back.ids, data.ids)
     assert location(f"s3://{bucket}/data").is_dir() or True
+
+
+def test_data_rows_from_s3_equal_the_slice_of_the_whole_data(world):
+    """A data shard's rows read with ranged GETs, the fingerprint checked over the whole set."""
+    _, _, _, _, remote = world
+    part = remote.data_rows(150, 1700)
+    whole = remote.data().rows(torch.arange(150, 1700))
+    assert torch.equal(part.X, whole.X) and torch.equal(part.y, whole.y) and torch.equal(part.ids, whole.ids)
