@@ -185,8 +185,7 @@ def write_derived_cache(parent: Cache, writer: CacheWriter, res: ReplayResult, d
         files["added.parquet"] = table_bytes(dataset_table(full.rows(torch.arange(n_orig, all_rows))))
     entry = {"run_id": writer.run_id, "deleted": int(len(change.delete)),
              "added": int(len(change.add)) if change.add is not None else 0,
-             "config": {"period": config.period, "burn_in": config.burn_in, "history": config.history,
-                        "schedule": config.schedule}, **res.diagnostics(), **(note or {})}
+             "config": config.to_dict(), **res.diagnostics(), **(note or {})}
     manifest = {k: v for k, v in parent.manifest.items()
                 if k not in ("format", "format_version", "run_id", "created", "steps", "shard_steps",
                              "row_group_steps", "dtype", "storage_dtype", "shards", "files")}

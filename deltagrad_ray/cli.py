@@ -48,6 +48,39 @@ def _add_change_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
 
 
+# the DeltaGrad settings a user tunes, as flags named after DeltaGradConfig's fields (unset: its default)
+_DG_FLAGS = (
+    ("--period", int, "T0: an explicit step every T0 steps after the burn-in (default 5)"),
+    ("--burn-in", int, "j0: explicit steps at the start (default 10)"),
+    ("--history", int, "m: L-BFGS pairs kept per request (default 2)"),
+    ("--schedule", ["uniform", "geometric", "adaptive"], "explicit steps: every T0 (uniform), growing gaps "
+     "(geometric), or shortened where the L-BFGS prediction measured at explicit steps is poor (adaptive)"),
+    ("--sigma", ["sy/ss", "yy/sy"], "scale of the initial L-BFGS matrix (default sy/ss, the authors' rule)"),
+    ("--curvature-guard", float, "refuse approximations beyond this multiple of the measured curvature (default 2)"),
+    ("--max-curvature", float, "a known bound on the Hessian's norm (refuse approximations beyond it)"),
+    ("--first-gap", int, "geometric schedule: first gap (default 2)"),
+    ("--growth", float, "geometric schedule: growth of the gaps (default 1.4)"),
+    ("--max-gap", int, "geometric schedule: largest gap (default 40)"),
+    ("--adaptive-tol", float, "adaptive schedule: prediction error that halves the gap (default 0.1)"),
+)
+
+
+def _add_deltagrad_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("DeltaGrad settings")
+    for flag, kind, helptext in _DG_FLAGS:
+        if isinstance(kind, list):
+            g.add_argument(flag, choices=kind, default=None, help=helptext)
+        else:
+            g.add_argument(flag, type=kind, default=None, help=helptext)
+
+
+def _deltagrad_config(a: argparse.Namespace):
+    """The DeltaGradConfig of the flags given (the others keep their defaults)."""
+    from .core.config import DeltaGradConfig
+    given = {flag[2:].replace("-", "_"): getattr(a, flag[2:].replace("-", "_")) for flag, _, _ in _DG_FLAGS}
+    return DeltaGradConfig.from_dict({k: v for k, v in given.items() if v is not None})
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="deltagrad-ray", description="Rapid retraining after deletions and additions (DeltaGrad), on Ray.",
@@ -88,12 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_change_args(p)
         p.add_argument("--device", default="cpu")
         if name == "unlearn":
-            p.add_argument("--period", type=int, default=5, help="T0: explicit step every T0 steps")
-            p.add_argument("--burn-in", type=int, default=10, help="j0: explicit steps at the start")
-            p.add_argument("--history", type=int, default=2, help="m: L-BFGS pairs kept")
-            p.add_argument("--schedule", choices=["uniform", "geometric", "adaptive"], default="uniform",
-                           help="explicit steps: every T0 (uniform), growing gaps (geometric), or shortened "
-                                "where the L-BFGS prediction measured at explicit steps is poor (adaptive)")
+            _add_deltagrad_args(p)
             p.add_argument("--out-cache", help="also write the replayed trajectory as a new cache here "
                            "(a new location; later changes can start from it)")
 
@@ -125,9 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--data", help="the training data (default: the location recorded in the cache)")
         p.add_argument("--out", required=True, help="results (Parquet)")
         p.add_argument("--overwrite", action="store_true")
-        p.add_argument("--period", type=int, default=5)
-        p.add_argument("--burn-in", type=int, default=10)
-        p.add_argument("--history", type=int, default=2)
+        _add_deltagrad_args(p)
         if name == "conformal":
             p.add_argument("--alpha", type=float, default=0.1, help="miscoverage level, in (0, 1)")
             p.add_argument("--method", choices=["jackknife+", "cv+"], default="jackknife+")
@@ -205,10 +231,9 @@ def _change_summary(a: argparse.Namespace) -> dict:
 
 def cmd_unlearn(a: argparse.Namespace) -> dict:
     from . import api
-    from .core.replay import DeltaGradConfig
     from .store.models import save_model
     _check_out(a.out, a.overwrite)
-    cfg = DeltaGradConfig(period=a.period, burn_in=a.burn_in, history=a.history, schedule=a.schedule)
+    cfg = _deltagrad_config(a)
     cache = api.open_cache(a.cache)
     t0 = time.perf_counter()
     if a.out_cache:
@@ -220,7 +245,7 @@ def cmd_unlearn(a: argparse.Namespace) -> dict:
                       out_cache=a.out_cache)
     seconds = time.perf_counter() - t0
     meta = {"method": "deltagrad", "cache": cache.uri, "cache_run_id": cache.manifest["run_id"],
-            "config": {"period": a.period, "burn_in": a.burn_in, "history": a.history, "schedule": a.schedule},
+            "config": cfg.to_dict(),
             **_change_summary(a), **res.diagnostics()}
     save_model(a.out, cache.model, res.params, metadata=meta, overwrite=a.overwrite)
     _warn_accuracy(res.prediction_error_mean)
@@ -270,11 +295,10 @@ def _fanout(a: argparse.Namespace):
     """The Fanout of a many-request command; results are kept incrementally next to --out."""
     import torch
 
-    from .core.replay import DeltaGradConfig
     from .distributed.backends import backend
     from .many import Fanout
     from .progress import bar
-    cfg = DeltaGradConfig(period=a.period, burn_in=a.burn_in, history=a.history)
+    cfg = _deltagrad_config(a)
     gemm = getattr(torch, a.gemm_dtype) if a.gemm_dtype else None
     be = backend(a.backend, address=a.address, workers=a.workers, mode=a.mode, num_cpus=a.num_cpus,
                  num_gpus=a.num_gpus, device="cuda" if a.num_gpus else "cpu", data_shards=a.data_shards)

@@ -32,7 +32,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .core.errors import InputError
-from .core.replay import DeltaGradConfig
+from .core.config import DeltaGradConfig
 from .store.cache import Cache, open_cache
 from .store.location import Location, StorageError, location
 
@@ -209,8 +209,7 @@ def plan_erasure(registry: Registry, base_cache: str | Location, requests_prefix
                  "version": latest["version"] if latest else 0, "model_sha256": _model_sha(parent)},
                 registry.root.join("versions", f"{version:04d}").uri, sorted(to_delete),
                 [asdict(r) for r in rows],
-                {"period": config.period, "burn_in": config.burn_in, "history": config.history,
-                 "schedule": config.schedule}, {**dict(verify), "data": None if data is None else str(data)})
+                config.to_dict(), {**dict(verify), "data": None if data is None else str(data)})
     registry.run_file(run_id, "plan.json").write_text(json.dumps(asdict(plan), indent=1, sort_keys=True))
     return plan
 
@@ -229,7 +228,7 @@ def execute(registry: Registry, plan: Plan, requests_prefix: str | Location) -> 
 
     t0 = time.perf_counter()
     parent = open_cache(plan.parent["uri"])
-    cfg = DeltaGradConfig(**plan.deltagrad)
+    cfg = DeltaGradConfig.from_dict(plan.deltagrad)
     result_loc = registry.run_file(plan.run_id, "result.json")
     if not plan.delete_ids:
         result: dict = {"new_version": None, "note": "no valid request: nothing to erase"}

@@ -52,7 +52,7 @@ class Fanout:
         sink = None
         if self.parts is not None:
             sink = ResultSink(self.parts, {"cache": cache.manifest["run_id"], "batch_size": self.batch_size,
-                                           "config": repr(self.config), "gemm": str(self.gemm_dtype),
+                                           "config": self.config.to_dict(), "gemm": str(self.gemm_dtype),
                                            "requests": _fingerprint(changes)})
         return self.backend.run(cache, data_uri, changes, batch_size=self.batch_size, config=self.config,
                                 gemm_dtype=self.gemm_dtype, sink=sink, progress=self.progress, data=data)

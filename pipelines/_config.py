@@ -17,6 +17,7 @@ from collections.abc import Callable
 
 import yaml
 
+from deltagrad_ray.core.config import DeltaGradConfig
 from deltagrad_ray.core.errors import InputError
 from deltagrad_ray.store.location import StorageError, location
 
@@ -26,7 +27,8 @@ REQUIRED = object()
 # memory cap) or a count; RayBackend checks the value
 RAY = {"address": None, "workers": 2, "num_cpus": 1.0, "num_gpus": 0.0, "mode": "auto", "strategy": "SPREAD",
        "batch_size": 32, "data_shards": None}
-DELTAGRAD = {"period": 5, "burn_in": 10, "history": 2}
+# every DeltaGrad setting, with its default (DeltaGradConfig checks the values)
+DELTAGRAD = DeltaGradConfig().to_dict()
 
 
 def _check(value, schema, path: str):
@@ -87,7 +89,6 @@ def load(path: str, schema: dict) -> dict:
 
 def fanout(ray: dict, deltagrad: dict | None = None, parts: str | None = None):
     """The Fanout a ``ray`` block describes (``address: null`` → a local Ray)."""
-    from deltagrad_ray.core.replay import DeltaGradConfig
     from deltagrad_ray.distributed.backends import RayBackend
     from deltagrad_ray.many import Fanout
     from deltagrad_ray.progress import bar
@@ -96,7 +97,7 @@ def fanout(ray: dict, deltagrad: dict | None = None, parts: str | None = None):
                          mode=ray["mode"], num_cpus=float(ray["num_cpus"]), num_gpus=float(ray["num_gpus"]),
                          strategy=ray["strategy"], device="cuda" if ray["num_gpus"] else "cpu",
                          data_shards="auto" if ray["data_shards"] is None else ray["data_shards"])
-    return Fanout(backend=backend, batch_size=int(ray["batch_size"]), config=DeltaGradConfig(**(deltagrad or {})),
+    return Fanout(backend=backend, batch_size=int(ray["batch_size"]), config=DeltaGradConfig.from_dict(deltagrad),
                   parts=parts, progress=bar("replays"))
 
 

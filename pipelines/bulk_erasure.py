@@ -26,12 +26,12 @@ SCHEMA = {
 
 
 def run(cfg: dict) -> dict:
-    from deltagrad_ray.core.replay import DeltaGradConfig
+    from deltagrad_ray.core.config import DeltaGradConfig
     from deltagrad_ray.erasure import bulk_erasure
     from deltagrad_ray.report import Report, bars
 
     kwargs = dict(cache=cfg["cache"], requests=cfg["requests"], output=cfg["output"],
-                  config=DeltaGradConfig(**cfg["deltagrad"]), verify=cfg["verify"], data=cfg["data"])
+                  config=DeltaGradConfig.from_dict(cfg["deltagrad"]), verify=cfg["verify"], data=cfg["data"])
     ray_cfg = cfg["ray"]
     if ray_cfg["address"] in (None, "local"):
         audits = bulk_erasure(**kwargs)  # one change set: replayed in this process

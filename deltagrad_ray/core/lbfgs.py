@@ -22,7 +22,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-SIGMA_RULES = ("sy/ss", "yy/sy")
+from .config import SIGMA_RULES  # noqa: E402  (one definition)
 
 
 class LbfgsHistory(NamedTuple):

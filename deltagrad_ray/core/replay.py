@@ -27,7 +27,6 @@ actors that each hold a step range.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -35,88 +34,13 @@ from torch import Tensor
 
 from . import lbfgs
 from .batches import BatchIndex, StepBatch
+from .config import DeltaGradConfig
 from .data import ChangeSet, Dataset
 from .errors import InputError
 from .lbfgs import LbfgsHistory
 from .models import FunctionalModel
-from .schedule import geometric_explicit_steps, uniform_explicit_steps
 from .train import Recorder, RowGather, changed_data, objective_grad
 from .trajectory import MemoryRecorder, Segment, Trajectory
-
-SCHEDULES = ("uniform", "geometric", "adaptive")
-
-
-@dataclass(frozen=True)
-class DeltaGradConfig:
-    """Settings of a replay.
-
-    Args:
-      period: T0, an explicit step every T0 steps after the burn-in (paper default 5).
-      burn_in: j0, explicit steps at the start (paper default 10).
-      history: m, L-BFGS pairs kept (paper default 2).
-      schedule: ``"uniform"`` (Alg. 1), ``"geometric"`` (gaps growing from ``first_gap`` by
-        ``growth`` up to ``max_gap``; ``period`` is then unused), or ``"adaptive"``: the gap
-        between explicit steps halves when the L-BFGS prediction measured at an explicit step
-        is off by more than ``adaptive_tol`` and doubles (up to ``period``) when it is off by
-        less than a quarter of it.
-      sigma: scale rule of B_0 = σI, ``"sy/ss"`` (authors') or ``"yy/sy"`` (textbook).
-      curvature_eps: pairs with sᵀy ≤ ε‖s‖‖y‖ are skipped.
-      curvature_guard: κ; an approximation with ‖B·v‖ > κ·L̂·‖v‖ is refused, where L̂ is the
-        largest secant curvature ‖y‖/‖s‖ measured at explicit steps so far. A BFGS matrix
-        built from a nearly orthogonal pair can have eigenvalues far above anything the
-        objective showed, and a step with η·‖B‖ > 2 diverges (seen on a ReLU MLP: ‖v‖ went
-        from 8e-3 to 1e4 in four approximate steps, with no NaN to warn).
-      max_curvature: optional known bound L on the Hessian: ‖B·v‖ > L‖v‖ is refused.
-
-    Besides these, an approximate step is always refused when it would expand v: for a convex
-    objective and η ≤ 2/L the exact gradient map is non-expansive (co-coercivity,
-    ‖v − η(∇F(w+v) − ∇F(w))‖ ≤ ‖v‖), so η‖B·v‖² > 2·vᵀB·v means B over-estimates the curvature
-    where the iteration is unstable. Training near the edge of stability (η·L = 1.96 on the
-    diabetes data) made unguarded replays diverge.
-    """
-
-    period: int = 5
-    burn_in: int = 10
-    history: int = 2
-    schedule: str = "uniform"
-    sigma: str = "sy/ss"
-    curvature_eps: float = 1e-6
-    curvature_guard: float = 2.0
-    max_curvature: float | None = None
-    first_gap: int = 2
-    growth: float = 1.4
-    max_gap: int = 40
-    adaptive_tol: float = 0.1
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.period, int) or self.period < 1:
-            raise InputError(f"period T0 must be an integer >= 1, got {self.period!r}")
-        if not isinstance(self.burn_in, int) or self.burn_in < 0:
-            raise InputError(f"burn-in j0 must be an integer >= 0, got {self.burn_in!r}")
-        if not isinstance(self.history, int) or self.history < 1:
-            raise InputError(f"history m must be an integer >= 1, got {self.history!r}")
-        if self.schedule not in SCHEDULES:
-            raise InputError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
-        if self.sigma not in lbfgs.SIGMA_RULES:
-            raise InputError(f"sigma must be one of {lbfgs.SIGMA_RULES}, got {self.sigma!r}")
-        if not (0 <= self.curvature_eps < 1):
-            raise InputError(f"curvature_eps must be in [0, 1), got {self.curvature_eps!r}")
-        if not self.curvature_guard >= 1:
-            raise InputError(f"curvature_guard must be >= 1, got {self.curvature_guard!r}")
-        if not self.adaptive_tol > 0:
-            raise InputError(f"adaptive_tol must be > 0, got {self.adaptive_tol!r}")
-        if self.max_curvature is not None and not self.max_curvature > 0:
-            raise InputError(f"max_curvature must be > 0, got {self.max_curvature!r}")
-
-    def explicit_steps(self, steps: int) -> Tensor:
-        """Bool mask (steps,) of the scheduled explicit steps (for ``adaptive``: the burn-in only;
-        later explicit steps are decided during the replay)."""
-        if self.schedule == "adaptive":
-            return torch.arange(steps) < self.burn_in
-        if self.schedule == "uniform":
-            return uniform_explicit_steps(steps, self.period, self.burn_in)
-        return geometric_explicit_steps(steps, self.burn_in, self.first_gap, self.growth, self.max_gap)
-
 
 class ReplayState(NamedTuple):
     """Everything a replay carries from one step to the next.

@@ -53,6 +53,16 @@ def test_cli_round_trip_gives_the_python_api_parameters(workdir):
     assert 0.5 < ev["accuracy"] <= 1 and ev["loss"] > 0
 
 
+def test_cli_deltagrad_flags_reach_the_replay(workdir):
+    from deltagrad_ray.core import DeltaGradConfig
+    ok("unlearn", "--cache", "c1", "--delete", "ids.txt", "--out", "flags.safetensors", "--period", "3",
+       "--sigma", "yy/sy", "--curvature-guard", "5", "--schedule", "adaptive", "--adaptive-tol", "0.3", cwd=workdir)
+    _, theta, meta = load_model(workdir / "flags.safetensors")
+    cfg = DeltaGradConfig(period=3, sigma="yy/sy", curvature_guard=5.0, schedule="adaptive", adaptive_tol=0.3)
+    assert meta["config"] == cfg.to_dict()
+    assert torch.equal(theta, api.unlearn(str(workdir / "c1"), delete=[3, 17, 256], config=cfg).params)
+
+
 def test_cli_addition(workdir):
     extra = synthetic_classification(5, 12, 3, seed=9)
     write_dataset(Dataset(extra.X, extra.y, extra.ids + 10_000), workdir / "new.parquet")

@@ -154,3 +154,41 @@ def test_missing_cache_is_a_clear_storage_error_and_nothing_is_written(tmp_path)
         bulk_erasure(cache=str(tmp_path / "nowhere"), requests=str(tmp_path / "requests"),
                      output=str(tmp_path / "models"))
     assert not (tmp_path / "requests" / "_done").exists()
+
+
+def test_every_deltagrad_setting_reaches_the_published_model(world):
+    """Non-default settings given in the pipeline's config are the settings of the replay: the
+    published model is bit-identical to `unlearn` with the same settings (and differs from the
+    defaults' model, so the test would fail if a setting were dropped)."""
+    import yaml
+
+    from pipelines import bulk_erasure as pipeline
+    from pipelines._config import load
+    tmp, data, cache = world
+    ids = [3, 17, 250, 1999]
+    _write_requests(tmp / "requests", [{"request_id": f"r{i}", "data_id": i} for i in ids])
+    settings = {"period": 7, "burn_in": 4, "history": 3, "sigma": "yy/sy", "curvature_guard": 5,
+                "curvature_eps": 1e-8}
+    (tmp / "be.yaml").write_text(yaml.safe_dump({
+        "cache": str(tmp / "models" / "current"), "requests": str(tmp / "requests"), "output": str(tmp / "models"),
+        "deltagrad": settings, "verify": {"sample": 0}}))
+    out = pipeline.run(load(str(tmp / "be.yaml"), pipeline.SCHEMA))
+    assert out["applied"] == 4
+    published = open_cache(Registry(tmp / "models").latest()["cache"])
+    cfg = DeltaGradConfig.from_dict(settings)
+    same = api.unlearn(cache, delete=ids, config=cfg)
+    assert torch.equal(published.final, same.params)
+    assert not torch.equal(published.final, api.unlearn(cache, delete=ids).params)
+    assert published.manifest["changes"][-1]["config"] == cfg.to_dict()
+
+
+def test_an_unknown_deltagrad_setting_in_the_config_is_refused(tmp_path):
+    import yaml
+
+    from deltagrad_ray.core import InputError
+    from pipelines import bulk_erasure as pipeline
+    from pipelines._config import load
+    (tmp_path / "be.yaml").write_text(yaml.safe_dump({"cache": "c", "requests": "r", "output": "o",
+                                                      "deltagrad": {"sigma": "yy/sy", "colour": 1}}))
+    with pytest.raises(InputError, match="config: unknown key deltagrad.colour; expected one of"):
+        load(str(tmp_path / "be.yaml"), pipeline.SCHEMA)
