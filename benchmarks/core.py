@@ -58,8 +58,9 @@ def run(n: int, d: int, c: int, steps: int, batch_size: int | None, periods: lis
 
     # per-step kernels: one retrain step (gradient over the retained rows of a batch) and one
     # explicit DeltaGrad step (gradient over the cached batch + the deleted rows' correction)
-    rp = Replay(model, traj, data, change)
-    sb = rp.index.at(steps // 2)
+    rp = Replay(model, traj, data, [change])
+    t_mid = steps // 2
+    sb, ch = rp.index.at(t_mid), rp.entries.at(t_mid)
     w = traj.final
     rows = active_rows(rp.index, sb)
     keep = rows[~torch.isin(rows, change.delete)]
@@ -68,9 +69,11 @@ def run(n: int, d: int, c: int, steps: int, batch_size: int | None, periods: lis
         retrain_step_ms = _kernel_ms(lambda: objective_grad(model.grad_sum(w, Xk, yk), len(keep), w, traj.l2))
     else:  # SGD retraining gathers each batch's retained rows at its step
         retrain_step_ms = _kernel_ms(lambda: objective_grad(
-            model.grad_sum(w, rp.gather(keep), data.y[keep]), len(keep), w, traj.l2))
+            model.grad_sum(w, rp.rows.gather(keep), data.y[keep]), len(keep), w, traj.l2))
+    base, weights = rp.index.base(sb)
     explicit_step_ms = _kernel_ms(lambda: objective_grad(
-        rp._cached_batch_grad(w, sb) + rp._change_grad(w, sb), sb.new_size, w, traj.l2))
+        rp.rows.grad_many(w[None], base, weights, sb.extra, w)[0]
+        + model.grad_sum_each(w[None], ch.X, ch.y, ch.w)[0], len(keep), w, traj.l2))
 
     out = []
     configs = [("uniform", T0) for T0 in periods] + [("geometric", None) for s in schedules if s == "geometric"]

@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from deltagrad_ray.core import (BatchedReplay, DeltaGradConfig, ModelSpec, deltagrad, deltagrad_batched,
+from deltagrad_ray.core import (DeltaGradConfig, Replay, ModelSpec, deltagrad, deltagrad_batched,
                                 learning_rates, leave_one_out, retrain, synthetic_classification, train)
 
 
@@ -80,13 +80,14 @@ def main(argv: list[str] | None = None) -> int:
                                     batches_per_pass=1)
             per = (time.perf_counter() - t0) / len(changes)
             # the explicit-step kernel alone, timed on one batch at a mid-run point
-            rp = BatchedReplay(model, traj, data, changes[:B], cfg, gemm_dtype=gemm)
+            rp = Replay(model, traj, data, changes[:B], cfg, gemm_dtype=gemm)
             seg = next(traj.segments(steps // 2, steps // 2 + 1))
             W = res.params[:B]
             sb = rp.index.at(steps // 2)
-            rp._explicit_grads(W, sb, seg.params[0])
+            base, weights = rp.index.base(sb)
+            rp.rows.grad_many(W, base, weights, sb.extra, seg.params[0])
             t1 = time.perf_counter()
-            rp._explicit_grads(W, sb, seg.params[0])
+            rp.rows.grad_many(W, base, weights, sb.extra, seg.params[0])
             kernel_s = time.perf_counter() - t1
             gflops = 4 * n * d * B * c / kernel_s / 1e9
             peak = peaks[gemm or torch.float64]

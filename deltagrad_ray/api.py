@@ -2,12 +2,13 @@
 
 The CLI calls exactly these functions, so a notebook and a shell session share one code path.
 
-Example:
-    >>> import deltagrad_ray as dg
-    >>> cache = dg.fit("data.parquet", "runs/c1", model="logreg", steps=120, lr=0.1, l2=0.005)
-    >>> res = dg.unlearn(cache, delete=[3, 14, 15])          # DeltaGrad
-    >>> exact = dg.retrain_exact(cache, delete=[3, 14, 15])  # ground truth
-    >>> float((res.params - exact).norm())
+Example (``data.parquet`` as written by ``deltagrad-ray make-data``)::
+
+    from deltagrad_ray import api
+    cache = api.fit("data.parquet", "runs/c1", model="logreg", steps=120, lr=0.1, l2=0.005)
+    res = api.unlearn(cache, delete=[3, 14, 15])          # DeltaGrad
+    exact = api.retrain_exact(cache, delete=[3, 14, 15])  # the ground truth
+    float((res.params - exact).norm())
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ import torch
 from .core.data import ChangeSet, Dataset, make_change_set, validate
 from .core.errors import InputError
 from .core.models import ModelSpec
-from .core.replay import DeltaGradConfig, ReplayResult, deltagrad
+from .core.config import DeltaGradConfig
+from .core.replay import ReplayResult, deltagrad
 from .core.schedule import learning_rates
 from .core.train import retrain, train
 from .store.cache import Cache, CacheWriter, dtype_name, open_cache
@@ -210,7 +212,6 @@ def retrain_exact(cache: Cache | str | Location, *, delete=None, add=None, data:
     change = change_set(c, ds, delete, add, traj.removed)
     if out_cache is None:
         return retrain(c.model, traj, ds, change)
-    from .core.replay import ReplayResult
     from .core.train import changed_data
     from .core.trajectory import Trajectory
     writer = CacheWriter(location(out_cache), traj.lrs, c.model.p, c.dtype, shard_steps=c.manifest["shard_steps"],

@@ -1,7 +1,7 @@
 """Many change sets over one cache: leave-one-out, jackknife, influence, conformal prediction.
 
 The API behind ``deltagrad-ray loo | jackknife | influence | conformal``. Requests are
-replayed in batches (:func:`~deltagrad_ray.core.batched.deltagrad_batched`); results come
+replayed in batches (:func:`~deltagrad_ray.core.replay.deltagrad_batched`); results come
 back in the order of the requests.
 """
 
@@ -17,7 +17,7 @@ from torch.func import vmap
 
 from .core.data import ChangeSet, Dataset, validate
 from .core.errors import InputError
-from .core.replay import DeltaGradConfig
+from .core.config import DeltaGradConfig
 from .core.requests import fold_assignment, k_fold, leave_one_out
 from .distributed.backends import RunReport, SerialBackend
 from .distributed.sink import ResultSink
@@ -116,11 +116,9 @@ def _test_set(cache: Cache, test: Dataset | str | Location, labels: bool = True)
     return ds.to(dtype=cache.dtype)
 
 
-def _loo_ids(c: Cache, ds: Dataset, ids) -> Tensor:
-    if ids is None:
-        removed = c.removed_mask()
-        ids = ds.ids if removed is None else ds.ids[~removed]
-    return torch.as_tensor(ids, dtype=torch.int64).reshape(-1)
+def _left_out(ds: Dataset, changes: list[ChangeSet]) -> Tensor:
+    """The ids the change sets delete, in request order."""
+    return ds.ids[torch.cat([ch.delete for ch in changes]).cpu()]
 
 
 def loo(cache: Cache | str | Location, ids: Sequence[int] | Tensor | None = None, *, fanout: Fanout | None = None,
@@ -134,8 +132,10 @@ def loo(cache: Cache | str | Location, ids: Sequence[int] | Tensor | None = None
     fan = fanout or Fanout()
     # Ray actors load (and verify) the data themselves: the driver needs only ids, not features
     ds = labels_only(c, data) if getattr(fan.backend, "name", None) == "ray" else c.data(data)
-    ids = _loo_ids(c, ds, ids)
-    rep = fan.run(c, ds, leave_one_out(ds, ids), data)
+    # ids already removed from the trajectory (a derived cache) are refused, as by `unlearn`
+    changes = leave_one_out(ds, ids, removed=c.removed_mask())
+    ids = _left_out(ds, changes)
+    rep = fan.run(c, ds, changes, data)
     if strict:
         _checked(rep, ids, "leave-one-out")
     return ManyResult(ids, rep.params.to(c.dtype), rep)
@@ -202,11 +202,12 @@ def conformal(cache: Cache | str | Location, test: Dataset | str | Location, alp
     t = _test_set(c, test, labels=False)
     labelled = _has_labels(test)
     ds = c.data(data)
-    ids = _loo_ids(c, ds, ids)
+    removed = c.removed_mask()
     if method == "jackknife+":
-        changes = leave_one_out(ds, ids)
+        changes = leave_one_out(ds, ids, removed=removed)
+        ids = _left_out(ds, changes)
     else:
-        changes = k_fold(ds, folds, ids=ids, seed=seed)
+        changes = k_fold(ds, folds, ids=ids, seed=seed, removed=removed)
     replay = _checked((fanout or Fanout()).run(c, ds, changes, data), ids if method == "jackknife+"
                       else torch.arange(len(changes)), "leave-one-out" if method == "jackknife+" else "fold")
     params = replay.params.to(c.dtype)

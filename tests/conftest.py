@@ -64,8 +64,17 @@ def ray_cluster():
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     import ray
     from ray.cluster_utils import Cluster
+    import socket
+
+    def free_port() -> int:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            return sock.getsockname()[1]
+    # free ports for the dashboard and the head's dashboard agent (job submission): their defaults
+    # (8265, 52365) are taken when another Ray runs on this machine
     cluster = Cluster(initialize_head=True, connect=False, head_node_args={
-        "num_cpus": 2, "resources": {"accel": 1}, "include_dashboard": True, "dashboard_host": "127.0.0.1"})
+        "num_cpus": 2, "resources": {"accel": 1}, "include_dashboard": True, "dashboard_host": "127.0.0.1",
+        "dashboard_port": free_port(), "dashboard_agent_listen_port": free_port()})
     for _ in range(2):
         cluster.add_node(num_cpus=1, resources={"accel": 1})
     cluster.wait_for_nodes()

@@ -5,16 +5,17 @@ tensors.
 """
 
 from .batches import BatchIndex as BatchIndex, StepBatch as StepBatch
+from .config import DeltaGradConfig as DeltaGradConfig
 from .data import (ChangeSet as ChangeSet, Dataset as Dataset, concat as concat,
                    make_change_set as make_change_set, rows_of_ids as rows_of_ids,
                    validate as validate)
 from .errors import InputError as InputError
-from .lbfgs import LbfgsHistory as LbfgsHistory
+from .lbfgs import Histories as Histories
 from .models import FunctionalModel as FunctionalModel, ModelSpec as ModelSpec
-from .replay import (DeltaGradConfig as DeltaGradConfig, Replay as Replay,
-                     ReplayResult as ReplayResult, ReplayState as ReplayState,
-                     deltagrad as deltagrad, deltagrad_online as deltagrad_online,
-                     relative_error as relative_error)
+from .replay import (BatchedResult as BatchedResult, LocalRows as LocalRows, Replay as Replay,
+                     ReplayResult as ReplayResult, ReplayState as ReplayState, RequestError as RequestError,
+                     deltagrad as deltagrad, deltagrad_batched as deltagrad_batched,
+                     deltagrad_online as deltagrad_online, relative_error as relative_error)
 from .schedule import (BatchPlan as BatchPlan, geometric_explicit_steps as geometric_explicit_steps,
                        learning_rates as learning_rates, speedup_bound as speedup_bound,
                        uniform_explicit_steps as uniform_explicit_steps)
@@ -23,7 +24,5 @@ from .synthetic import (synthetic_classification as synthetic_classification,
 from .train import retrain as retrain, run_sgd as run_sgd, train as train
 from .trajectory import (InMemory as InMemory, MemoryRecorder as MemoryRecorder,
                          Segment as Segment, Trajectory as Trajectory)
-from .batched import (BatchedReplay as BatchedReplay, BatchedResult as BatchedResult,
-                      deltagrad_batched as deltagrad_batched)
 from .requests import (fold_assignment as fold_assignment, from_id_lists as from_id_lists, k_fold as k_fold,
                        leave_one_out as leave_one_out, random_subsets as random_subsets)

@@ -109,6 +109,15 @@ def rows_of_ids(ids: Tensor, wanted: Tensor, *, what: str = "ids") -> Tensor:
     return order[pos]
 
 
+def check_not_removed(ids: Tensor, rows: Tensor, removed: Tensor | None) -> None:
+    """Refuse rows an earlier change already deleted from the trajectory (one message everywhere)."""
+    if removed is None or len(rows) == 0:
+        return
+    gone = removed[rows]
+    if bool(gone.any()):
+        raise InputError(f"ids already deleted from this trajectory: {_preview(ids[rows[gone]])}")
+
+
 class ChangeSet(NamedTuple):
     """What changes in the training data, relative to a trajectory's rows.
 
@@ -142,9 +151,7 @@ def make_change_set(data: Dataset, *, delete_ids: Tensor | None = None, add: Dat
     delete = torch.zeros(0, dtype=torch.int64)
     if delete_ids is not None:
         delete = rows_of_ids(data.ids, delete_ids, what="ids to delete")
-        if removed is not None and len(delete) and bool(removed[delete].any()):
-            gone = data.ids[delete[removed[delete]]]
-            raise InputError(f"ids already deleted from this trajectory: {_preview(gone)}")
+        check_not_removed(data.ids, delete, removed)
     active = len(data) - (int(removed.sum()) if removed is not None else 0)
     n_add = 0 if add is None else len(add)
     if len(delete) >= active + n_add:

@@ -1,4 +1,4 @@
-"""Compact-form L-BFGS products B·v from a short history of (s, y) pairs.
+"""Compact-form L-BFGS products B·v for B requests at once, from short histories of (s, y) pairs.
 
 Byrd, Nocedal & Schnabel (1994), Theorem 2.3: with S = [s_0 … s_{k-1}], Y = [y_0 … y_{k-1}],
 
@@ -6,119 +6,132 @@ Byrd, Nocedal & Schnabel (1994), Theorem 2.3: with S = [s_0 … s_{k-1}], Y = [y
 
 where L is the strictly lower triangle of SᵀY and D its diagonal. DeltaGrad uses B_t·v as a
 cheap stand-in for the Hessian-vector product of the objective along v = w^I_t − w_t
-(Wu et al. 2020, Alg. 1, line 10). The history is a fixed-size ring buffer held in an
-immutable NamedTuple: pushing returns a new history, nothing is modified in place.
+(Wu et al. 2020, Alg. 1, line 10). Every request of a batch has its own history; a single
+request is a batch of one. Histories are immutable values: pushing returns new ones.
 
 Safeguards (the research code had none): pairs that fail the curvature test
-sᵀy > ε‖s‖‖y‖ are skipped; M is solved, never inverted; a product that is not finite or
-exceeds the bound ‖B‖ ≤ σ + Σ‖y_i‖²/(s_iᵀy_i) (which holds in exact arithmetic) is reported
-as unusable so the caller can take an explicit step instead.
+sᵀy > ε‖s‖‖y‖ are skipped (:func:`curvature_ok`); M is solved, never inverted; a product that is
+not finite or exceeds the bound ‖B‖ ≤ σ + Σ‖y_i‖²/(s_iᵀy_i) (which holds in exact arithmetic)
+is reported as unusable so the caller can take an explicit step instead.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from .config import SIGMA_RULES  # noqa: E402  (one definition)
+from .config import SIGMA_RULES
+from .state import Batched
 
 
-class LbfgsHistory(NamedTuple):
-    """The last m accepted (s, y) pairs, oldest first, with the compact form prepared.
+@dataclass(frozen=True, eq=False)
+class Histories(Batched):
+    """L-BFGS histories of B requests with the compact form prepared.
 
     Fields:
-      S:     (k, p) parameter differences s_i = w^I − w, k ≤ m
-      Y:     (k, p) gradient differences y_i = ∇F(w^I) − ∇F(w)
-      m:     capacity
-      rule:  σ rule the prepared fields use
-      sigma: σ of B_0 = σI
-      W:     (2k, p) float64 [σS; Y]
-      M_lu:  LU factors (and pivots) of the (2k, 2k) middle matrix M, or None if singular
-      bound: σ + Σ‖y_i‖²/(s_iᵀy_i), an upper bound on ‖B‖ in exact arithmetic
+      S, Y:   (B, m, p) pairs; a request's ``count`` valid pairs sit in the last slots,
+              oldest first; unused slots are zero
+      count:  (B,) int64 valid pairs
+      sigma:  (B,) float64 σ of B_0 = σI
+      Wc:     (B, 2m, p) float64 [σS; Y]
+      LU, piv: batched LU factors of the (B, 2m, 2m) middle matrices (unused slots → identity)
+      ok:     (B,) bool, the factorisation is usable
+      bound:  (B,) float64 σ + Σ‖y‖²/(sᵀy), the BFGS norm bound
+      rule:   the σ rule
     """
 
     S: Tensor
     Y: Tensor
-    m: int
+    count: Tensor
+    sigma: Tensor
+    Wc: Tensor
+    LU: Tensor
+    piv: Tensor
+    ok: Tensor
+    bound: Tensor
     rule: str = "sy/ss"
-    sigma: float = 0.0
-    W: Tensor | None = None
-    M_lu: tuple[Tensor, Tensor] | None = None
-    bound: float = 0.0
-
-    @property
-    def size(self) -> int:
-        return int(self.S.shape[0])
 
 
-def empty_history(m: int, p: int, dtype: torch.dtype = torch.float64,
-                  device: torch.device | str = "cpu", rule: str = "sy/ss") -> LbfgsHistory:
-    if rule not in SIGMA_RULES:
-        raise ValueError(f"sigma rule must be one of {SIGMA_RULES}, got {rule!r}")
-    z = torch.zeros(0, p, dtype=dtype, device=device)
-    return LbfgsHistory(z, z, int(m), rule)
-
-
-def curvature_ok(s: Tensor, y: Tensor, eps: float) -> bool:
-    """The curvature test sᵀy > ε‖s‖‖y‖ (and both vectors non-zero and finite)."""
-    sy = float(torch.dot(s.double(), y.double()))
-    ns, ny = float(s.double().norm()), float(y.double().norm())
-    return ns > 0 and ny > 0 and sy == sy and sy > eps * ns * ny and abs(sy) != float("inf")
-
-
-def _sigma(Sd: Tensor, Yd: Tensor, rule: str) -> float:
-    """Scale σ of the initial matrix B_0 = σI, from the newest pair.
+def _sigma(s: Tensor, y: Tensor, has: Tensor, rule: str) -> Tensor:
+    """σ of B_0 = σI from the newest pairs s, y (B, p), float64.
 
     ``"sy/ss"``: σ = sᵀy / sᵀs (what the DeltaGrad authors use; measured 10× more accurate on
     MNIST logistic regression). ``"yy/sy"``: σ = yᵀy / sᵀy (Nocedal & Wright, eq. 7.20).
     """
-    s, y = Sd[-1], Yd[-1]
-    sy = float(s @ y)
-    return sy / float(s @ s) if rule == "sy/ss" else float(y @ y) / sy
+    sy = (s * y).sum(-1)
+    if rule == "sy/ss":
+        val = sy / (s * s).sum(-1).clamp_min(1e-300)
+    else:
+        val = (y * y).sum(-1) / sy.where(has, 1.0)
+    return torch.where(has, val, torch.ones_like(sy))
 
 
-def push(h: LbfgsHistory, s: Tensor, y: Tensor) -> LbfgsHistory:
-    """A new history with (s, y) appended (oldest dropped when full) and B's compact form
-    prepared once, so that each product costs two (2k × p) mat-vecs and a 2k × 2k LU solve."""
-    keep = slice(1, None) if h.size == h.m else slice(None)
-    S = torch.cat([h.S[keep], s[None]])
-    Y = torch.cat([h.Y[keep], y[None]])
-    Sd, Yd = S.double(), Y.double()
-    SY, SS = Sd @ Yd.T, Sd @ Sd.T
-    sig = _sigma(Sd, Yd, h.rule)
-    L = torch.tril(SY, diagonal=-1)
-    D = torch.diag(torch.diagonal(SY))
-    M = torch.cat([torch.cat([sig * SS, L], 1), torch.cat([L.T, -D], 1)], 0)
-    LU, piv, info = torch.linalg.lu_factor_ex(M)
-    M_lu = (LU, piv) if int(info) == 0 and bool(torch.isfinite(LU).all()) else None
-    bound = sig + float(((Yd ** 2).sum(dim=1) / torch.diagonal(SY)).sum())
-    return LbfgsHistory(S, Y, h.m, h.rule, sig, torch.cat([sig * Sd, Yd]), M_lu, bound)
-
-
-def sigma(h: LbfgsHistory, rule: str | None = None) -> float:
-    """σ of the history (recomputed when another ``rule`` is asked for)."""
-    if rule is None or rule == h.rule:
-        return h.sigma
+def prepare(S: Tensor, Y: Tensor, count: Tensor, rule: str) -> Histories:
+    """The compact form of B histories (Byrd, Nocedal & Schnabel 1994, Thm. 2.3), once per push,
+    so that each product costs two (2m × p) mat-vecs and a 2m × 2m LU solve per request."""
     if rule not in SIGMA_RULES:
         raise ValueError(f"sigma rule must be one of {SIGMA_RULES}, got {rule!r}")
-    return _sigma(h.S.double(), h.Y.double(), rule)
+    B, m, p = S.shape
+    Sd, Yd = S.double(), Y.double()
+    SY, SS = torch.bmm(Sd, Yd.transpose(1, 2)), torch.bmm(Sd, Sd.transpose(1, 2))
+    has = count > 0
+    sigma = _sigma(Sd[:, -1], Yd[:, -1], has, rule)
+    L = torch.tril(SY, diagonal=-1)
+    D = torch.diag_embed(torch.diagonal(SY, dim1=1, dim2=2))
+    M = torch.cat([torch.cat([sigma[:, None, None] * SS, L], 2), torch.cat([L.transpose(1, 2), -D], 2)], 1)
+    unused = torch.arange(m, device=S.device)[None, :] < (m - count)[:, None]     # (B, m)
+    pad = torch.cat([unused, unused], dim=1).to(M.dtype)                           # (B, 2m)
+    M = M + torch.diag_embed(pad)  # unused slots: zero rows/columns become identity
+    LU, piv, info = torch.linalg.lu_factor_ex(M)
+    ok = has & (info == 0) & torch.isfinite(LU).flatten(1).all(1)
+    d = torch.diagonal(SY, dim1=1, dim2=2)
+    ratio = torch.where(unused, torch.zeros_like(d), (Yd ** 2).sum(-1) / torch.where(unused, 1.0, d))
+    bound = sigma + ratio.sum(-1)
+    Wc = torch.cat([sigma[:, None, None] * Sd, Yd], dim=1)
+    return Histories(S, Y, count, sigma, Wc, LU, piv, ok, bound, rule)
 
 
-def hvp(h: LbfgsHistory, v: Tensor) -> tuple[Tensor, float] | None:
-    """(B·v, ‖B·v‖/‖v‖) with B·v = σv − Wᵀ M⁻¹ W v in compact form, or None when the product
-    cannot be trusted.
+def empty(B: int, m: int, p: int, dtype: torch.dtype = torch.float64, device: torch.device | str = "cpu",
+          rule: str = "sy/ss") -> Histories:
+    """B empty histories of capacity m."""
+    z = torch.zeros(B, m, p, dtype=dtype, device=device)
+    return prepare(z, z.clone(), torch.zeros(B, dtype=torch.int64, device=device), rule)
 
-    Cost O(k·p + k²). Returns None for an empty history, a singular middle matrix, a
-    non-finite result, or one that breaks the norm bound of a BFGS matrix.
-    """
-    if h.size == 0 or h.M_lu is None:
-        return None
-    vd = v.double()
-    z = torch.linalg.lu_solve(*h.M_lu, (h.W @ vd)[:, None])[:, 0]
-    Bv = h.sigma * vd - h.W.T @ z
-    bv, nv = float(Bv.norm()), max(float(vd.norm()), 1e-300)
-    if not (bv <= h.bound * (1 + 1e-6) * nv):  # also catches NaN
-        return None
-    return Bv.to(v.dtype), bv / nv
+
+def from_pairs(S: Tensor, Y: Tensor) -> Histories:
+    """One history holding the given pairs (k, p), oldest first (tests, inspection)."""
+    return prepare(S[None], Y[None], torch.tensor([S.shape[0]], device=S.device), "sy/ss")
+
+
+def curvature_ok(s: Tensor, y: Tensor, eps: float) -> Tensor:
+    """(B,) mask of the curvature test sᵀy > ε‖s‖‖y‖, with both vectors non-zero and finite."""
+    sd, yd = s.double(), y.double()
+    sy, ns, ny = (sd * yd).sum(-1), sd.norm(dim=-1), yd.norm(dim=-1)
+    return (ns > 0) & (ny > 0) & torch.isfinite(sy) & (sy > eps * ns * ny)
+
+
+def push(h: Histories, s: Tensor, y: Tensor, mask: Tensor) -> Histories:
+    """Append (s_b, y_b) to the histories where ``mask`` is set (oldest dropped when full)."""
+    if not bool(mask.any()):
+        return h
+    S, Y = h.S.clone(), h.Y.clone()
+    idx = torch.nonzero(mask).reshape(-1)
+    S[idx] = torch.cat([h.S[idx, 1:], s[idx, None].to(S.dtype)], dim=1)
+    Y[idx] = torch.cat([h.Y[idx, 1:], y[idx, None].to(Y.dtype)], dim=1)
+    count = torch.where(mask, (h.count + 1).clamp(max=S.shape[1]), h.count)
+    return prepare(S, Y, count, h.rule)
+
+
+def hvp(h: Histories, V: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(B·v_b (B, p), ‖B·v_b‖/‖v_b‖ (B,), usable (B,)): the compact-form products, with
+    B·v = σv − Wᵀ M⁻¹ W v. Unusable: an empty history, a singular middle matrix, a non-finite
+    result, or one that breaks the norm bound of a BFGS matrix."""
+    Vd = V.double()
+    q = torch.bmm(h.Wc, Vd[:, :, None])                                   # (B, 2m, 1)
+    z = torch.linalg.lu_solve(h.LU, h.piv, q)
+    Bv = h.sigma[:, None] * Vd - torch.bmm(h.Wc.transpose(1, 2), z)[..., 0]
+    nb, nv = Bv.norm(dim=1), Vd.norm(dim=1).clamp_min(1e-300)
+    usable = h.ok & (nb <= h.bound * nv * (1 + 1e-6))  # False for NaN and inf too
+    return Bv.to(V.dtype), nb / nv, usable

@@ -38,9 +38,6 @@ def squared_loss(outputs: Tensor, targets: Tensor) -> Tensor:
     return 0.5 * (outputs.reshape(-1) - targets) ** 2
 
 
-GradSum = Callable[[Tensor, Tensor, Tensor, "Tensor | None"], Tensor]
-
-
 class ManyRef(NamedTuple):
     """A reference point for batched gradients in difference form.
 
@@ -343,6 +340,8 @@ class FunctionalModel:
         """Σ_j w_bj ∇ℓ(θ_b; x_bj, y_bj) with each request's own (padded) rows: X (B, r, d) → (B, p)."""
         if X.shape[1] == 0:
             return torch.zeros_like(thetas)
+        if thetas.shape[0] == 1:  # one request: the plain kernel (a batched one costs more per call)
+            return self.grad_sum(thetas[0], X[0], y[0], weights[0])[None]
         if self.closed_form is not None:
             return self.closed_form.grad_each(thetas, X, y, weights)
         return self._each(thetas, X, y, weights)

@@ -1,32 +1,44 @@
 """DeltaGrad: replay a cached trajectory for changed data (Wu et al. 2020, Algorithm 1).
 
-For each step t the replayed parameters w^I_t differ from the cached w_t by v = w^I_t − w_t.
+This module is the one implementation of the replay. It advances B change sets ("requests") at
+once; a single request is a batch of one (:func:`deltagrad`). For each step t, request b's
+replayed parameters w^I_t differ from the cached w_t by v_b = w^I_t − w_t.
 
 * **Explicit step** (t < j0, then every T0-th step, or when an approximation is refused):
   the gradient of the cached batch at w^I_t is computed over the batch's rows as they are
-  (no gather of the retained rows), the pair (s, y) = (v, ∇F_{B_t}(w^I_t) − g_t) enters the
-  L-BFGS history (Alg. 1, lines 5–7).
+  (no gather of the retained rows), and the pair (s, y) = (v, ∇F_{B_t}(w^I_t) − g_t) enters
+  the request's L-BFGS history (Alg. 1, lines 5–7). The requests needing one at step t share
+  one computation over the rows: a GEMM against their B parameter vectors for the linear
+  models, ``vmap`` otherwise (the research code's pitfall 7).
 * **Approximate step**: ∇F_{B_t}(w^I_t) ≈ g_t + B_t·v with the compact L-BFGS matrix
-  (Alg. 1, line 10), costing O(m·p).
+  (Alg. 1, line 10), O(m·p) per request, vectorised over the batch (:mod:`.lbfgs`).
 
 Either way the changed rows' contribution is then corrected exactly (Alg. 1, line 11):
 
     ĝ = (|B_t|·(∇F_{B_t}(w^I_t) − λw^I_t) − Σ_{i∈D_t} ∇ℓ_i(w^I_t) + Σ_{i∈A_t} ∇ℓ_i(w^I_t)) / |B'_t| + λw^I_t
 
-touching only the r deleted and a added rows, and w^I_{t+1} = w^I_t − η_t·ĝ.
+touching only the r deleted and a added rows (gathered once per request into one padded
+(B, r, d) table), and w^I_{t+1} = w^I_t − η_t·ĝ.
 
-While the replay has not yet met a changed batch (SGD), w^I_t equals w_t bit for bit and the
-cached step is reused as is; at the first changed batch v = 0, so ∇F_{B_t}(w^I_t) = g_t exactly
+While a request has not yet met a changed batch (SGD), w^I_t equals w_t bit for bit and the
+cached step is reused as is; at its first changed batch v = 0, so ∇F_{B_t}(w^I_t) = g_t exactly
 and no gradient pass is needed.
 
-The state of a replay is an explicit :class:`ReplayState`; :meth:`Replay.run_segment` advances
+The state of a batch is an explicit :class:`ReplayState`; :meth:`Replay.run_segment` advances
 it over one segment of the cache, so a replay can stream shard after shard or travel between
-actors that each hold a step range.
+actors that each hold a step range. States can be split (``select``), merged (``concat``) and
+moved between devices (``to``) without knowing their fields (:mod:`.state`).
+
+With ``gemm_dtype=torch.float32`` on float64 data, the explicit-step GEMMs run in difference
+form — X·(w_b − w_t) in float32 around a float64 reference — which doubles the GEMM rate on
+CPUs at a relative error of ~1e-7 on the (small) differences.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from typing import NamedTuple
 
 import torch
@@ -35,52 +47,109 @@ from torch import Tensor
 from . import lbfgs
 from .batches import BatchIndex, StepBatch
 from .config import DeltaGradConfig
-from .data import ChangeSet, Dataset
+from .data import ChangeSet, Dataset, check_not_removed, make_change_set
 from .errors import InputError
-from .lbfgs import LbfgsHistory
-from .models import FunctionalModel
-from .train import Recorder, RowGather, changed_data, objective_grad
+from .lbfgs import Histories
+from .models import FunctionalModel, ManyRef
+from .state import Batched
+from .train import Recorder, RowGather, changed_data
 from .trajectory import MemoryRecorder, Segment, Trajectory
 
-class ReplayState(NamedTuple):
-    """Everything a replay carries from one step to the next.
+
+class RequestError(InputError):
+    """Some requests of a batch cannot be replayed: ``reasons`` maps their index in the batch to
+    why (a bad change set, or parameters that became non-finite). The other requests are fine:
+    a fan-out reports these and replays the rest."""
+
+    def __init__(self, reasons: dict[int, str]) -> None:
+        self.reasons = dict(reasons)
+        shown = "; ".join(f"request {b}: {r}" for b, r in list(self.reasons.items())[:3])
+        more = f" (and {len(self.reasons) - 3} more)" if len(self.reasons) > 3 else ""
+        super().__init__(shown + more)
+
+    def __reduce__(self):  # crosses process boundaries (Ray) with its reasons
+        return type(self), (self.reasons,)
+
+
+@dataclass(frozen=True, eq=False)
+class ReplayState(Batched):
+    """Everything B replays carry from one step to the next (one row per request).
 
     Fields:
-      w:             (p,) w^I_t, the replayed parameters before step ``step``
-      history:       L-BFGS pairs
+      W:             (B, p) w^I_t, the replayed parameters before step ``step``
+      history:       the requests' L-BFGS pairs (:class:`~.lbfgs.Histories`)
       step:          next step to replay
-      synced:        True while w^I_t == w_t bit for bit (no changed batch met yet)
-      curvature:     L̂, the largest ‖y‖/‖s‖ of the pairs measured so far
-      explicit_steps, approx_steps, fallbacks, skipped_pairs: counters
-      gap, next_explicit: the adaptive schedule's current period and next explicit step
-      pred_max, pred_sum, pred_n: the L-BFGS prediction error ‖B·s − y‖/‖y‖ measured at
+      synced:        (B,) True while w^I_t == w_t bit for bit (no changed batch met yet)
+      curvature:     (B,) L̂, the largest ‖y‖/‖s‖ of the pairs measured so far
+      explicit_steps, approx_steps, fallbacks, skipped_pairs: (B,) int64 counters
+      gap, next_explicit: (B,) the adaptive schedule's current period and next explicit step
+      pred_max, pred_sum, pred_n: (B,) the L-BFGS prediction error ‖B·s − y‖/‖y‖ measured at
                      explicit steps (before the new pair enters): an accuracy signal for free
+      failed_at:     (B,) int64, the step at which the request's parameters became non-finite even
+                     with exact gradients, −1 while they are fine. A failed request is put back on
+                     the cached path (``synced``), costs nothing more, and is reported as failed: the
+                     other requests of its batch go on, unaffected
     """
 
-    w: Tensor
-    history: LbfgsHistory
+    W: Tensor
+    history: Histories
     step: int
-    synced: bool
-    curvature: float = 0.0
-    explicit_steps: int = 0
-    approx_steps: int = 0
-    fallbacks: int = 0
-    skipped_pairs: int = 0
-    gap: int = 1
-    next_explicit: int = 0
-    pred_max: float = 0.0
-    pred_sum: float = 0.0
-    pred_n: int = 0
+    synced: Tensor
+    curvature: Tensor
+    explicit_steps: Tensor
+    approx_steps: Tensor
+    fallbacks: Tensor
+    skipped_pairs: Tensor
+    gap: Tensor
+    next_explicit: Tensor
+    pred_max: Tensor
+    pred_sum: Tensor
+    pred_n: Tensor
+    failed_at: Tensor
+
+    @property
+    def B(self) -> int:
+        return int(self.W.shape[0])
 
 
-def _non_expansive(v: Tensor, Bv: Tensor, lr: float) -> bool:
-    """‖v − η·Bv‖ ≤ ‖v‖, i.e. η‖Bv‖² ≤ 2·vᵀBv (see DeltaGradConfig)."""
-    vd, bd = v.double(), Bv.double()
-    return lr * float(bd @ bd) <= 2 * float(vd @ bd) * (1 + 1e-12)
+COUNTERS = ("explicit_steps", "approx_steps", "fallbacks", "skipped_pairs")
 
 
-class ReplayResult(NamedTuple):
-    """Outcome of a replay: final parameters, diagnostics, and the new trajectory if recorded.
+@dataclass(frozen=True, eq=False)
+class BatchedResult:
+    """Final parameters (B, p) and per-request counters (B,) of a batched replay."""
+
+    params: Tensor
+    steps: int
+    explicit_steps: Tensor
+    approx_steps: Tensor
+    fallbacks: Tensor
+    skipped_pairs: Tensor
+    prediction_error_max: Tensor
+    prediction_error_mean: Tensor
+    failed_at: Tensor
+
+    def diagnostics(self, b: int) -> dict:
+        return self.one(b).diagnostics()
+
+    def one(self, b: int, trajectory: Trajectory | None = None) -> ReplayResult:
+        """Request b's result."""
+        return ReplayResult(self.params[b], self.steps, int(self.explicit_steps[b]), int(self.approx_steps[b]),
+                            int(self.fallbacks[b]), int(self.skipped_pairs[b]), trajectory,
+                            float(self.prediction_error_max[b]), float(self.prediction_error_mean[b]),
+                            int(self.failed_at[b]))
+
+    @classmethod
+    def concat(cls, parts: Sequence[BatchedResult]) -> BatchedResult:
+        first = parts[0]
+        return cls(torch.cat([r.params for r in parts]), first.steps,
+                   *(torch.cat([getattr(r, f) for r in parts])
+                     for f in (*COUNTERS, "prediction_error_max", "prediction_error_mean", "failed_at")))
+
+
+@dataclass(frozen=True, eq=False)
+class ReplayResult:
+    """Outcome of one replay: final parameters, diagnostics, and the new trajectory if recorded.
 
     ``prediction_error_max`` / ``_mean``: how far the L-BFGS product was from the exact
     gradient difference at the explicit steps (0 = perfect, 1 = no better than predicting
@@ -97,6 +166,7 @@ class ReplayResult(NamedTuple):
     trajectory: Trajectory | None = None
     prediction_error_max: float = 0.0
     prediction_error_mean: float = 0.0
+    failed_at: int = -1
 
     def diagnostics(self) -> dict:
         return {"steps": self.steps, "explicit_steps": self.explicit_steps,
@@ -106,175 +176,428 @@ class ReplayResult(NamedTuple):
                 "prediction_error_mean": round(self.prediction_error_mean, 6)}
 
 
+class LocalRows:
+    """The training rows a replay reads, held in this process (the default provider).
+
+    A provider answers two questions: the features of some rows (the changed rows of the
+    requests), and Σ ∇ℓ_i(w_b) over a step's cached batch for B parameter vectors — the explicit
+    step's one pass over the data. The Ray backend's data-parallel mode answers them from data
+    shards on other actors instead (:class:`deltagrad_ray.distributed.datashard.RemoteRows`).
+
+    Args:
+      model, data: the model and the rows.
+      n_base: rows placed by the batch plan's permutation (the others were added later).
+      gemm_dtype: precision of the explicit-step GEMMs (linear models; see the module docstring).
+      gemm_bytes: memory budget of one explicit-step computation.
+      batch_rows: rows of one cached batch (sizes the chunks of requests).
+    """
+
+    def __init__(self, model: FunctionalModel, data: Dataset, n_base: int, *, gemm_dtype: torch.dtype | None = None,
+                 gemm_bytes: int = 1 << 30, batch_rows: int | None = None) -> None:
+        self.model, self.data, self.n_base = model, data, n_base
+        self.gather = RowGather(data.X)
+        self.low = None
+        if gemm_dtype is not None and gemm_dtype != data.X.dtype:
+            if model.closed_form is None:
+                raise InputError("gemm_dtype applies to the linear models (logreg, linear) only")
+            self.low = gemm_dtype
+            self.X_low = data.X.to(gemm_dtype)
+            self.gather_low = RowGather(self.X_low)
+        # memory of one request's explicit step ≈ rows × (activations per row, ~p/d) × 4 buffers
+        width = max(1, model.p // max(1, data.n_features))
+        per_request = max(1, batch_rows or n_base) * width * data.X.element_size() * 4
+        self.chunk = max(1, gemm_bytes // per_request)
+        self._extra: tuple[Tensor, Tensor, Tensor] | None = None
+
+    def features(self, rows: Tensor) -> Tensor:
+        return self.data.X[rows]
+
+    def _extra_rows(self, extra: Tensor) -> tuple[Tensor, Tensor]:
+        """Rows added by earlier changes: the same ones at every GD step, so gathered once."""
+        if self._extra is None or not torch.equal(self._extra[0], extra):
+            self._extra = (extra, self.data.X[extra], self.data.y[extra])
+        return self._extra[1], self._extra[2]
+
+    def grad_many(self, W: Tensor, base: Tensor | None, weights: Tensor | None, extra: Tensor,
+                  w_t: Tensor) -> Tensor:
+        """Σ over ``base`` rows (None: all base rows, weighted) and ``extra`` rows of ∇ℓ_i(w_b), (B, p)."""
+        if base is None:
+            X, y = self.data.X[: self.n_base], self.data.y[: self.n_base]
+            X_low = self.X_low[: self.n_base] if self.low is not None else None
+        else:
+            X, y = self.gather(base), self.data.y[base]
+            X_low = self.gather_low(base) if self.low is not None else None
+        if self.low is None and W.shape[0] == 1:  # one request: the training kernel (a GEMV-like pass)
+            G = self.model.grad_sum(W[0], X, y, weights)[None]
+        else:
+            ref = None
+            if self.low is not None:
+                ref = ManyRef(w_t, self.model.grad_sum(w_t, X, y, weights), X_low)
+            G = torch.cat([self.model.grad_sum_many(W[i:i + self.chunk], X, y, weights, ref)
+                           for i in range(0, W.shape[0], self.chunk)])
+        if len(extra):
+            Xe, ye = self._extra_rows(extra)
+            G = G + (self.model.grad_sum(W[0], Xe, ye)[None] if W.shape[0] == 1
+                     else self.model.grad_sum_many(W, Xe, ye))
+        return G
+
+
+def _group(keys: Tensor, values: Tensor) -> dict[int, Tensor]:
+    """``values`` grouped by ``keys`` (one sort, not a mask per key)."""
+    if len(values) == 0:
+        return {}
+    order = torch.argsort(keys, stable=True)
+    uniq, counts = torch.unique_consecutive(keys[order], return_counts=True)
+    return dict(zip(uniq.tolist(), torch.split(values[order], counts.tolist())))
+
+
+class StepChanges(NamedTuple):
+    """The requests' changed rows in one step's batch.
+
+    Fields:
+      X, y, w:   (B, r, d), (B, r), (B, r) the rows, padded; w = −1 deleted, +1 added, 0 padding
+      changed:   (B,) bool, the request changes this batch
+      delta:     (B, 1) rows added − rows deleted, in the data's dtype (|B'_t| = |B_t| + delta)
+      min_delta: the smallest delta (a batch can lose all its rows only if |B_t| + min_delta ≤ 0)
+      any:       some request changes this batch
+    """
+
+    X: Tensor
+    y: Tensor
+    w: Tensor
+    changed: Tensor
+    delta: Tensor
+    min_delta: int
+    any: bool
+
+
+class _Entries:
+    """Every request's changed rows as one table (features, label, ±1 for added/deleted, owner),
+    and the :class:`StepChanges` of each step: once for GD (every step sees every row), once per
+    epoch for SGD (the rows' batches in that epoch, one table per batch), so a step only looks up."""
+
+    def __init__(self, replay: Replay, changes: Sequence[ChangeSet]) -> None:
+        data, plan, dev = replay.data, replay.traj.plan, replay.data.X.device
+        self.B, self.plan, self.dev = len(changes), plan, dev
+        Xs, ys, signs, owners, base_rows, extra_ids, kinds = [], [], [], [], [], [], []
+        nb = plan.n_base
+        for b, ch in enumerate(changes):
+            d = ch.delete.to(dev)
+            Xs.append(replay.rows.features(d))
+            ys.append(data.y[d])
+            signs.append(torch.full((len(d),), -1.0, dtype=data.X.dtype, device=dev))
+            owners.append(torch.full((len(d),), b, dtype=torch.int64, device=dev))
+            base_rows.append(torch.where(d < nb, d, torch.full_like(d, -1)))
+            extra_ids.append(torch.where(d >= nb, data.ids[d], torch.zeros_like(d)))
+            kinds.append(d >= nb)
+            if ch.add is not None and len(ch.add):
+                a = ch.add.to(dtype=data.X.dtype, device=dev)
+                Xs.append(a.X)
+                ys.append(a.y)
+                signs.append(torch.ones(len(a), dtype=data.X.dtype, device=dev))
+                owners.append(torch.full((len(a),), b, dtype=torch.int64, device=dev))
+                base_rows.append(torch.full((len(a),), -1, dtype=torch.int64, device=dev))
+                extra_ids.append(a.ids.to(dev))
+                kinds.append(torch.ones(len(a), dtype=torch.bool, device=dev))
+        self.X, self.y = torch.cat(Xs), torch.cat(ys)
+        self.sign, self.owner = torch.cat(signs), torch.cat(owners)
+        self.base, self.ids, self.hashed = torch.cat(base_rows), torch.cat(extra_ids), torch.cat(kinds)
+        self._epoch = -1
+        self._none = self._table(torch.zeros(0, dtype=torch.int64, device=dev))
+        self._gd = self._table(torch.arange(len(self.owner), device=dev)) if plan.full_batch else None
+
+    def _load_epoch(self, epoch: int) -> None:
+        k = torch.empty(len(self.owner), dtype=torch.int64, device=self.dev)
+        base = ~self.hashed
+        if bool(base.any()):
+            k[base] = self.plan.batch_of_base_rows(self.base[base], epoch).to(self.dev)
+        if bool(self.hashed.any()):
+            k[self.hashed] = self.plan.batch_of_added_ids(self.ids[self.hashed], epoch).to(self.dev)
+        self._by_k = {key: self._table(entries) for key, entries in _group(k, torch.arange(len(k),
+                                                                                           device=self.dev)).items()}
+        self._epoch = epoch
+
+    def _table(self, entries: Tensor) -> StepChanges:
+        """The padded rows of some entries, with their counts."""
+        B, dev = self.B, self.dev
+        entries = entries[torch.argsort(self.owner[entries], stable=True)]
+        owner = self.owner[entries]
+        counts = torch.bincount(owner, minlength=B)
+        r = int(counts.max()) if len(entries) else 0
+        starts = torch.cumsum(counts, 0) - counts
+        pos = torch.arange(len(entries), device=dev) - starts[owner]
+        idx = torch.full((B, r), -1, dtype=torch.int64, device=dev)
+        idx[owner, pos] = entries
+        safe = idx.clamp(min=0)
+        w = torch.where(idx >= 0, self.sign[safe], torch.zeros((), dtype=self.sign.dtype, device=dev))
+        delta = w.sum(1)                            # +1 per added row, −1 per deleted one
+        return StepChanges(self.X[safe], self.y[safe], w, counts > 0, delta[:, None],
+                           int(delta.min()) if B else 0, len(entries) > 0)
+
+    def at(self, t: int) -> StepChanges:
+        if self._gd is not None:
+            return self._gd
+        epoch, k = self.plan.locate(t)
+        if epoch != self._epoch:
+            self._load_epoch(epoch)
+        return self._by_k.get(k, self._none)
+
+
+def _check_changes(traj: Trajectory, data: Dataset, changes: Sequence[ChangeSet]) -> None:
+    """Each change set must name rows of this trajectory not yet removed, and add rows of the
+    right width; a request that does not is refused by index (:class:`RequestError`)."""
+    n, removed = traj.n_rows, traj.removed
+    active = n - (int(removed.sum()) if removed is not None else 0)
+    reasons: dict[int, str] = {}
+    for b, ch in enumerate(changes):
+        d = ch.delete
+        if d.dtype != torch.int64 or d.ndim != 1:
+            reasons[b] = f"rows to delete must be a 1-D int64 tensor, got {d.dtype} of shape {tuple(d.shape)}"
+            continue
+        if len(d) and (int(d.min()) < 0 or int(d.max()) >= n):
+            bad = int(d[(d < 0) | (d >= n)][0])
+            reasons[b] = f"row {bad} is outside the trajectory's {n} rows"
+            continue
+        if len(d) > 1 and len(torch.unique(d)) != len(d):
+            reasons[b] = "a row is deleted twice in the same request"
+            continue
+        try:
+            check_not_removed(data.ids, d.to(data.ids.device), removed)
+        except InputError as e:
+            reasons[b] = str(e)
+            continue
+        n_add = 0 if ch.add is None else len(ch.add)
+        if ch.add is not None and n_add and ch.add.X.shape[1:] != data.X.shape[1:]:
+            reasons[b] = f"added rows have {ch.add.X.shape[1]} features, the data has {data.n_features}"
+            continue
+        if len(d) >= active + n_add:
+            reasons[b] = f"the request deletes every one of the {active} remaining rows"
+    if reasons:
+        raise RequestError(reasons)
+
+
 class Replay:
-    """One change set replayed over one trajectory.
+    """B change sets replayed over one trajectory, in one pass.
 
     Args:
       model: the functional model the trajectory was trained with.
       traj: the cached trajectory (read only).
-      data: the rows ``traj`` was trained on (``traj.n_rows`` of them).
-      change: rows to delete / add, e.g. from :func:`~.data.make_change_set`.
-      config: :class:`DeltaGradConfig`.
+      data: the rows ``traj`` was trained on (``traj.n_rows`` of them; ``data.X`` may be zero-width
+        when ``rows`` provides the features).
+      changes: B change sets (e.g. from :func:`~.data.make_change_set` or :mod:`.requests`).
+      config: :class:`~.config.DeltaGradConfig`.
+      gemm_dtype: precision of the explicit-step GEMMs (linear models only); default: the data's.
+      gemm_bytes: memory budget of one explicit-step computation; requests are processed in
+        chunks that fit (an MLP's activations for B requests over all rows can be large).
+      rows: where the training rows' features are read (default :class:`LocalRows` over ``data``).
+
+    Raises:
+      RequestError: when some change sets are invalid for this trajectory.
     """
 
-    def __init__(self, model: FunctionalModel, traj: Trajectory, data: Dataset, change: ChangeSet,
-                 config: DeltaGradConfig = DeltaGradConfig()) -> None:
+    def __init__(self, model: FunctionalModel, traj: Trajectory, data: Dataset, changes: Sequence[ChangeSet],
+                 config: DeltaGradConfig = DeltaGradConfig(), *, gemm_dtype: torch.dtype | None = None,
+                 gemm_bytes: int = 1 << 30, rows=None) -> None:
         if len(data) != traj.n_rows:
             raise InputError(f"the trajectory was trained on {traj.n_rows} rows, the data has {len(data)}")
-        self.model, self.traj, self.data, self.change, self.config = model, traj, data, change, config
-        self.l2 = traj.l2
-        self.index = BatchIndex(traj.plan, data, traj.removed, change)
+        if not changes:
+            raise InputError("no change sets given")
+        _check_changes(traj, data, changes)
+        self.model, self.traj, self.data, self.config = model, traj, data, config
+        self.changes = list(changes)
+        self.B, self.l2 = len(changes), traj.l2
+        self.index = BatchIndex(traj.plan, data, traj.removed)  # the cached batches, shared by all
         self.explicit = config.explicit_steps(traj.steps).tolist()
         self.adaptive = config.schedule == "adaptive"
-        self.gather = RowGather(data.X)
-        nb = traj.plan.n_base
-        self._full = traj.plan.full_batch
-        if self._full:  # the same rows every step: slice/gather them once
-            sb = self.index.at(0)
-            self._gd_extra = (data.X[sb.extra], data.y[sb.extra])
-            self._gd_delete = (data.X[sb.delete], data.y[sb.delete])
-        self._X_base, self._y_base = data.X[:nb], data.y[:nb]
+        self.rows = rows if rows is not None else LocalRows(
+            model, data, traj.plan.n_base, gemm_dtype=gemm_dtype, gemm_bytes=gemm_bytes,
+            batch_rows=traj.plan.batch_size)
+        self.entries = _Entries(self, changes)
 
+    # -- state --------------------------------------------------------------------------------
     def start(self) -> ReplayState:
-        """State before step 0: w^I_0 = w_0."""
-        t = self.traj
-        hist = lbfgs.empty_history(self.config.history, t.p, t.dtype, t.initial.device, self.config.sigma)
-        return ReplayState(t.initial, hist, 0, True, gap=self.config.period, next_explicit=self.config.burn_in)
+        """The state before step 0: w^I_0 = w_0 for every request."""
+        t, B, dev = self.traj, self.B, self.traj.initial.device
+        hist = lbfgs.empty(B, self.config.history, t.p, t.dtype, dev, self.config.sigma)
+        zeros = torch.zeros(B, dtype=torch.int64, device=dev)
+        fz = torch.zeros(B, dtype=torch.float64, device=dev)
+        return ReplayState(t.initial.expand(B, t.p).clone(), hist, 0, torch.ones(B, dtype=torch.bool, device=dev),
+                           fz.clone(), zeros, zeros.clone(), zeros.clone(), zeros.clone(),
+                           torch.full((B,), self.config.period, dtype=torch.int64, device=dev),
+                           torch.full((B,), self.config.burn_in, dtype=torch.int64, device=dev),
+                           fz.clone(), fz.clone(), zeros.clone(), torch.full((B,), -1, dtype=torch.int64, device=dev))
 
-    # -- gradients over rows ------------------------------------------------------------
-    def _rows_grad(self, w: Tensor, rows: Tensor, gd_cached: tuple[Tensor, Tensor] | None) -> Tensor:
-        if gd_cached is not None:
-            return self.model.grad_sum(w, *gd_cached)
-        return self.model.grad_sum(w, self.data.X[rows], self.data.y[rows])
+    # -- the pieces of a step -------------------------------------------------------------------
+    def _approximate(self, st: ReplayState, V: Tensor, lr: float) -> tuple[Tensor, Tensor]:
+        """(B·v_b, accepted) — Alg. 1, line 10, behind every guard: a usable compact form within its
+        norm bound (:func:`~.lbfgs.hvp`), within κ·L̂ (and the known bound L), and non-expansive
+        (η‖Bv‖² ≤ 2·vᵀBv; see :class:`~.config.DeltaGradConfig`)."""
+        cfg = self.config
+        Bv, ratio, usable = lbfgs.hvp(st.history, V)
+        limit = cfg.curvature_guard * st.curvature
+        if cfg.max_curvature is not None:
+            limit = limit.clamp(max=cfg.max_curvature)
+        Bd, Vd = Bv.double(), V.double()
+        stable = lr * (Bd * Bd).sum(1) <= (2 * (1 + 1e-12)) * (Vd * Bd).sum(1)
+        return Bv, usable & (ratio <= limit) & stable
 
-    def _cached_batch_grad(self, w: Tensor, sb: StepBatch) -> Tensor:
-        """Σ ∇ℓ_i(w) over the rows of the cached step's batch, weighted, without dropping rows."""
+    def _explicit(self, mask: Tensor, st: ReplayState, V: Tensor, sb: StepBatch, w_t: Tensor, g_t: Tensor,
+                  G: Tensor, full: Tensor, t: int, track: dict) -> tuple[Tensor, Tensor]:
+        """Explicit steps (Alg. 1, lines 5-7) for the requests in ``mask``, in one computation over
+        the rows; updates ``track`` (history, curvature, counters, prediction error, adaptive gap)."""
+        cfg = self.config
+        idx = torch.nonzero(mask).reshape(-1)
+        W = st.W
         base, weights = self.index.base(sb)
-        if base is None:
-            G = self.model.grad_sum(w, self._X_base, self._y_base, weights)
-        else:
-            G = self.model.grad_sum(w, self.gather(base), self.data.y[base], weights)
-        if len(sb.extra):
-            G = G + self._rows_grad(w, sb.extra, self._gd_extra if self._full else None)
-        return G
+        Gx = self.rows.grad_many(W[idx], base, weights, sb.extra, w_t)
+        fx = Gx / sb.size + self.l2 * W[idx] if sb.size else self.l2 * W[idx]
+        G, full = G.clone(), full.clone()
+        G[idx], full[idx] = Gx, fx
+        s = torch.zeros_like(W)
+        y = torch.zeros_like(W)
+        s[idx], y[idx] = V[idx], fx - g_t
+        hist = track["history"]
+        # how good would the approximation have been? (before the new pair enters)
+        pred, _, usable = lbfgs.hvp(hist, s)
+        measured = mask & usable
+        e = (pred.double() - y.double()).norm(dim=1) / y.double().norm(dim=1).clamp_min(1e-300)
+        e = torch.where(measured, e, torch.zeros_like(e))
+        track["pred_max"] = torch.where(measured, torch.maximum(track["pred_max"], e), track["pred_max"])
+        track["pred_sum"] = track["pred_sum"] + e
+        track["pred_n"] = track["pred_n"] + measured
+        if self.adaptive and t >= cfg.burn_in:
+            tol, gap = cfg.adaptive_tol, track["gap"]
+            new_gap = torch.where(e > tol, (gap // 2).clamp(min=1),
+                                  torch.where(e < tol / 4, (gap * 2).clamp(max=cfg.period), gap))
+            track["gap"] = torch.where(measured, new_gap, gap)
+            track["next_explicit"] = torch.where(mask, t + track["gap"], track["next_explicit"])
+        ok = mask & lbfgs.curvature_ok(s, y, cfg.curvature_eps)
+        track["skipped_pairs"] = track["skipped_pairs"] + (mask & ~ok)
+        track["history"] = lbfgs.push(hist, s, y, ok)
+        ns, ny = s.double().norm(dim=1), y.double().norm(dim=1)
+        track["curvature"] = torch.where(ok, torch.maximum(track["curvature"], ny / ns.clamp_min(1e-300)),
+                                         track["curvature"])
+        track["explicit_steps"] = track["explicit_steps"] + mask
+        return G, full
 
-    def _change_grad(self, w: Tensor, sb: StepBatch) -> Tensor | None:
-        """Σ_{A_t} ∇ℓ_i(w) − Σ_{D_t} ∇ℓ_i(w): the exact correction for the changed rows."""
-        corr = None
-        if len(sb.delete):
-            corr = -self._rows_grad(w, sb.delete, self._gd_delete if self._full else None)
-        if len(sb.add):
-            add = self.change.add
-            Ga = self.model.grad_sum(w, add.X[sb.add], add.y[sb.add])
-            corr = Ga if corr is None else corr + Ga
-        return corr
-
-    # -- one step -------------------------------------------------------------------------
     def _step(self, st: ReplayState, t: int, w_t: Tensor, g_t: Tensor, lr: float,
-              rec: Recorder | None) -> ReplayState:
+              recorders: Sequence[Recorder | None] | None) -> ReplayState:
         sb = self.index.at(t)
-        w = st.w
-        if st.synced and not sb.changed:
-            # w^I_t == w_t and B_t unchanged: the cached step is the exact step.
-            if rec is not None:
-                rec.record(t, w, g_t)
-            return st._replace(w=w - lr * g_t, step=t + 1)
-        hist, curv = st.history, st.curvature
-        counts = dict(explicit_steps=st.explicit_steps, approx_steps=st.approx_steps,
-                      fallbacks=st.fallbacks, skipped_pairs=st.skipped_pairs)
-        gap, next_explicit = st.gap, st.next_explicit
-        pred_max, pred_sum, pred_n = st.pred_max, st.pred_sum, st.pred_n
-        G = None        # Σ over the cached batch at w^I_t, when computed exactly
-        full = None     # ∇F_{B_t}(w^I_t), exact or approximated
-        scheduled = self.explicit[t] or (self.adaptive and t >= next_explicit)
-        if st.synced:
-            full = g_t  # v = 0: the cached gradient is the gradient at w^I_t
-        elif not scheduled:
-            v = w - w_t
-            prod = lbfgs.hvp(hist, v)
-            Bv = None
-            if prod is not None:
-                limit = self.config.curvature_guard * curv
-                if self.config.max_curvature is not None:
-                    limit = min(limit, self.config.max_curvature)
-                if prod[1] <= limit and _non_expansive(v, prod[0], lr):
-                    Bv = prod[0]
-            if Bv is None:
-                counts["fallbacks"] += 1
-            else:
-                full = g_t + Bv
-                counts["approx_steps"] += 1
-        for _attempt in range(2):
-            if full is None:  # explicit step (Alg. 1, lines 5-7)
-                G = self._cached_batch_grad(w, sb)
-                full = objective_grad(G, sb.size, w, self.l2)
-                counts["explicit_steps"] += 1
-                s, y = w - w_t, full - g_t
-                if hist.size and not st.synced:  # how good would the approximation have been?
-                    pred = lbfgs.hvp(hist, s)
-                    if pred is not None:
-                        e = float((pred[0] - y).norm()) / max(float(y.norm()), 1e-300)
-                        pred_max, pred_sum, pred_n = max(pred_max, e), pred_sum + e, pred_n + 1
-                        if self.adaptive and t >= self.config.burn_in:
-                            tol = self.config.adaptive_tol
-                            gap = max(1, gap // 2) if e > tol else min(self.config.period, gap * 2) \
-                                if e < tol / 4 else gap
-                if self.adaptive and t >= self.config.burn_in:
-                    next_explicit = t + gap
-                if lbfgs.curvature_ok(s, y, self.config.curvature_eps):
-                    hist = lbfgs.push(hist, s, y)
-                    curv = max(curv, float(y.norm()) / float(s.norm()))
-                else:
-                    counts["skipped_pairs"] += 1
-            G_cached = G if G is not None else sb.size * (full - self.l2 * w)
-            corr = self._change_grad(w, sb)
-            g = objective_grad(G_cached if corr is None else G_cached + corr, sb.new_size, w, self.l2)
-            w_next = w - lr * g
-            if G is not None or bool(torch.isfinite(w_next).all()):
-                break
-            # the approximation produced inf/NaN: redo this step explicitly
-            counts["approx_steps"] -= 1
-            counts["fallbacks"] += 1
-            full = None
-        if rec is not None:
-            rec.record(t, w, g)
-        return ReplayState(w_next, hist, t + 1, False, curv, **counts, gap=gap, next_explicit=next_explicit,
-                           pred_max=pred_max, pred_sum=pred_sum, pred_n=pred_n)
+        ch = self.entries.at(t)
+        W = st.W
+        # requests still synced (w^I_t == w_t) whose batch is unchanged reuse the cached step as is
+        keep = st.synced & ~ch.changed if bool(st.synced.any()) else None
+        if keep is not None and bool(keep.all()):
+            _record(recorders, t, W, g_t.expand_as(W))
+            return st.replace(W=W - lr * g_t, step=t + 1)
+        if keep is not None and not bool(keep.any()):
+            keep = None
+        l2, size = self.l2, sb.size
+        V = W - w_t
+        active = ~st.synced                        # requests off the cached path (v ≠ 0)
+        track = {k: getattr(st, k) for k in ("history", "curvature", *COUNTERS, "gap", "next_explicit",
+                                             "pred_max", "pred_sum", "pred_n")}
+        full = g_t.expand_as(W)                    # ∇F_{B_t}(w_b): exact for synced requests (v = 0)
+        scheduled = bool(self.explicit[t])
+        if self.adaptive:
+            due = st.next_explicit <= t
+            need, approx = active & due if not scheduled else active, active & ~due if not scheduled else None
+        else:
+            need, approx = (active, None) if scheduled else (None, active)
+        if approx is not None and bool(approx.any()):
+            Bv, accepted = self._approximate(st, V, lr)
+            take = approx & accepted
+            full = torch.where(take[:, None], g_t + Bv, full)
+            refused = approx & ~take
+            track["approx_steps"] = track["approx_steps"] + take
+            track["fallbacks"] = track["fallbacks"] + refused
+            need = refused if need is None else need | refused
+        l2W = l2 * W
+        G = size * (full - l2W)                    # Σ over the cached batch (exact after explicit steps)
+        if need is not None and bool(need.any()):
+            G, full = self._explicit(need, st, V, sb, w_t, g_t, G, full, t, track)
+        corr = self.model.grad_sum_each(W, ch.X, ch.y, ch.w) if ch.any else None
+        den = size + ch.delta                       # |B'_t| per request
+        if size + ch.min_delta > 0:
+            data_term = lambda num: num / den  # noqa: E731
+        else:  # a batch that lost all its rows contributes no data gradient (see train.py)
+            data_term = lambda num: torch.where(den > 0, num / den.clamp(min=1), torch.zeros_like(num))  # noqa: E731
 
-    # -- segments and whole replays ----------------------------------------------------------
-    def run_segment(self, st: ReplayState, seg: Segment, rec: Recorder | None = None) -> ReplayState:
-        """Advance ``st`` over the steps of ``seg`` (which must start at ``st.step``)."""
+        def gradient(G: Tensor) -> Tensor:
+            g = data_term(G if corr is None else G + corr) + l2W
+            return g if keep is None else torch.where(keep[:, None], g_t, g)
+
+        g = gradient(G)
+        W_next = W - lr * g
+        if not bool(torch.isfinite(W_next).all()):
+            finite = torch.isfinite(W_next).all(dim=1)
+            bad = ~finite & active & (~need if need is not None else True)
+            if bool(bad.any()):  # an approximation produced inf/NaN: redo those steps explicitly
+                track["approx_steps"] = track["approx_steps"] - bad
+                track["fallbacks"] = track["fallbacks"] + bad
+                G, full = self._explicit(bad, st, V, sb, w_t, g_t, G, full, t, track)
+                g = torch.where(bad[:, None], gradient(G), g)
+                W_next = torch.where(bad[:, None], W - lr * g, W_next)
+                finite = torch.isfinite(W_next).all(dim=1)
+            if not bool(finite.all()):  # non-finite with exact gradients: the request fails here
+                failed = ~finite
+                track["failed_at"] = torch.where(failed, t, st.failed_at)
+                W_next = torch.where(failed[:, None], w_t - lr * g_t, W_next)  # back on the cached path
+                keep = failed if keep is None else keep | failed
+        _record(recorders, t, W, g)
+        synced = keep if keep is not None else st.synced & ~ch.changed if ch.any else st.synced
+        return ReplayState(W_next, track["history"], t + 1, synced, track["curvature"], track["explicit_steps"],
+                           track["approx_steps"], track["fallbacks"], track["skipped_pairs"], track["gap"],
+                           track["next_explicit"], track["pred_max"], track["pred_sum"], track["pred_n"],
+                           track.get("failed_at", st.failed_at))
+
+    # -- segments and whole replays ---------------------------------------------------------------
+    def run_segment(self, st: ReplayState, seg: Segment,
+                    recorders: Sequence[Recorder | None] | None = None) -> ReplayState:
+        """Advance ``st`` over the steps of ``seg`` (which must start at ``st.step``); ``recorders[b]``,
+        if given, receives request b's (w^I_t, ĝ_t) of every step (online mode)."""
         if seg.start != st.step:
             raise ValueError(f"segment starts at step {seg.start}, the replay is at step {st.step}")
+        if st.B != self.B:
+            raise ValueError(f"the state holds {st.B} requests, this replay {self.B}")
         lrs = seg.lrs.tolist()
         for i in range(seg.stop - seg.start):
-            st = self._step(st, seg.start + i, seg.params[i], seg.grads[i], lrs[i], rec)
+            st = self._step(st, seg.start + i, seg.params[i], seg.grads[i], lrs[i], recorders)
         return st
 
-    def run(self, record: bool = False, recorder: Recorder | None = None) -> ReplayResult:
-        """Replay the whole trajectory. With ``record`` (or a ``recorder``, e.g. a cache writer)
-        the result carries the replayed path as a new :class:`Trajectory` over the changed data
-        (online mode)."""
-        traj = self.traj
-        rec = recorder
-        if rec is None and record:
-            rec = MemoryRecorder(traj.steps, traj.p, traj.dtype, traj.initial.device)
-        st = self.start()
-        for seg in traj.segments():
-            st = self.run_segment(st, seg, rec)
-        new_traj = None
-        if rec is not None:
-            new_data, removed = changed_data(traj, self.data, self.change)
-            new_traj = Trajectory(traj.plan, traj.l2, traj.lrs, traj.initial, st.w, len(new_data),
-                                  removed, rec.finish(traj.lrs))
-        return ReplayResult(st.w, traj.steps, st.explicit_steps, st.approx_steps, st.fallbacks,
-                            st.skipped_pairs, new_traj, st.pred_max, st.pred_sum / max(st.pred_n, 1))
+    def run(self, state: ReplayState | None = None,
+            recorders: Sequence[Recorder | None] | None = None) -> ReplayState:
+        """Replay every remaining step of the trajectory, from ``state`` (default: the start)."""
+        st = state or self.start()
+        for seg in self.traj.segments(st.step):
+            st = self.run_segment(st, seg, recorders)
+        return st
+
+    def result(self, st: ReplayState) -> BatchedResult:
+        """The final parameters and counters (NaN parameters for requests that failed)."""
+        W = torch.where((st.failed_at >= 0)[:, None], float("nan"), st.W)
+        return BatchedResult(W, self.traj.steps, st.explicit_steps, st.approx_steps, st.fallbacks,
+                             st.skipped_pairs, st.pred_max, st.pred_sum / st.pred_n.clamp(min=1), st.failed_at)
 
 
+def failure_reason(step: int) -> str:
+    """Why a request whose parameters became non-finite at ``step`` failed (one message everywhere)."""
+    return (f"the replay produced non-finite parameters at step {step}, with exact gradients too: the change "
+            "set holds values the model cannot take (check the rows' features for extreme values)")
+
+
+def _record(recorders, t: int, W: Tensor, g: Tensor) -> None:
+    if recorders is not None:
+        for b, rec in enumerate(recorders):
+            if rec is not None:
+                rec.record(t, W[b], g[b])
+
+
+# -- the public functions ----------------------------------------------------------------------------
 def deltagrad(model: FunctionalModel, traj: Trajectory, data: Dataset, change: ChangeSet,
               config: DeltaGradConfig = DeltaGradConfig(), *, record: bool = False,
               recorder: Recorder | None = None) -> ReplayResult:
-    """Parameters after ``change``, replayed from ``traj`` with DeltaGrad.
+    """Parameters after ``change``, replayed from ``traj`` with DeltaGrad (one request).
 
     Args:
       model: the model ``traj`` was trained with.
@@ -301,7 +624,68 @@ def deltagrad(model: FunctionalModel, traj: Trajectory, data: Dataset, change: C
     """
     if change.empty and recorder is None:
         return ReplayResult(traj.final.clone(), traj.steps, 0, 0, 0, 0, traj if record else None)
-    return Replay(model, traj, data, change, config).run(record=record, recorder=recorder)
+    rec = recorder
+    if rec is None and record:
+        rec = MemoryRecorder(traj.steps, traj.p, traj.dtype, traj.initial.device)
+    try:
+        rp = Replay(model, traj, data, [change], config)
+    except RequestError as e:
+        raise InputError(e.reasons[0]) from None
+    st = rp.run(recorders=None if rec is None else [rec])
+    if int(st.failed_at[0]) >= 0:
+        raise InputError(failure_reason(int(st.failed_at[0])))
+    new_traj = None
+    if rec is not None:
+        new_data, removed = changed_data(traj, data, change)
+        new_traj = Trajectory(traj.plan, traj.l2, traj.lrs, traj.initial, st.W[0], len(new_data), removed,
+                              rec.finish(traj.lrs))
+    return rp.result(st).one(0, new_traj)
+
+
+def deltagrad_batched(model: FunctionalModel, traj: Trajectory, data: Dataset, changes: Sequence[ChangeSet],
+                      config: DeltaGradConfig = DeltaGradConfig(), *, batch_size: int = 32,
+                      gemm_dtype: torch.dtype | None = None, batches_per_pass: int | None = None,
+                      progress: Callable[[int], None] | None = None) -> BatchedResult:
+    """Replay many change sets: batches of ``batch_size`` requests; ``batches_per_pass``
+    batches (default: all) advance together over one pass of the trajectory, so each cache
+    segment is read once per pass.
+
+    Args:
+      changes: the change sets, e.g. :func:`~.requests.leave_one_out`.
+      batch_size: requests per batch (B).
+      gemm_dtype: see :class:`Replay`.
+      batches_per_pass: batches sharing one pass (fewer: less memory, more reads).
+      progress: called with the number of requests finished after each pass.
+
+    Returns:
+      :class:`BatchedResult` in the order of ``changes``.
+
+    Example:
+      >>> from deltagrad_ray.core import *
+      >>> data = synthetic_classification(300, 5, 3, seed=0)
+      >>> m = ModelSpec("logreg", 5, 3).build()
+      >>> traj = train(m, data, steps=30, lrs=learning_rates(30, 0.5), l2=0.01)
+      >>> res = deltagrad_batched(m, traj, data, leave_one_out(data, data.ids[:10]))
+      >>> res.params.shape
+      torch.Size([10, 18])
+    """
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise InputError(f"batch size must be an integer >= 1, got {batch_size!r}")
+    bounds = list(range(0, len(changes), batch_size))
+    per_pass = batches_per_pass or len(bounds)
+    results: list[BatchedResult] = []
+    for p0 in range(0, len(bounds), per_pass):
+        runs = [Replay(model, traj, data, changes[i:i + batch_size], config, gemm_dtype=gemm_dtype)
+                for i in bounds[p0:p0 + per_pass]]
+        states = [r.start() for r in runs]
+        for seg in traj.segments():
+            states = [r.run_segment(s, seg) for r, s in zip(runs, states)]
+        results += [r.result(s) for r, s in zip(runs, states)]
+        if progress is not None:
+            progress(sum(r.B for r in runs))
+    if not results:
+        raise InputError("no change sets given")
+    return BatchedResult.concat(results)
 
 
 def deltagrad_online(model: FunctionalModel, traj: Trajectory, data: Dataset,
@@ -316,9 +700,9 @@ def deltagrad_online(model: FunctionalModel, traj: Trajectory, data: Dataset,
       The last :class:`ReplayResult`; its ``trajectory`` is the final cache (over the same
       ``data``, with the deleted rows flagged) and its counters are summed over all requests.
     """
-    from .data import make_change_set
-
-    totals = dict(explicit_steps=0, approx_steps=0, fallbacks=0, skipped_pairs=0)
+    if not deletions:
+        raise InputError("no deletion requests given")
+    totals = dict.fromkeys(COUNTERS, 0)
     worst = 0.0
     res = None
     for ids in deletions:
@@ -328,9 +712,7 @@ def deltagrad_online(model: FunctionalModel, traj: Trajectory, data: Dataset,
             totals[k] += getattr(res, k)
         worst = max(worst, res.prediction_error_max)
         traj = res.trajectory
-    if res is None:
-        raise InputError("no deletion requests given")
-    return res._replace(**totals, prediction_error_max=worst)
+    return replace(res, **totals, prediction_error_max=worst)
 
 
 def relative_error(approx: Tensor, exact: Tensor, reference: Tensor) -> float:

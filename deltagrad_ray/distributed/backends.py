@@ -1,7 +1,7 @@
 """Fan-out of many change sets: a serial backend and a Ray backend that give the same results.
 
 Requests are grouped into batches of B. A batch is the unit of work: it carries only its
-state (parameters, L-BFGS histories, counters) between workers.
+state (parameters, L-BFGS histories, counters) between workers, always on the CPU.
 
 * ``serial``: one :class:`~.worker.ReplayWorker` in this process.
 * ``ray``, pipeline mode: W shard actors each own a contiguous step range (loaded by the actor
@@ -9,17 +9,25 @@ state (parameters, L-BFGS histories, counters) between workers.
   batches are in flight so every shard works at once.
 * ``ray``, replicated mode: every actor holds all steps and takes a share of the batches.
 
-The driver keeps each batch's last completed state. If an actor or its node dies, the batch is
-re-run from that stage (bounded attempts); a request that makes the replay raise is isolated by
-splitting its batch (requests are independent rows of the state) until it stands alone, then
-reported with its error, as is one whose parameters come out NaN; the rest complete. Results
-are written as they arrive (:class:`~.sink.ResultSink`) and returned in request order.
+Failures fall in three kinds, handled at this boundary:
+
+* **a request's own failure** — a change set invalid for the trajectory
+  (:class:`~deltagrad_ray.core.replay.RequestError`), or parameters that became non-finite (the
+  state's ``failed_at``) — that request is reported with its reason and the rest of its batch
+  goes on, unaffected;
+* **the cluster's failure** (an actor or node died, an object was lost) — the batch's stage is
+  re-run from its last completed state, with backoff, for as long as ``retry_budget_s`` allows
+  (a replacement node can take minutes);
+* **anything else** is a bug: the run stops at once and the error propagates with its traceback.
+
+Results are written as they arrive (:class:`~.sink.ResultSink`) and returned in request order.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import sys
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -28,14 +36,12 @@ from typing import Any, NamedTuple
 
 import torch
 
-from ..core.batched import BatchedResult, BatchedState
+from ..core.config import DeltaGradConfig
 from ..core.data import ChangeSet
 from ..core.errors import InputError
-from ..core.replay import DeltaGradConfig
+from ..core.replay import COUNTERS, ReplayState, RequestError, failure_reason
 from .sink import ResultSink
-from .worker import ReplayWorker, slice_state
-
-COUNTERS = ("explicit_steps", "approx_steps", "fallbacks", "skipped_pairs")
+from .worker import ReplayWorker
 
 
 class RunReport(NamedTuple):
@@ -45,7 +51,7 @@ class RunReport(NamedTuple):
       params:   (N, p) replayed parameters (NaN rows for failed requests)
       counters: name → (N,) int64 (explicit_steps, approx_steps, fallbacks, skipped_pairs)
       errors:   request index → reason, for requests that failed (isolated, not retried forever)
-      stats:    batches, retries, splits, seconds, backend
+      stats:    batches, retries, seconds, backend
     """
 
     params: torch.Tensor
@@ -53,30 +59,25 @@ class RunReport(NamedTuple):
     errors: dict[int, str]
     stats: dict[str, Any]
 
-    def as_batched(self) -> BatchedResult:
-        c = self.counters
-        return BatchedResult(self.params, -1, c["explicit_steps"], c["approx_steps"], c["fallbacks"],
-                             c["skipped_pairs"])
-
 
 @dataclass
 class _Job:
     members: list[int]                      # request indices
     changes: list[ChangeSet]
     stage: int = 0
-    state: BatchedState | None = None
+    state: ReplayState | None = None        # after the last completed stage (CPU)
+    failing_since: float | None = None      # first failure of the current stage (cluster faults)
     attempts: int = 0
     ref: Any = None                         # Ray: object ref of the changes
     extra: dict = field(default_factory=dict)
 
-    def split(self) -> tuple[_Job, _Job]:
-        h = len(self.members) // 2
-        parts = []
-        for sl in (slice(0, h), slice(h, None)):
-            idx = torch.arange(len(self.members))[sl]
-            st = slice_state(self.state, idx) if self.state is not None else None
-            parts.append(_Job(self.members[sl], self.changes[sl], self.stage, st))
-        return parts[0], parts[1]
+    def without(self, gone: Sequence[int]) -> _Job | None:
+        """The job without the requests at positions ``gone`` (None when nothing is left)."""
+        keep = [i for i in range(len(self.members)) if i not in set(gone)]
+        if not keep:
+            return None
+        state = self.state.select(keep) if self.state is not None else None
+        return _Job([self.members[i] for i in keep], [self.changes[i] for i in keep], self.stage, state)
 
 
 class _Collector:
@@ -98,33 +99,33 @@ class _Collector:
                 self.errors[i] = r["error"]
             self.done[i] = True
 
-    def add(self, members: list[int], state: BatchedState | None, errors: dict[int, str]) -> None:
+    def add(self, members: list[int], state: ReplayState | None, errors: dict[int, str]) -> None:
+        """Requests ``members`` are finished: with their final ``state``, or failed with ``errors``."""
         idx = torch.tensor(members, dtype=torch.int64)
         if state is not None:
-            bad = ~torch.isfinite(state.W).all(dim=1)
-            for j in torch.nonzero(bad).reshape(-1).tolist():
-                errors.setdefault(members[j], "the replay produced NaN or inf parameters")
             self.params[idx] = state.W.detach().cpu().double()
             for k in COUNTERS:
                 self.counters[k][idx] = getattr(state, k).cpu()
-        for m in members:
-            if m in errors:
-                self.params[m] = float("nan")
-        self.errors.update({m: e for m, e in errors.items() if m in members})
+            for j in torch.nonzero(state.failed_at >= 0).reshape(-1).tolist():
+                errors = {**errors, members[j]: failure_reason(int(state.failed_at[j]))}
+        self.errors.update(errors)
+        for m in errors:
+            self.params[m] = float("nan")
         self.done[idx] = True
         if self.sink is not None:
             self.sink.write(members, self.params[idx], {k: v[idx] for k, v in self.counters.items()},
-                            {m: e for m, e in errors.items() if m in members})
+                            {m: errors[m] for m in members if m in errors})
         if self.progress is not None:
             self.progress(len(members))
 
+    def fail(self, job: _Job, reasons: dict[int, str]) -> _Job | None:
+        """Report the requests of ``job`` at the positions in ``reasons``; the rest of the job goes on."""
+        failed = [job.members[b] for b in reasons]
+        self.add(failed, None, {job.members[b]: r[:300] for b, r in reasons.items()})
+        return job.without(list(reasons))
+
     def report(self, stats: dict) -> RunReport:
         return RunReport(self.params, self.counters, dict(sorted(self.errors.items())), stats)
-
-
-def _user_error(e: BaseException) -> str:
-    cause = getattr(e, "cause", None) or e
-    return f"{type(cause).__name__}: {str(cause).strip().splitlines()[0] if str(cause).strip() else ''}"[:300]
 
 
 def _batches(pending: Sequence[int], changes: Sequence[ChangeSet], batch_size: int) -> deque[_Job]:
@@ -133,8 +134,8 @@ def _batches(pending: Sequence[int], changes: Sequence[ChangeSet], batch_size: i
 
 
 def _prepare(changes, batch_size, sink, progress, p):
-    if batch_size < 1:
-        raise InputError(f"batch size must be >= 1, got {batch_size}")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise InputError(f"batch size must be an integer >= 1, got {batch_size!r}")
     col = _Collector(len(changes), p, sink, progress)
     if sink is not None:
         col.restore(sink.load())
@@ -160,28 +161,25 @@ class SerialBackend:
         """``cache_uri`` may be an open Cache and ``data`` its loaded Dataset (no reload)."""
         t0 = time.perf_counter()
         old = torch.get_num_threads()
-        worker = ReplayWorker(cache_uri, data_uri, threads=self.threads, device=self.device, data=data)
+        worker = ReplayWorker(cache_uri, data_uri, threads=self.threads, device=self.device,
+                              data=None if data is None else data.to(device=self.device))
         try:
             col, pending = _prepare(changes, batch_size, sink, progress, worker.traj.p)
             jobs = _batches(pending, changes, batch_size)
-            splits = 0
             while jobs:
                 job = jobs.popleft()
                 try:
                     state = worker.advance(job.changes, config, gemm_dtype, job.state)
-                except Exception as e:  # noqa: BLE001 - a request that breaks the replay is isolated, not fatal
-                    if len(job.members) > 1:
-                        a, b = job.split()
-                        jobs.extendleft([b, a])
-                        splits += 1
-                    else:
-                        col.add(job.members, None, {job.members[0]: _user_error(e)})
+                except RequestError as e:  # those requests fail; the rest of the batch is replayed
+                    rest = col.fail(job, e.reasons)
+                    if rest is not None:
+                        jobs.appendleft(rest)
                     continue
                 col.add(job.members, state, {})
         finally:
             torch.set_num_threads(old)
-        return col.report({"backend": "serial", "seconds": time.perf_counter() - t0, "splits": splits,
-                           "retries": 0, "batch_size": batch_size})
+        return col.report({"backend": "serial", "seconds": time.perf_counter() - t0, "retries": 0,
+                           "batch_size": batch_size})
 
 
 def _ray():
@@ -207,6 +205,19 @@ def ensure_ray(address: str | None = None, **init_kwargs) -> None:
     ray.init(address=address, **kwargs)
 
 
+def _notice(message: str) -> None:
+    print(f"deltagrad-ray: {message}", file=sys.stderr, flush=True)
+
+
+def _cluster_failure_types() -> tuple[type[BaseException], ...]:
+    """Errors of the cluster itself (not of the replay): retried within the budget."""
+    ex = _ray().exceptions
+    names = ("RayActorError", "ActorDiedError", "ActorUnavailableError", "ObjectLostError", "OwnerDiedError",
+             "ObjectFetchTimedOutError", "ObjectReconstructionFailedError", "NodeDiedError", "WorkerCrashedError",
+             "RaySystemError", "LocalRayletDiedError", "TaskUnschedulableError", "ActorUnschedulableError")
+    return tuple(getattr(ex, n) for n in names if hasattr(ex, n))
+
+
 class RayBackend:
     """Shard actors on a Ray cluster.
 
@@ -219,43 +230,60 @@ class RayBackend:
         stand in for GPUs in tests).
       strategy: placement of the actors across nodes, ``SPREAD`` or ``PACK``.
       max_in_flight: batches in flight (default 2 × workers).
-      max_attempts: attempts of one stage of a batch when actors or nodes die.
-      device: torch device inside the actors (``cuda`` with num_gpus).
+      device: torch device inside the actors (default ``cuda`` when ``num_gpus`` > 0, else ``cpu``).
+      resource_timeout: seconds to wait for the cluster to provide the actors' resources (an
+        autoscaling cluster grows into them; a lost node is replaced) before giving up. A request
+        that can never fit — more than any node or the whole cluster can hold — is refused at once.
+      retry_budget_s: how long one stage of a batch may keep failing on cluster faults (actor or
+        node died) before its requests are reported as failed; retries back off up to 30 s.
       data_shards: split the training data over this many data actors (each holding a
         contiguous row range; replay actors then hold ids and labels only and sum the shards'
         partial gradients at explicit steps), or ``"auto"``: as many as the data needs to fit
         ``actor_memory_mb`` each, none when it fits one actor.
-      data_cpus: CPUs per data actor.
+      data_cpus, data_gpus: per data actor (``data_gpus`` default: ``num_gpus`` when the device is
+        CUDA, so data actors on GPUs reserve them like replay actors).
+      shared_filesystem: local (``file://``) locations are readable on every node (an NFS mount):
+        allow them on a cluster spanning several hosts.
+      notify: where progress lines go (default: stderr).
     """
 
     name = "ray"
 
     def __init__(self, address: str | None = None, *, workers: int = 2, mode: str = "auto", num_cpus: float = 1,
                  num_gpus: float = 0, resources: dict[str, float] | None = None, strategy: str = "SPREAD",
-                 max_in_flight: int | None = None, actor_memory_mb: float = 2048, max_attempts: int = 4,
-                 device: str = "cpu", ready_timeout: float = 120.0, data_shards: int | str = "auto",
-                 data_cpus: float = 0.5) -> None:
+                 max_in_flight: int | None = None, actor_memory_mb: float = 2048, device: str | None = None,
+                 resource_timeout: float = 900.0, retry_budget_s: float = 900.0, data_shards: int | str = "auto",
+                 data_cpus: float = 0.5, data_gpus: float | None = None, shared_filesystem: bool = False,
+                 notify: Callable[[str], None] = _notice) -> None:
         if mode not in ("auto", "pipeline", "replicated"):
             raise InputError(f"mode must be auto, pipeline or replicated, got {mode!r}")
         if strategy not in ("SPREAD", "PACK"):
             raise InputError(f"placement strategy must be SPREAD or PACK, got {strategy!r}")
-        if workers < 1:
-            raise InputError(f"workers must be >= 1, got {workers}")
+        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+            raise InputError(f"workers must be an integer >= 1, got {workers!r}")
+        for name, v in (("num_cpus", num_cpus), ("num_gpus", num_gpus), ("resource_timeout", resource_timeout),
+                        ("retry_budget_s", retry_budget_s), ("data_cpus", data_cpus)):
+            if not (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0):
+                raise InputError(f"{name} must be a number >= 0, got {v!r}")
         self.address, self.workers, self.mode = address, workers, mode
         self.num_cpus, self.num_gpus, self.resources = num_cpus, num_gpus, dict(resources or {})
-        self.strategy, self.max_attempts, self.device = strategy, max_attempts, device
+        self.strategy = strategy
+        self.device = device or ("cuda" if num_gpus else "cpu")
         self.max_in_flight = max_in_flight or 2 * workers
         self.actor_memory = actor_memory_mb * 2 ** 20
-        self.ready_timeout = ready_timeout
+        self.resource_timeout, self.retry_budget_s = float(resource_timeout), float(retry_budget_s)
         if not (data_shards == "auto" or (isinstance(data_shards, int) and data_shards >= 0)):
             raise InputError(f"data_shards must be 'auto' or an integer >= 0, got {data_shards!r}")
         self.data_shards, self.data_cpus = data_shards, data_cpus
+        self.data_gpus = (num_gpus if self.device.startswith("cuda") else 0.0) if data_gpus is None else data_gpus
+        self.shared_filesystem, self.notify = shared_filesystem, notify
         self.actors: list = []
         self.data_actors: list = []
         self.info: list[dict] = []
         self.data_info: list[dict] = []
+        self.pg = self.data_pg = None
 
-    # -- actors ---------------------------------------------------------------------------------
+    # -- sizing -----------------------------------------------------------------------------------
     def _ranges(self, cache) -> list[tuple[int, int]]:
         """Contiguous step ranges, one per actor, cut at shard boundaries when possible."""
         T, W = cache.steps, self.workers
@@ -284,6 +312,92 @@ class RayBackend:
         in_memory = cache.steps * 2 * cache.model.p * torch.empty(0, dtype=cache.dtype).element_size()
         return "replicated" if in_memory <= self.actor_memory else "pipeline"
 
+    def _bundle(self) -> dict[str, float]:
+        return {"CPU": self.num_cpus, **({"GPU": self.num_gpus} if self.num_gpus else {}), **self.resources}
+
+    def _data_bundle(self) -> dict[str, float]:
+        return {"CPU": self.data_cpus, **({"GPU": self.data_gpus} if self.data_gpus else {})}
+
+    # -- what the cluster can hold ------------------------------------------------------------------
+    def _check_fits(self, groups: list[tuple[int, dict[str, float], str]], detail: str) -> bool:
+        """Refuse at once what can never fit; True when the cluster can grow (waiting makes sense).
+
+        ``groups``: (count, bundle, what) of the actors to place. A static cluster (no autoscaler
+        configuration) can hold at most what its nodes have now; an autoscaling one what its node
+        groups can reach (Ray's own view of the cluster config, as Ray Train uses it)."""
+        ray = _ray()
+        nodes = [n for n in ray.nodes() if n.get("Alive")]
+        node_max: dict[str, float] = {}
+        for n in nodes:
+            for k, v in n.get("Resources", {}).items():
+                node_max[k] = max(node_max.get(k, 0.0), v)
+        total = dict(ray.cluster_resources())
+        grow = None
+        try:
+            from ray._private.state import state as _state
+            grow = _state.get_max_resources_from_cluster_config()
+            config = _state.get_cluster_config()
+            if config is not None:
+                for g in config.node_group_configs:
+                    for k, v in g.resources.items():
+                        node_max[k] = max(node_max.get(k, 0.0), float(v))
+        except Exception:  # noqa: BLE001 - no autoscaler state (a local or static cluster)
+            grow = None
+        grow_to = grow or {}
+        limit = {k: max(float(total.get(k, 0.0)), float(grow_to.get(k, 0.0))) for k in set(total) | set(grow_to)}
+        need: dict[str, float] = {}
+        for count, bundle, what in groups:
+            for k, v in bundle.items():
+                if v > node_max.get(k, 0.0) + 1e-9:
+                    raise InputError(f"no node of this cluster can hold one {what} ({k} {v:g}; the largest node "
+                                     f"has {node_max.get(k, 0.0):g}){detail}")
+                need[k] = need.get(k, 0.0) + count * v
+        for k, v in need.items():
+            if v > limit.get(k, 0.0) + 1e-9:
+                parts = " + ".join(f"{c} {what}s × {b.get(k, 0):g} {k}" for c, b, what in groups if b.get(k))
+                grows = " at most, autoscaled" if grow else ""
+                raise InputError(f"the cluster has {limit.get(k, 0.0):g} {k}s{grows}, the replay needs {v:g}: "
+                                 f"{parts}{detail}")
+        return grow is not None
+
+    def _wait_placed(self, pg, what: str, bundles: list[dict], growable: bool) -> None:
+        """Wait for a placement group up to ``resource_timeout``, saying what is awaited (every 30 s)."""
+        ray = _ray()
+        deadline = time.monotonic() + self.resource_timeout
+        wait = min(2.0, self.resource_timeout)   # a cluster that has the resources places them at once
+        while True:
+            try:
+                ray.get(pg.ready(), timeout=max(wait, 0.001))
+                return
+            except ray.exceptions.GetTimeoutError:
+                pass
+            left = deadline - time.monotonic()
+            if left <= 0:
+                ray.util.remove_placement_group(pg)
+                raise InputError(f"the cluster did not provide {len(bundles)} {what}s with {bundles[0]} each "
+                                 f"({self.strategy}) within {self.resource_timeout:g} s; free now: "
+                                 f"{_short(ray.available_resources())}") from None
+            grows = " (the cluster may be scaling up)" if growable else ""
+            self.notify(f"waiting for {len(bundles)} {what}s of {bundles[0]} ({self.strategy}){grows}; free now: "
+                        f"{_short(ray.available_resources())}; {left:.0f} s left of {self.resource_timeout:g}")
+            wait = min(30.0, left)
+
+    def _check_locations(self, uris: list[str | None]) -> None:
+        """Local paths are resolved on each node: refuse them on a cluster spanning several hosts."""
+        if self.shared_filesystem:
+            return
+        ray = _ray()
+        hosts = {n.get("NodeManagerAddress") for n in ray.nodes() if n.get("Alive")}
+        if len(hosts) <= 1:
+            return
+        from ..store.location import location
+        for uri in uris:
+            if uri is not None and location(uri).is_local:
+                raise InputError(f"{uri} is a local path, but the Ray cluster spans {len(hosts)} hosts: each node "
+                                 "would read its own disk; use an s3:// location (or shared_filesystem=True if "
+                                 "every node mounts this path)")
+
+    # -- actors ---------------------------------------------------------------------------------
     def start(self, cache_uri: str, data_uri: str | None) -> str:
         ray = _ray()
         ensure_ray(self.address)
@@ -292,29 +406,24 @@ class RayBackend:
 
         from ..store.cache import open_cache
         cache = open_cache(cache_uri)
+        self._check_locations([cache_uri, data_uri if data_uri is not None else cache.manifest["data"]["uri"]])
         mode = self._choose_mode(cache)
         ranges = self._ranges(cache) if mode == "pipeline" else [None] * self.workers
         threads = max(1, int(self.num_cpus))
-        bundle = {"CPU": self.num_cpus, **({"GPU": self.num_gpus} if self.num_gpus else {}), **self.resources}
         D = self._choose_data_shards(cache)
-        need = len(ranges) * self.num_cpus + D * self.data_cpus
-        have = ray.cluster_resources().get("CPU", 0)
-        if need > have:  # fail now rather than wait for actors that can never be placed
-            data = f" + {D} data actors × {self.data_cpus} CPU" if D else ""
-            why = (f" ({self._data_mb(cache):.1f} MB of features over actors of at most "
-                   f"{self.actor_memory / 2**20:g} MB: raise actor_memory_mb or add nodes)") if D else ""
-            raise InputError(f"the cluster has {have:g} CPUs, the replay needs {need:g}: {len(ranges)} workers × "
-                             f"{self.num_cpus} CPU{data}{why}")
-        names = self._start_data_shards(cache, cache_uri, data_uri, threads, D)
-        self.pg = placement_group([dict(bundle) for _ in ranges], strategy=self.strategy)
+        why = (f" ({self._data_mb(cache):.1f} MB of features over actors of at most "
+               f"{self.actor_memory / 2**20:g} MB: raise actor_memory_mb or add nodes)") if D else ""
+        groups = [(len(ranges), self._bundle(), "worker")] + ([(D, self._data_bundle(), "data actor")] if D else [])
+        growable = self._check_fits(groups, why)
+        names = self._start_data_shards(cache, cache_uri, data_uri, threads, D, growable)
+        bundles = [self._bundle() for _ in ranges]
+        self.pg = placement_group(bundles, strategy=self.strategy)
         try:
-            ray.get(self.pg.ready(), timeout=self.ready_timeout)
-        except Exception:
-            ray.util.remove_placement_group(self.pg)
+            self._wait_placed(self.pg, "worker", bundles, growable)
+        except InputError:
             self.pg = None
             self.stop()  # the data actors, if any
-            raise InputError(f"the cluster cannot place {len(ranges)} workers with {bundle} each "
-                             f"({self.strategy}); available: {ray.available_resources()}") from None
+            raise
         Actor = ray.remote(ReplayWorker)
         self.actors = [Actor.options(num_cpus=self.num_cpus, num_gpus=self.num_gpus, resources=self.resources,
                                      max_restarts=-1, max_task_retries=0,
@@ -325,7 +434,8 @@ class RayBackend:
         self.ranges, self.run_mode, self.p = ranges, mode, cache.model.p
         return mode
 
-    def _start_data_shards(self, cache, cache_uri: str, data_uri: str | None, threads: int, D: int) -> list[str]:
+    def _start_data_shards(self, cache, cache_uri: str, data_uri: str | None, threads: int, D: int,
+                           growable: bool) -> list[str]:
         """D data actors for the data-parallel mode, by name (replay actors look them up: URIs and
         names only in constructors, so restarted actors rebuild themselves)."""
         if D == 0:
@@ -336,20 +446,20 @@ class RayBackend:
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         from .datashard import DataShard
-        self.data_pg = placement_group([{"CPU": self.data_cpus} for _ in range(D)], strategy=self.strategy)
+        bundles = [self._data_bundle() for _ in range(D)]
+        self.data_pg = placement_group(bundles, strategy=self.strategy)
         try:
-            ray.get(self.data_pg.ready(), timeout=self.ready_timeout)
-        except Exception:
-            ray.util.remove_placement_group(self.data_pg)
+            self._wait_placed(self.data_pg, "data actor", bundles, growable)
+        except InputError:
             self.data_pg = None
-            raise InputError(f"the cluster cannot place {D} data actors with {self.data_cpus} CPU each "
-                             f"({self.strategy}); available: {ray.available_resources()}") from None
+            raise
         n = cache.n_rows
         bounds = [round(n * k / D) for k in range(D + 1)]
         tag = uuid.uuid4().hex[:8]
         Data = ray.remote(DataShard)
         names = [f"deltagrad-data-{tag}-{k}" for k in range(D)]
-        self.data_actors = [Data.options(name=name, num_cpus=self.data_cpus, max_restarts=-1, max_task_retries=0,
+        self.data_actors = [Data.options(name=name, num_cpus=self.data_cpus, num_gpus=self.data_gpus,
+                                         max_restarts=-1, max_task_retries=0,
                                          scheduling_strategy=PlacementGroupSchedulingStrategy(self.data_pg, k))
                             .remote(cache_uri, data_uri, (a, b), threads, self.device)
                             for k, (name, a, b) in enumerate(zip(names, bounds[:-1], bounds[1:]))]
@@ -380,6 +490,7 @@ class RayBackend:
         own = not self.actors
         if own:
             self.start(cache_uri, data_uri)
+        cluster_faults = _cluster_failure_types()
         try:
             if self.data_actors and gemm_dtype is not None:
                 raise InputError("gemm_dtype is not available with data shards (data_shards=0 to use it)")
@@ -389,7 +500,8 @@ class RayBackend:
             inflight: dict = {}
             busy = [0] * len(self.actors)
             stats = {"backend": "ray", "mode": self.run_mode, "workers": len(self.actors), "retries": 0,
-                     "splits": 0, "stages_done": 0, "batch_size": batch_size}
+                     "stages_done": 0, "batch_size": batch_size}
+            waiting: list[tuple[float, _Job]] = []   # (not before, job): retries backing off
 
             def submit(job: _Job) -> None:
                 if job.ref is None:
@@ -402,30 +514,39 @@ class RayBackend:
                 busy[k] += 1
                 inflight[self.actors[k].advance.remote(job.ref, config, gemm_dtype, job.state)] = job
 
-            while jobs or inflight:
+            while jobs or inflight or waiting:
+                now = time.monotonic()
+                for item in [w for w in waiting if w[0] <= now]:
+                    waiting.remove(item)
+                    jobs.appendleft(item[1])
                 while jobs and len(inflight) < self.max_in_flight:
                     submit(jobs.popleft())
-                ready, _ = ray.wait(list(inflight), num_returns=1)
+                if not inflight:
+                    time.sleep(max(0.0, min(w[0] for w in waiting) - time.monotonic()))
+                    continue
+                timeout = max(0.0, min(w[0] for w in waiting) - time.monotonic()) if waiting else None
+                ready, _ = ray.wait(list(inflight), num_returns=1, timeout=timeout)
+                if not ready:
+                    continue
                 job = inflight.pop(ready[0])
                 busy[job.extra["actor"]] -= 1
                 try:
                     state = ray.get(ready[0])
                 except ray.exceptions.RayTaskError as e:
-                    if isinstance(e, ray.exceptions.RayActorError) or not _is_user_error(e):
-                        self._retry(job, e, jobs, col, stats)
+                    cause = getattr(e, "cause", None)
+                    if isinstance(cause, RequestError):  # those requests fail; the rest goes on
+                        rest = col.fail(job, cause.reasons)
+                        if rest is not None:
+                            jobs.appendleft(rest)
                         continue
-                    if len(job.members) > 1:  # isolate the request that breaks the replay
-                        a, b = job.split()
-                        jobs.extendleft([b, a])
-                        stats["splits"] += 1
-                    else:
-                        col.add(job.members, None, {job.members[0]: _user_error(e)})
+                    if isinstance(e, cluster_faults) or isinstance(cause, cluster_faults):
+                        self._retry(job, e, waiting, col, stats)
+                        continue
+                    raise e.as_instanceof_cause() from None  # a bug in the replay: stop the run
+                except cluster_faults as e:
+                    self._retry(job, e, waiting, col, stats)
                     continue
-                except (ray.exceptions.RayActorError, ray.exceptions.RaySystemError,
-                        ray.exceptions.ObjectLostError) as e:
-                    self._retry(job, e, jobs, col, stats)
-                    continue
-                job.state, job.stage, job.attempts = state, job.stage + 1, 0
+                job.state, job.stage, job.attempts, job.failing_since = state, job.stage + 1, 0, None
                 stats["stages_done"] += 1
                 if on_stage is not None:
                     on_stage(stats["stages_done"])
@@ -441,30 +562,36 @@ class RayBackend:
             if own:
                 self.stop()
 
-    def _retry(self, job: _Job, error: BaseException, jobs: deque, col: _Collector, stats: dict) -> None:
-        """An actor or node died: re-run the batch from its last completed stage (bounded)."""
+    def _retry(self, job: _Job, error: BaseException, waiting: list, col: _Collector, stats: dict) -> None:
+        """An actor or node died: re-run the batch from its last completed stage, backing off, while
+        the stage's failures stay within ``retry_budget_s`` (a replaced node can take minutes)."""
+        now = time.monotonic()
+        job.failing_since = job.failing_since or now
         job.attempts += 1
         stats["retries"] += 1
-        if job.attempts > self.max_attempts:
-            col.add(job.members, None, {m: f"gave up after {self.max_attempts} attempts: {type(error).__name__}"
-                                        for m in job.members})
+        if now - job.failing_since > self.retry_budget_s:
+            reason = (f"gave up after {job.attempts} attempts over {now - job.failing_since:.0f} s "
+                      f"(retry budget {self.retry_budget_s:g} s): {type(error).__name__}")
+            col.add(job.members, None, {m: reason for m in job.members})
             return
-        time.sleep(min(0.2 * job.attempts, 2.0))  # give the actor time to restart
         job.ref = None  # the changes' object may have lived on the lost node
-        jobs.appendleft(job)
+        delay = min(0.5 * 2 ** (job.attempts - 1), 30.0)
+        if job.attempts in (1, 4, 8) or job.attempts % 16 == 0:
+            self.notify(f"a batch of {len(job.members)} requests lost its actor ({type(error).__name__}); "
+                        f"retry {job.attempts} in {delay:g} s "
+                        f"({self.retry_budget_s - (now - job.failing_since):.0f} s of the retry budget left)")
+        waiting.append((now + delay, job))
 
 
-def _is_user_error(e: BaseException) -> bool:
-    """True when the replay code raised (a poisoned request), False when Ray itself failed."""
-    ray = _ray()
-    cause = getattr(e, "cause", None)
-    return cause is not None and not isinstance(cause, (ray.exceptions.RayError,))
+def _short(resources: dict) -> str:
+    return ", ".join(f"{k} {v:g}" for k, v in sorted(resources.items()) if not k.startswith("node:")
+                     and k not in ("memory", "object_store_memory")) or "nothing"
 
 
 def backend(name: str, **kwargs):
     """``serial`` or ``ray`` (kwargs go to :class:`RayBackend`)."""
     if name == "serial":
-        return SerialBackend(threads=kwargs.get("threads"), device=kwargs.get("device", "cpu"))
+        return SerialBackend(threads=kwargs.get("threads"), device=kwargs.get("device") or "cpu")
     if name == "ray":
         return RayBackend(**{k: v for k, v in kwargs.items() if k != "threads"})
     raise InputError(f"backend must be serial or ray, got {name!r}")

@@ -70,3 +70,23 @@ def test_test_set_of_the_wrong_width(bc):
     write_dataset(sklearn_dataset("diabetes"), bc / "narrow.parquet", overwrite=True)
     p = run("influence", "--cache", "c", "--test", "narrow.parquet", "--out", "x.parquet", cwd=bc)
     assert p.returncode == 2 and "test set: rows have 10 features, expected 30" in p.stderr
+
+
+def test_loo_on_a_derived_cache_refuses_ids_it_already_removed(bc):
+    """`unlearn --out-cache` removes ids from the trajectory; leaving one of them out again would
+    subtract its row twice. Every command refuses it with the message `unlearn` gives (exit 2)."""
+    (bc / "gone.txt").write_text("\n".join((bc / "ids.txt").read_text().split()[:2]))
+    ok("unlearn", "--cache", "c", "--delete", "gone.txt", "--out", "u.safetensors", "--out-cache", "c-derived",
+       cwd=bc)
+    gone = (bc / "gone.txt").read_text().split()
+    for cmd in (["loo"], ["conformal", "--test", "test.parquet"], ["jackknife", "--test", "test.parquet"]):
+        p = run(*cmd, "--cache", "c-derived", "--ids", "ids.txt", "--out", "again.parquet", cwd=bc)
+        assert p.returncode == 2, p.stderr
+        assert f"ids already deleted from this trajectory: {gone[0]}, {gone[1]}" in p.stderr
+        assert len(p.stderr.strip().splitlines()) == 1 and not (bc / "again.parquet").exists()
+    p = run("unlearn", "--cache", "c-derived", "--delete", "gone.txt", "--out", "twice.safetensors", cwd=bc)
+    assert p.returncode == 2 and f"ids already deleted from this trajectory: {gone[0]}, {gone[1]}" in p.stderr
+    # by default the derived cache's LOO leaves out only the rows it still has
+    out = ok("loo", "--cache", "c-derived", "--out", "rest.parquet", cwd=bc)
+    table, _ = read_table(bc / "rest.parquet")
+    assert out["requests"] == 198 and not set(map(int, gone)) & set(table.column("id").to_pylist())

@@ -1,11 +1,17 @@
-"""Batched replay against a plain loop of single replays, and the change-set generators."""
+"""B requests replayed together against a loop of single requests (B = 1), and the change-set generators.
+
+One engine serves both, but a batch takes other kernels (one GEMM over the B parameter vectors
+instead of the single request's GEMV, padded per-request rows, batched 2m × 2m solves) and must
+keep the requests independent: each result must equal the request replayed alone.
+"""
 
 import pytest
 import torch
 
-from deltagrad_ray.core import (BatchedReplay, DeltaGradConfig, InputError, deltagrad, deltagrad_batched,
+from deltagrad_ray.core import (DeltaGradConfig, InputError, deltagrad, deltagrad_batched,
                                 fold_assignment, k_fold, leave_one_out, make_change_set, random_subsets,
                                 relative_error, retrain)
+from deltagrad_ray.core.replay import LocalRows
 
 from .problems import N, problem, random_ids
 
@@ -21,7 +27,7 @@ def _mixed(p):
 
 @pytest.mark.parametrize("kind", ["logreg", "linear", "mlp"])
 @pytest.mark.parametrize("optimizer", ["gd", "sgd"])
-@pytest.mark.parametrize("schedule", ["uniform", "adaptive"])
+@pytest.mark.parametrize("schedule", ["uniform", "geometric", "adaptive"])
 def test_batched_equals_looped_single_replays(kind, optimizer, schedule):
     p = problem(kind, optimizer)
     changes = _mixed(p)
@@ -58,7 +64,7 @@ def test_batched_float32_gemm_difference_form():
 def test_batched_replay_refuses_float32_gemm_for_autograd_models():
     p = problem("mlp", "gd")
     with pytest.raises(InputError, match="gemm_dtype applies to the linear models"):
-        BatchedReplay(p.model, p.traj, p.data, leave_one_out(p.data, p.data.ids[:2]), gemm_dtype=torch.float32)
+        LocalRows(p.model, p.data, p.traj.plan.n_base, gemm_dtype=torch.float32)
 
 
 def test_leave_one_out_and_k_fold_and_subsets():

@@ -108,8 +108,18 @@ def test_conformal_pipeline_as_a_ray_job(ray_cluster, diabetes):
     broken = _config(diabetes / "broken.yaml", {"cache": str(cache), "tset": "typo"})
     env = {"working_dir": str(ROOT), "excludes": [".venv", ".git", "demo-output", "*.parquet", "docs"],
            "env_vars": {"DELTAGRAD_NO_PROGRESS": "1", "OMP_WAIT_POLICY": "PASSIVE"}}
-    ok = client.submit_job(entrypoint=f"{sys.executable} -m pipelines.conformal --config {cfg}", runtime_env=env)
-    bad = client.submit_job(entrypoint=f"{sys.executable} -m pipelines.conformal --config {broken}", runtime_env=env)
+    def submit(entrypoint: str) -> str:
+        deadline = time.time() + 120
+        while True:  # the head's job agent can take a while to come up on a loaded machine
+            try:
+                return client.submit_job(entrypoint=entrypoint, runtime_env=env)
+            except RuntimeError as e:
+                if "No available agent" not in str(e) or time.time() > deadline:
+                    raise
+                time.sleep(2)
+
+    ok = submit(f"{sys.executable} -m pipelines.conformal --config {cfg}")
+    bad = submit(f"{sys.executable} -m pipelines.conformal --config {broken}")
     final = {}
     deadline = time.time() + 600
     while len(final) < 2 and time.time() < deadline:
