@@ -20,8 +20,8 @@ from .core.replay import DeltaGradConfig
 from .core.requests import fold_assignment, k_fold, leave_one_out
 from .distributed.backends import RunReport, SerialBackend
 from .distributed.sink import ResultSink
-from .stats import (DEFAULT_MEMORY_MB, Calibration, ModelTable, as_table, loo_influence, predict, streamed_intervals,
-                    streamed_jackknife, streamed_sets, streamed_test_loss)
+from .stats import (DEFAULT_MEMORY_MB, Calibration, ModelTable, as_table, check_memory_mb, loo_influence, predict,
+                    streamed_intervals, streamed_jackknife, streamed_sets, streamed_test_loss)
 from .store.cache import Cache, labels_only, open_cache
 from .store.datasets import read_dataset
 from .store.location import Location
@@ -169,6 +169,7 @@ def jackknife(cache: Cache | str | Location, test: Dataset | str | Location, ids
       dict with ``test_ids``, ``predictions`` and ``test_loss`` (:class:`~deltagrad_ray.stats.Jackknife`),
       ``n_loo``, ``replay``.
     """
+    check_memory_mb(memory_mb)
     c = _cache(cache)
     t = _test_set(c, test)
     res = loo_result or loo(c, ids, fanout=fanout, data=data, strict=True)
@@ -188,6 +189,7 @@ def influence(cache: Cache | str | Location, test: Dataset | str | Location, ids
     Returns:
       dict with ``ids``, ``influence`` (per id), ``test_loss`` (of the full model), ``replay``.
     """
+    check_memory_mb(memory_mb)
     c = _cache(cache)
     t = _test_set(c, test)
     res = loo_result or loo(c, ids, fanout=fanout, data=data, strict=True)
@@ -218,6 +220,7 @@ def conformal(cache: Cache | str | Location, test: Dataset | str | Location, alp
     """
     from .stats import check_alpha
     check_alpha(alpha)
+    check_memory_mb(memory_mb)
     if method not in ("jackknife+", "cv+"):
         raise InputError(f"method must be jackknife+ or cv+, got {method!r}")
     c = _cache(cache)

@@ -65,6 +65,12 @@ class Calibration(NamedTuple):
     model_of: Tensor
 
 
+def check_memory_mb(memory_mb: float) -> float:
+    """A working-memory budget in MiB: a finite number > 0."""
+    _budget(memory_mb)
+    return float(memory_mb)
+
+
 def _budget(memory_mb: float) -> int:
     if isinstance(memory_mb, bool) or not isinstance(memory_mb, (int, float)) or not (
             math.isfinite(memory_mb) and memory_mb > 0):

@@ -337,3 +337,21 @@ def test_the_ray_path_streams_the_same_statistics(ray_cluster, tmp):
     serial = many.conformal(cache, test_uri, 0.1, fanout=many.Fanout(batch_size=16), memory_mb=0.01)
     assert on_ray["replay"].stats["backend"] == "ray"
     assert torch.equal(on_ray["lower"], serial["lower"]) and torch.equal(on_ray["upper"], serial["upper"])
+
+
+def test_the_cli_takes_a_memory_budget(tmp_path):
+    from deltagrad_ray.results import read_table
+    from tests.cli.test_cli import ok, run
+    tr, te = train_test_split(sklearn_dataset("diabetes"), 80, n_test=30)
+    write_dataset(tr, tmp_path / "train.parquet")
+    write_dataset(te, tmp_path / "test.parquet")
+    ok("train", "--data", "train.parquet", "--model", "linear", "--steps", "40", "--lr", "0.1", "--cache", "c",
+       cwd=tmp_path)
+    common = ("conformal", "--cache", "c", "--test", "test.parquet")
+    ok(*common, "--out", "a.parquet", cwd=tmp_path)
+    ok(*common, "--memory-mb", "0.01", "--out", "b.parquet", cwd=tmp_path)
+    a, b = read_table(tmp_path / "a.parquet")[0], read_table(tmp_path / "b.parquet")[0]
+    assert a.equals(b) and a.num_rows == 30
+    p = run(*common, "--memory-mb", "-1", "--out", "bad.parquet", cwd=tmp_path)
+    assert p.returncode == 2 and "memory_mb must be a number > 0, got -1.0" in p.stderr
+    assert not (tmp_path / "bad.parquet").exists()
