@@ -178,6 +178,16 @@ def test_sink_table_reads_the_models_back_in_request_order(tmp_path):
     assert torch.equal(table.rows(idx), thetas[idx])
 
 
+def test_sink_table_reads_parts_on_s3(moto_s3, s3_env):
+    s3_env(moto_s3)
+    bucket = moto_s3.make_bucket("dg-streaming")
+    thetas = torch.randn(N, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    _write_parts(f"s3://{bucket}/run/models.parts", thetas, [16, 16, 9])
+    table = SinkTable(f"s3://{bucket}/run/models.parts", n=N)
+    assert torch.equal(torch.cat([c for _, c in table.chunks(6)]), thetas)
+    assert torch.equal(table.rows(torch.tensor([33, 2])), thetas[[33, 2]])
+
+
 def test_sink_table_with_interleaved_parts(tmp_path):
     # a resumed run: batches of the requests still pending, which skip those already done
     thetas = torch.randn(20, 4, dtype=torch.float64)
