@@ -2,6 +2,7 @@
 
     python -m benchmarks.memory                    # 20,000 LOO models (linear, d = 50) × 1k/5k/10k/20k test points
     python -m benchmarks.memory --quick            # 2,000 models × 500/2,000 test points (a check, ~1 minute)
+    python -m benchmarks.memory --work DIR         # keep the data, cache and models in DIR (reused by a rerun)
 
 The 20,000 leave-one-out models are replayed once (serial backend, B = 32) into a results
 folder (``ResultSink`` parts). Then each measurement runs in a fresh process and prints one
@@ -190,7 +191,8 @@ def _diff(a, b) -> float | None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--work", default="bench-memory", help="working folder (data, cache, models, outputs)")
+    ap.add_argument("--work", default=None, help="working folder (data, cache, models, outputs; reused when it "
+                    "holds them already); default: a new temporary folder, removed at the end")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--n", type=int, default=None, help="training points = LOO models (default 20,000; quick 2,000)")
     ap.add_argument("--d", type=int, default=50)
@@ -210,7 +212,18 @@ def main(argv: list[str] | None = None) -> int:
     n = args.n or (2_000 if args.quick else 20_000)
     sizes = [int(x) for x in (args.tests or ("500,2000" if args.quick else "1000,5000,10000,20000")).split(",")]
     cli_m = args.cli_tests or (sizes[-1] if args.quick else 10_000)
-    work = Path(args.work).resolve()
+    if args.work is None:
+        import shutil
+        import tempfile
+        tmp = tempfile.mkdtemp(prefix="dg-bench-memory-")
+        try:
+            return _measure(args, n, sizes, cli_m, Path(tmp))
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return _measure(args, n, sizes, cli_m, Path(args.work).resolve())
+
+
+def _measure(args, n: int, sizes: list[int], cli_m: int, work: Path) -> int:
     base = {"benchmark": "memory", "models": n, "d": args.d, "p": args.d + 1, "model": "linear",
             "steps": args.steps, "memory_mb": args.memory_mb}
     info = _prepare(work, n, args.d, sorted(set(sizes + [cli_m])), args.steps)
