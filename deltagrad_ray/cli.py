@@ -154,6 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--out", required=True, help="results (Parquet)")
         p.add_argument("--overwrite", action="store_true")
         _add_deltagrad_args(p)
+        if name != "loo":
+            p.add_argument("--memory-mb", type=float, default=256,
+                           help="working memory of the statistics, which stream over chunks of models and test points")
         if name == "conformal":
             p.add_argument("--alpha", type=float, default=0.1, help="miscoverage level, in (0, 1)")
             p.add_argument("--method", choices=["jackknife+", "cv+"], default="jackknife+")
@@ -353,7 +356,7 @@ def cmd_jackknife(a: argparse.Namespace) -> dict:
     _check_out(a.out, a.overwrite)
     fan, progress = _fanout(a)
     t0 = time.perf_counter()
-    r = many.jackknife(a.cache, a.test, _ids_arg(a), fanout=fan, data=a.data)
+    r = many.jackknife(a.cache, a.test, _ids_arg(a), fanout=fan, data=a.data, memory_mb=a.memory_mb)
     p, loss = r["predictions"], r["test_loss"]
     meta = {"test_loss": {k: float(getattr(loss, k)) for k in ("estimate", "bias", "bias_corrected", "se")},
             "n_loo": r["n_loo"]}
@@ -370,7 +373,7 @@ def cmd_influence(a: argparse.Namespace) -> dict:
     _check_out(a.out, a.overwrite)
     fan, progress = _fanout(a)
     t0 = time.perf_counter()
-    r = many.influence(a.cache, a.test, _ids_arg(a), fanout=fan, data=a.data)
+    r = many.influence(a.cache, a.test, _ids_arg(a), fanout=fan, data=a.data, memory_mb=a.memory_mb)
     write_table(a.out, {"id": r["ids"], "influence": r["influence"]}, metadata={"test_loss": r["test_loss"]},
                 overwrite=a.overwrite)
     _done(fan, a.out)
@@ -385,7 +388,7 @@ def cmd_conformal(a: argparse.Namespace) -> dict:
     fan, progress = _fanout(a)
     t0 = time.perf_counter()
     r = many.conformal(a.cache, a.test, a.alpha, method=a.method, folds=a.folds, ids=_ids_arg(a), seed=a.seed,
-                       fanout=fan, data=a.data)
+                       fanout=fan, data=a.data, memory_mb=a.memory_mb)
     cols = {"id": r["ids"], "prediction": r["prediction"]}
     if "sets" in r:
         cols["set"] = [torch_nonzero_list(row) for row in r["sets"]]

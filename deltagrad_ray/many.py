@@ -13,7 +13,6 @@ from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
-from torch.func import vmap
 
 from .core.data import ChangeSet, Dataset, validate
 from .core.errors import InputError
@@ -21,8 +20,8 @@ from .core.config import DeltaGradConfig
 from .core.requests import fold_assignment, k_fold, leave_one_out
 from .distributed.backends import RunReport, SerialBackend
 from .distributed.sink import ResultSink
-from .stats import jackknife as _jackknife
-from .stats import jackknife_plus_intervals, jackknife_plus_sets, loo_influence
+from .stats import (DEFAULT_MEMORY_MB, Calibration, ModelTable, as_table, check_memory_mb, loo_influence, predict,
+                    streamed_intervals, streamed_jackknife, streamed_sets, streamed_test_loss)
 from .store.cache import Cache, labels_only, open_cache
 from .store.datasets import read_dataset
 from .store.location import Location
@@ -142,60 +141,86 @@ def loo(cache: Cache | str | Location, ids: Sequence[int] | Tensor | None = None
 
 
 def predict_many(cache: Cache, thetas: Tensor, X: Tensor) -> Tensor:
-    """Outputs of B models on m rows: (B, m) predictions (regression) or (B, m, c) probabilities."""
-    out = vmap(cache.model.forward, in_dims=(0, None))(thetas, X)
-    if cache.spec.task == "regression":
-        return out.reshape(thetas.shape[0], -1)
-    return torch.softmax(out, dim=-1)
+    """Outputs of B models on m rows: (B, m) predictions (regression) or (B, m, c) probabilities.
+
+    Dense: B × m at once. The statistics below stream instead (:mod:`deltagrad_ray.stats.streaming`).
+    """
+    return predict(cache.model, thetas, X)
 
 
-def _own_rows(cache: Cache, thetas: Tensor, X: Tensor) -> Tensor:
-    """Model b evaluated on row b only: (B,) or (B, c)."""
-    out = vmap(lambda t, x: cache.model.forward(t, x[None])[0])(thetas, X)
-    return out.reshape(-1) if cache.spec.task == "regression" else torch.softmax(out, dim=-1)
-
-
-def _test_loss(cache: Cache, thetas: Tensor, test: Dataset) -> Tensor:
-    """Mean test loss of each of B models: (B,)."""
-    out = vmap(cache.model.forward, in_dims=(0, None))(thetas, test.X)
-    return vmap(lambda o: cache.model.loss(o, test.y).mean())(out)
+def _models(params: Tensor | ModelTable) -> ModelTable:
+    """The replayed models as a table (a report's in-memory (N, p) params, or a table already)."""
+    return as_table(params)
 
 
 def jackknife(cache: Cache | str | Location, test: Dataset | str | Location, ids=None, *,
-              fanout: Fanout | None = None, data=None, loo_result: ManyResult | None = None) -> dict:
+              fanout: Fanout | None = None, data=None, loo_result: ManyResult | None = None,
+              memory_mb: float = DEFAULT_MEMORY_MB) -> dict:
     """Jackknife estimates, bias-corrected estimates and standard errors of the test predictions
-    (probabilities for classification) and of the mean test loss. ``loo_result`` reuses
-    leave-one-out models already replayed."""
+    (probabilities for classification) and of the mean test loss.
+
+    Args:
+      cache, test, ids, fanout, data: as for :func:`loo`; ``test`` needs labels.
+      loo_result: leave-one-out models already replayed (reused instead of a new fan-out).
+      memory_mb: working memory of the statistics: they stream over chunks of models and test
+        points (:func:`~deltagrad_ray.stats.streamed_jackknife`), never all of them at once.
+
+    Returns:
+      dict with ``test_ids``, ``predictions`` and ``test_loss`` (:class:`~deltagrad_ray.stats.Jackknife`),
+      ``n_loo``, ``replay``.
+    """
+    check_memory_mb(memory_mb)
     c = _cache(cache)
     t = _test_set(c, test)
     res = loo_result or loo(c, ids, fanout=fanout, data=data, strict=True)
-    full = c.final[None]
-    pred = _jackknife(predict_many(c, full, t.X)[0], predict_many(c, res.params, t.X))
-    loss = _jackknife(_test_loss(c, full, t)[0], _test_loss(c, res.params, t))
+    pred, loss = streamed_jackknife(c.model, c.final, _models(res.params), t.X, t.y, memory_mb=memory_mb)
     return {"test_ids": t.ids, "predictions": pred, "test_loss": loss, "n_loo": len(res.ids), "replay": res.replay}
 
 
 def influence(cache: Cache | str | Location, test: Dataset | str | Location, ids=None, *,
-              fanout: Fanout | None = None, data=None, loo_result: ManyResult | None = None) -> dict:
-    """Per training id, the leave-one-out change in mean test loss L(θ_(i)) − L(θ̂)."""
+              fanout: Fanout | None = None, data=None, loo_result: ManyResult | None = None,
+              memory_mb: float = DEFAULT_MEMORY_MB) -> dict:
+    """Per training id, the leave-one-out change in mean test loss L(θ_(i)) − L(θ̂).
+
+    Args:
+      cache, test, ids, fanout, data, loo_result: as for :func:`jackknife`.
+      memory_mb: working memory of the test losses, accumulated over chunks of test points.
+
+    Returns:
+      dict with ``ids``, ``influence`` (per id), ``test_loss`` (of the full model), ``replay``.
+    """
+    check_memory_mb(memory_mb)
     c = _cache(cache)
     t = _test_set(c, test)
     res = loo_result or loo(c, ids, fanout=fanout, data=data, strict=True)
-    full = _test_loss(c, c.final[None], t)[0]
-    return {"ids": res.ids, "influence": loo_influence(full, _test_loss(c, res.params, t)),
-            "test_loss": float(full), "replay": res.replay}
+    full = streamed_test_loss(c.model, c.final[None], t.X, t.y, memory_mb=memory_mb)[0]
+    losses = streamed_test_loss(c.model, _models(res.params), t.X, t.y, memory_mb=memory_mb)
+    return {"ids": res.ids, "influence": loo_influence(full, losses), "test_loss": float(full), "replay": res.replay}
 
 
 def conformal(cache: Cache | str | Location, test: Dataset | str | Location, alpha: float = 0.1, *,
               method: str = "jackknife+", folds: int = 10, ids=None, seed: int = 0,
-              fanout: Fanout | None = None, data=None) -> dict:
+              fanout: Fanout | None = None, data=None, memory_mb: float = DEFAULT_MEMORY_MB) -> dict:
     """Jackknife+ / CV+ intervals (regression) or sets (classification) for the test rows.
 
-    Returns a dict with ``ids`` and ``prediction`` (full model) per test row, and ``lower``,
-    ``upper`` or ``sets`` ((m, c) bool), in test-set order.
+    Args:
+      cache, test, ids, fanout, data: as for :func:`loo`; ``test`` needs no labels (with
+        labels, the coverage is reported).
+      alpha: miscoverage level in (0, 1).
+      method: ``jackknife+`` (one leave-one-out model per id) or ``cv+`` (``folds`` fold
+        models, seeded by ``seed``).
+      memory_mb: working memory of the statistics: they stream over chunks of models and test
+        points (:func:`~deltagrad_ray.stats.streamed_intervals`, :func:`~deltagrad_ray.stats.streamed_sets`),
+        so the models × test points predictions are never held at once.
+
+    Returns:
+      dict with ``ids`` and ``prediction`` (full model) per test row, and ``lower``, ``upper``
+      or ``sets`` ((m, c) bool), in test-set order; ``mean_width`` or ``mean_set_size``,
+      ``coverage`` when the test set has labels, ``n_models``, ``n_calibration``, ``replay``.
     """
     from .stats import check_alpha
     check_alpha(alpha)
+    check_memory_mb(memory_mb)
     if method not in ("jackknife+", "cv+"):
         raise InputError(f"method must be jackknife+ or cv+, got {method!r}")
     c = _cache(cache)
@@ -210,25 +235,24 @@ def conformal(cache: Cache | str | Location, test: Dataset | str | Location, alp
         changes = k_fold(ds, folds, ids=ids, seed=seed, removed=removed)
     replay = _checked((fanout or Fanout()).run(c, ds, changes, data), ids if method == "jackknife+"
                       else torch.arange(len(changes)), "leave-one-out" if method == "jackknife+" else "fold")
-    params = replay.params.to(c.dtype)
+    models = _models(replay.params)
     rows = torch.cat([ch.delete for ch in changes])            # the calibration points
     # the model that left each calibration point out: its own (jackknife+) or its fold's (CV+)
     model_of = torch.arange(len(rows)) if method == "jackknife+" else fold_assignment(ds, changes)[rows]
-    X_tr, y_tr = ds.X[rows], ds.y[rows]
-    own = _own_rows(c, params[model_of], X_tr)                  # μ̂_(i)(x_i)
-    test_out = predict_many(c, params, t.X)[model_of]           # μ̂_(i)(x), (n, m[, c])
-    full_out = predict_many(c, c.final[None], t.X)[0]
-    out = {"ids": t.ids, "n_models": params.shape[0], "n_calibration": len(rows), "method": method,
+    cal = Calibration(ds.X, ds.y, rows, model_of)
+    full_out = predict(c.model, c.final.to(t.X.dtype)[None], t.X, chunk=4096)[0]
+    out = {"ids": t.ids, "n_models": len(models), "n_calibration": len(rows), "method": method,
            "alpha": alpha, "replay": replay}
     if c.spec.task == "regression":
         out["prediction"] = full_out
-        out["lower"], out["upper"] = lo, hi = jackknife_plus_intervals(own, y_tr, test_out, alpha)
+        out["lower"], out["upper"] = lo, hi = streamed_intervals(c.model, models, cal, t.X, alpha,
+                                                                 memory_mb=memory_mb)
         out["mean_width"] = float((hi - lo).mean())
         if labelled:
             out["coverage"] = float(((t.y >= lo) & (t.y <= hi)).double().mean())
     else:
         out["prediction"] = full_out.argmax(-1)
-        out["sets"] = sets = jackknife_plus_sets(own, y_tr, test_out, alpha)
+        out["sets"] = sets = streamed_sets(c.model, models, cal, t.X, alpha, memory_mb=memory_mb)
         out["mean_set_size"] = float(sets.sum(1).double().mean())
         if labelled:
             out["coverage"] = float(sets[torch.arange(len(t)), t.y].double().mean())

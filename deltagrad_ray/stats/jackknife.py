@@ -45,10 +45,14 @@ def jackknife(full: Tensor, loo: Tensor) -> Jackknife:
     if loo.shape[1:] != full.shape:
         raise InputError(f"leave-one-out statistics have shape {tuple(loo.shape[1:])}, the full one "
                          f"{tuple(full.shape)}")
-    n = loo.shape[0]
     mean = loo.mean(0)
+    return from_moments(full, loo.shape[0], mean, ((loo - mean) ** 2).sum(0))
+
+
+def from_moments(full: Tensor, n: int, mean: Tensor, m2: Tensor) -> Jackknife:
+    """The jackknife summary from the n leave-one-out statistics' mean θ̄ and Σ_i (θ_(i) − θ̄)²."""
     bias = (n - 1) * (mean - full)
-    se = torch.sqrt((n - 1) / n * ((loo - mean) ** 2).sum(0))
+    se = torch.sqrt((n - 1) / n * m2)
     return Jackknife(full, bias, full - bias, se)
 
 
