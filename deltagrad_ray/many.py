@@ -2,7 +2,9 @@
 
 The API behind ``deltagrad-ray loo | jackknife | influence | conformal``. Requests are
 replayed in batches (:func:`~deltagrad_ray.core.batched.deltagrad_batched`); results come
-back in the order of the requests.
+back in the order of the requests. Test rows (``test``) may come in any form
+:func:`~deltagrad_ray.store.inputs.as_dataset` takes: arrays as ``(X, y)`` or ``X`` alone, DataFrames,
+pyarrow Tables, Parquet locations, ``ray.data.Dataset``.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from .stats import jackknife as _jackknife
 from .stats import jackknife_plus_intervals, jackknife_plus_sets, loo_influence
 from .store.cache import Cache, labels_only, open_cache
 from .store.datasets import read_dataset
+from .store.inputs import as_dataset, has_labels, is_location
 from .store.location import Location
 
 @dataclass
@@ -107,13 +110,21 @@ def _cache(cache: Cache | str | Location) -> Cache:
 
 def _test_set(cache: Cache, test: Dataset | str | Location, labels: bool = True) -> Dataset:
     """The test rows, validated against the cache's model; labels needed only when ``labels``."""
-    ds = test if isinstance(test, Dataset) else read_dataset(test, regression=cache.spec.task == "regression",
-                                                             labels_optional=not labels)
+    if isinstance(test, Dataset) or (is_location(test) and _project_layout(test)):
+        ds = test if isinstance(test, Dataset) else read_dataset(test, regression=cache.spec.task == "regression",
+                                                                 labels_optional=not labels)
+    else:  # arrays, (X, y) tuples, DataFrames, pyarrow Tables, Ray Data, other Parquet layouts
+        ds = as_dataset(test, task=cache.spec.task, n_classes=cache.n_classes, labels=labels, what="test set")
     if labels:
         validate(ds, n_features=cache.spec.n_features, n_classes=cache.n_classes, what="test set")
     else:  # only the features matter
         validate(Dataset(ds.X, ds.X.new_zeros(len(ds)), ds.ids), n_features=cache.spec.n_features, what="test set")
     return ds.to(dtype=cache.dtype)
+
+
+def _project_layout(test) -> bool:
+    from .store.datasets import column_names
+    return {"id", "features"} <= set(column_names(test))
 
 
 def _loo_ids(c: Cache, ds: Dataset, ids) -> Tensor:
@@ -161,7 +172,7 @@ def _test_loss(cache: Cache, thetas: Tensor, test: Dataset) -> Tensor:
     return vmap(lambda o: cache.model.loss(o, test.y).mean())(out)
 
 
-def jackknife(cache: Cache | str | Location, test: Dataset | str | Location, ids=None, *,
+def jackknife(cache: Cache | str | Location, test, ids=None, *,
               fanout: Fanout | None = None, data=None, loo_result: ManyResult | None = None) -> dict:
     """Jackknife estimates, bias-corrected estimates and standard errors of the test predictions
     (probabilities for classification) and of the mean test loss. ``loo_result`` reuses
@@ -175,7 +186,7 @@ def jackknife(cache: Cache | str | Location, test: Dataset | str | Location, ids
     return {"test_ids": t.ids, "predictions": pred, "test_loss": loss, "n_loo": len(res.ids), "replay": res.replay}
 
 
-def influence(cache: Cache | str | Location, test: Dataset | str | Location, ids=None, *,
+def influence(cache: Cache | str | Location, test, ids=None, *,
               fanout: Fanout | None = None, data=None, loo_result: ManyResult | None = None) -> dict:
     """Per training id, the leave-one-out change in mean test loss L(θ_(i)) − L(θ̂)."""
     c = _cache(cache)
@@ -186,7 +197,7 @@ def influence(cache: Cache | str | Location, test: Dataset | str | Location, ids
             "test_loss": float(full), "replay": res.replay}
 
 
-def conformal(cache: Cache | str | Location, test: Dataset | str | Location, alpha: float = 0.1, *,
+def conformal(cache: Cache | str | Location, test, alpha: float = 0.1, *,
               method: str = "jackknife+", folds: int = 10, ids=None, seed: int = 0,
               fanout: Fanout | None = None, data=None) -> dict:
     """Jackknife+ / CV+ intervals (regression) or sets (classification) for the test rows.
@@ -238,5 +249,4 @@ def conformal(cache: Cache | str | Location, test: Dataset | str | Location, alp
 def _has_labels(test) -> bool:
     if isinstance(test, Dataset):
         return True
-    from .store.datasets import column_names
-    return "label" in column_names(test)
+    return has_labels(test)

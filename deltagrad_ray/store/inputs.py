@@ -68,6 +68,22 @@ def is_table(data: Any) -> bool:
     return isinstance(data, (pa.Table, Dataset)) or is_location(data) or is_ray_dataset(data)
 
 
+def has_labels(data: Any) -> bool:
+    """Whether ``data`` carries labels: a (X, y) tuple, a Dataset, or a table with a ``label`` column."""
+    if isinstance(data, tuple):
+        return len(data) >= 2 and data[1] is not None
+    if isinstance(data, Dataset):
+        return True
+    if is_location(data):
+        from .datasets import column_names
+        return LABEL in column_names(data)
+    if is_ray_dataset(data):
+        return LABEL in data.schema().names
+    if isinstance(data, pa.Table) or is_pandas(data):
+        return LABEL in [str(c) for c in (data.column_names if isinstance(data, pa.Table) else data.columns)]
+    return False
+
+
 # -- reading ------------------------------------------------------------------------------------
 def read_rows(data: Any, y: Any = None, *, ids: Any = None, labels: bool = True, what: str = "data") -> Rows:
     """Features, labels and ids of ``data`` in any accepted form, checked (labels not yet mapped).
