@@ -1,0 +1,6 @@
+class CrossConformalRegressor:
+    pass
+
+
+class CrossConformalClassifier:
+    pass
