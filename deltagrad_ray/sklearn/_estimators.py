@@ -381,6 +381,17 @@ class _DeltaGradBase(BaseEstimator):
             raise InputError(f"{len(rep.errors)} replay(s) failed, e.g. request {i}: {e}")
         return rep.params.to(dtype=self.params_.dtype, device=self.device)
 
+    def _training_data(self) -> Dataset:
+        """The rows given to fit, as the core's Dataset (labels as class indices)."""
+        if self._in_memory():
+            return self._data
+        return self._open_cache().data(device=self.device)
+
+    def _training_labels(self) -> np.ndarray:
+        """The labels given to fit, as given (class labels, or float targets)."""
+        y = self._training_data().y.cpu().numpy()
+        return self.classes_[y] if self._task == "classification" else y
+
     def _active_rows(self) -> Tensor:
         if self._in_memory():
             traj, data = self._trajectory()
