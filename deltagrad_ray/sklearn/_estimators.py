@@ -49,6 +49,11 @@ def _mlp_regression(d: int, hidden: tuple[int, ...], seed: int) -> FunctionalMod
         return FunctionalModel(nn.Sequential(*layers), _squared, n_classes=None)
 
 
+_NO_TRAJECTORY = ("this estimator holds no trajectory to replay (it came from forget_many(), or from forget() "
+                  "on a cache without out_cache=); forget() in memory or with out_cache= returns estimators "
+                  "that can forget again")
+
+
 class _DeltaGradBase(BaseEstimator):
     """Shared parameters and the unlearning verbs (see the subclasses for the public docs)."""
 
@@ -168,6 +173,9 @@ class _DeltaGradBase(BaseEstimator):
                         dtype=self.dtype, n_classes=n_classes, device=self.device)
             self.cache_ = c.uri
             params = c.final.to(device=self.device)
+        if not bool(torch.isfinite(params).all()):
+            raise InputError(f"training diverged (NaN or inf parameters after {self.steps} steps at lr={self.lr!r}); "
+                             "lower lr, or scale the features and targets")
         self._fm = fm
         self._config_ = config
         self.n_iter_ = int(self.steps)
@@ -228,14 +236,12 @@ class _DeltaGradBase(BaseEstimator):
     def _open_cache(self):
         from ..store.cache import open_cache
         if self.__dict__.get("cache_") is None:
-            raise InputError("this estimator came from forget() or forget_many() without a trajectory to replay "
-                             "(pass out_cache= to forget() to keep one, or fit again)")
+            raise InputError(_NO_TRAJECTORY)
         return open_cache(self.cache_)
 
     def _trajectory(self) -> tuple[Trajectory, Dataset]:
         if self.__dict__.get("trajectory_") is None:
-            raise InputError("this estimator came from forget_many() and holds no trajectory to replay; "
-                             "forget() returns estimators that can forget again")
+            raise InputError(_NO_TRAJECTORY)
         return self.trajectory_, self._data
 
     def _in_memory(self) -> bool:

@@ -70,10 +70,10 @@ def is_table(data: Any) -> bool:
 
 def has_labels(data: Any) -> bool:
     """Whether ``data`` carries labels: a (X, y) tuple, a Dataset, or a table with a ``label`` column."""
-    if isinstance(data, tuple):
-        return len(data) >= 2 and data[1] is not None
     if isinstance(data, Dataset):
         return True
+    if isinstance(data, tuple):
+        return len(data) >= 2 and data[1] is not None
     if is_location(data):
         from .datasets import column_names
         return LABEL in column_names(data)
@@ -98,7 +98,7 @@ def read_rows(data: Any, y: Any = None, *, ids: Any = None, labels: bool = True,
     Returns:
       :class:`Rows`.
     """
-    if isinstance(data, tuple):
+    if isinstance(data, tuple) and not isinstance(data, Dataset):
         if not 2 <= len(data) <= 3:
             raise InputError(f"{what}: a tuple must be (X, y) or (X, y, ids), got {len(data)} items")
         if y is not None or (ids is not None and len(data) == 3):
