@@ -361,7 +361,7 @@ def labels_as_classes(y: np.ndarray, n_classes: int | None, what: str, ids: np.n
         frac = np.flatnonzero(np.mod(y, 1) != 0)
         if len(frac):
             i = int(frac[0])
-            raise InputError(f"{what}: label {y[i]!r} in {_where(i, ids)} is not a class index; "
+            raise InputError(f"{what}: label {float(y[i])!r} in {_where(i, ids)} is not a class index; "
                              "class labels must be integers 0 … c−1")
     elif y.dtype.kind not in "iub":
         raise InputError(f"{what}: class labels must be integers 0 … c−1, got {y.dtype} "
