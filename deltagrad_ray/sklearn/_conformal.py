@@ -159,7 +159,8 @@ class _CrossConformal:
 
     def _test_chunks(self, Xt: Tensor):
         """Test rows in chunks small enough that (models × rows) outputs stay bounded."""
-        step = max(1, _TEST_CHUNK_VALUES // max(1, self._thetas.shape[0]))
+        per_row = self._thetas.shape[0] * len(getattr(self.estimator_, "classes_", [0]))  # models × outputs
+        step = max(1, _TEST_CHUNK_VALUES // max(1, per_row))
         for a in range(0, Xt.shape[0], step):
             yield a, Xt[a:a + step]
 

@@ -11,6 +11,7 @@ rates and batch order: the ground truth DeltaGrad approximates).
 from __future__ import annotations
 
 import copy
+import math
 import numbers
 from collections.abc import Sequence
 from typing import Any
@@ -61,7 +62,7 @@ class _DeltaGradBase(BaseEstimator):
     _task = ""
 
     def __init__(self, model: str = "", *, hidden: Sequence[int] = (100,), optimizer: str = "gd", steps: int = 100,
-                 lr: float = 0.1, milestones: Sequence[int] = (), gamma: float = 0.1, l2: float = 1e-3,
+                 lr: float | str = "auto", milestones: Sequence[int] = (), gamma: float = 0.1, l2: float = 1e-3,
                  batch_size: int | None = None, seed: int = 0, dtype: str = "float64", device: str = "cpu",
                  config: DeltaGradConfig | dict | None = None, cache: str | None = None) -> None:
         self.model = model
@@ -101,6 +102,38 @@ class _DeltaGradBase(BaseEstimator):
             raise InputError(f"dtype must be float64 or float32, got {self.dtype!r}")
         if self.model == "mlp" and (not self.hidden or min(self.hidden) < 1):
             raise InputError(f"hidden must be layer sizes >= 1 for the mlp, e.g. (100,), got {self.hidden!r}")
+
+    def _learning_rate(self, X: Tensor, n_classes: int | None) -> float:
+        """``lr``, or for ``"auto"`` 1/L with L the smoothness of the linear model's objective on X.
+
+        L = c·σ_max([X, 1])²/n + λ, c = 1 for squared loss, ½ for softmax cross-entropy (its Hessian
+        in the logits is at most ½I); σ_max by power iteration. η = 1/L is inside the stable range
+        η < 2/L of gradient descent, so training converges without tuning. For the MLP, 0.1/L: a
+        heuristic from the input layer's scale, not a bound.
+        """
+        if isinstance(self.lr, str):
+            if self.lr != "auto":
+                raise InputError(f"lr must be a number > 0 or 'auto', got {self.lr!r}")
+            Xd = torch.cat([X, torch.ones(len(X), 1, dtype=X.dtype)], dim=1)
+            v = torch.ones(Xd.shape[1], dtype=X.dtype) / math.sqrt(Xd.shape[1])
+            sq = 0.0
+            for _ in range(100):                      # power iteration on X̃ᵀX̃
+                w = Xd.T @ (Xd @ v)
+                new = float(w.norm())
+                if new == 0:
+                    break
+                v = w / new
+                if abs(new - sq) <= 1e-6 * new:
+                    sq = new
+                    break
+                sq = new
+            L = (1.0 if n_classes is None else 0.5) * sq / len(X) + float(self.l2)
+            # the MLP's curvature also grows with its weights: a tenth of the linear step (a heuristic)
+            return (0.1 if self.model == "mlp" else 1.0) / L if L > 0 else 0.1
+        if isinstance(self.lr, bool) or not isinstance(self.lr, numbers.Real) or not (self.lr > 0 and
+                                                                                    math.isfinite(self.lr)):
+            raise InputError(f"lr must be a number > 0 or 'auto', got {self.lr!r}")
+        return float(self.lr)
 
     def _deltagrad_config(self) -> DeltaGradConfig:
         if self.config is None:
@@ -154,9 +187,10 @@ class _DeltaGradBase(BaseEstimator):
                        torch.arange(len(X), dtype=torch.int64))
         fm = self._build(X.shape[1], n_classes)
         batch = self.batch_size if self.optimizer == "sgd" else None
+        lr = self._learning_rate(data.X, n_classes)
         if self.cache is None:
             data = data.to(dtype=dt, device=self.device)
-            lrs = learning_rates(int(self.steps), float(self.lr), tuple(self.milestones), float(self.gamma))
+            lrs = learning_rates(int(self.steps), lr, tuple(self.milestones), float(self.gamma))
             traj = train(fm, data, steps=int(self.steps), lrs=lrs, l2=float(self.l2), batch_size=batch,
                          seed=int(self.seed))
             self.trajectory_ = traj
@@ -168,16 +202,17 @@ class _DeltaGradBase(BaseEstimator):
                                  f"{self.model} regression trains in memory only (cache=None)")
             from .. import api
             c = api.fit(data, self.cache, model=self.model, hidden=fm.spec.hidden, optimizer=self.optimizer,
-                        steps=int(self.steps), lr=float(self.lr), milestones=tuple(self.milestones),
+                        steps=int(self.steps), lr=lr, milestones=tuple(self.milestones),
                         gamma=float(self.gamma), batch_size=batch, l2=float(self.l2), seed=int(self.seed),
                         dtype=self.dtype, n_classes=n_classes, device=self.device)
             self.cache_ = c.uri
             params = c.final.to(device=self.device)
         if not bool(torch.isfinite(params).all()):
-            raise InputError(f"training diverged (NaN or inf parameters after {self.steps} steps at lr={self.lr!r}); "
+            raise InputError(f"training diverged (NaN or inf parameters after {self.steps} steps at lr={lr:g}); "
                              "lower lr, or scale the features and targets")
         self._fm = fm
         self._config_ = config
+        self.lr_ = lr
         self.n_iter_ = int(self.steps)
         self._set_params(params)
         return self
@@ -444,7 +479,10 @@ class DeltaGradClassifier(ClassifierMixin, _DeltaGradBase):
       hidden: hidden layer sizes of the MLP.
       optimizer: ``"gd"`` (full batch) or ``"sgd"`` (mini-batches of ``batch_size``).
       steps: T, the number of steps.
-      lr, milestones, gamma: learning rate η, multiplied by ``gamma`` at each milestone step.
+      lr, milestones, gamma: learning rate η, multiplied by ``gamma`` at each milestone step;
+        ``"auto"`` (default): η = 1/L for the smoothness L of the linear model's objective on the
+        training rows (stable gradient descent without tuning; 0.1/L for the MLP, a heuristic); the
+        fitted ``lr_`` holds the value.
       l2: λ of the objective mean loss + (λ/2)‖θ‖².
       batch_size: mini-batch size (``sgd`` only).
       seed: initialisation (MLP) and batch order.
@@ -457,7 +495,7 @@ class DeltaGradClassifier(ClassifierMixin, _DeltaGradBase):
 
     Fitted attributes: ``classes_`` (labels of any type, sorted), ``n_features_in_``,
     ``feature_names_in_`` (DataFrames), ``params_`` (θ_T, a tensor), ``coef_`` and ``intercept_``
-    (logreg), ``trajectory_`` (in memory) or ``cache_`` (its location), ``n_iter_``.
+    (logreg), ``trajectory_`` (in memory) or ``cache_`` (its location), ``lr_``, ``n_iter_``.
 
     Example:
       >>> from sklearn.datasets import load_wine
@@ -473,7 +511,7 @@ class DeltaGradClassifier(ClassifierMixin, _DeltaGradBase):
     _task = "classification"
 
     def __init__(self, model: str = "logreg", *, hidden: Sequence[int] = (100,), optimizer: str = "gd",
-                 steps: int = 100, lr: float = 0.1, milestones: Sequence[int] = (), gamma: float = 0.1,
+                 steps: int = 100, lr: float | str = "auto", milestones: Sequence[int] = (), gamma: float = 0.1,
                  l2: float = 1e-3, batch_size: int | None = None, seed: int = 0, dtype: str = "float64",
                  device: str = "cpu", config: DeltaGradConfig | dict | None = None, cache: str | None = None) -> None:
         super().__init__(model, hidden=hidden, optimizer=optimizer, steps=steps, lr=lr, milestones=milestones,
@@ -566,7 +604,7 @@ class DeltaGradRegressor(RegressorMixin, _DeltaGradBase):
     default) or ``"mlp"`` (a ReLU network with one output and squared loss; in memory only).
 
     Fitted attributes: ``n_features_in_``, ``feature_names_in_`` (DataFrames), ``params_``,
-    ``coef_`` (d,) and ``intercept_`` (linear), ``trajectory_`` or ``cache_``, ``n_iter_``.
+    ``coef_`` (d,) and ``intercept_`` (linear), ``trajectory_`` or ``cache_``, ``lr_``, ``n_iter_``.
 
     Example:
       >>> from sklearn.datasets import load_diabetes
@@ -581,7 +619,7 @@ class DeltaGradRegressor(RegressorMixin, _DeltaGradBase):
     _task = "regression"
 
     def __init__(self, model: str = "linear", *, hidden: Sequence[int] = (100,), optimizer: str = "gd",
-                 steps: int = 100, lr: float = 0.1, milestones: Sequence[int] = (), gamma: float = 0.1,
+                 steps: int = 100, lr: float | str = "auto", milestones: Sequence[int] = (), gamma: float = 0.1,
                  l2: float = 1e-3, batch_size: int | None = None, seed: int = 0, dtype: str = "float64",
                  device: str = "cpu", config: DeltaGradConfig | dict | None = None, cache: str | None = None) -> None:
         super().__init__(model, hidden=hidden, optimizer=optimizer, steps=steps, lr=lr, milestones=milestones,

@@ -126,3 +126,14 @@ def test_mapie_signature_and_errors(diabetes):
     assert np.isinf(lo_hi).all()
     with pytest.raises(InputError, match="minimize_interval_width cannot be used"):
         cp.predict_interval(X, minimize_interval_width=True)
+
+
+def test_replays_on_ray_equal_serial(ray_cluster, tmp_path, diabetes):
+    from deltagrad_ray.distributed.backends import RayBackend
+    X, y = diabetes
+    out = []
+    for name, backend in (("serial", None), ("ray", RayBackend(workers=2))):
+        est = DeltaGradRegressor(steps=40, cache=str(tmp_path / name))
+        cp = CrossConformalRegressor(est, cv=5, random_state=0, backend=backend, batch_size=2)
+        out.append(cp.fit_conformalize(X[:200], y[:200]).predict_interval(X[200:])[1])
+    assert np.array_equal(out[0], out[1])

@@ -145,7 +145,7 @@ def test_bad_input_names_row_and_column(diabetes):
         DeltaGradRegressor(config={"periodd": 3}).fit(X, y)
     with pytest.raises(InputError, match="backend 'ray' runs on caches: fit the estimator with cache="):
         reg.forget_many([[1]], backend="ray")
-    with pytest.raises(InputError, match=r"training diverged \(NaN or inf parameters after 400 steps at lr=5.0\)"):
+    with pytest.raises(InputError, match=r"training diverged \(NaN or inf parameters after 400 steps at lr=5\)"):
         DeltaGradRegressor(lr=5.0, steps=400).fit(X, y)
 
 
@@ -187,3 +187,16 @@ def test_forget_many_on_ray_equals_serial(ray_cluster, tmp_path, diabetes):
     serial = reg.forget_many(sets, batch_size=2)
     for a, b in zip(on_ray, serial):
         assert torch.equal(a.params_, b.params_)
+
+
+def test_auto_learning_rate_is_one_over_the_smoothness(diabetes):
+    X, y = diabetes
+    Xt = np.hstack([X, np.ones((len(X), 1))])
+    L = np.linalg.eigvalsh(Xt.T @ Xt / len(X)).max() + 1e-3
+    reg = DeltaGradRegressor(steps=100).fit(X * 100, y)             # unscaled features: still stable
+    assert reg.lr_ == pytest.approx(1 / (L * 1e4), rel=1e-3)
+    assert DeltaGradRegressor(steps=100).fit(X, y).score(X, y) > 0.5
+    clf = DeltaGradClassifier().fit(X, y > 140)
+    assert clf.lr_ == pytest.approx(1 / (0.5 * (L - 1e-3) + 1e-3), rel=1e-3)
+    with pytest.raises(InputError, match="lr must be a number > 0 or 'auto', got 'fast'"):
+        DeltaGradRegressor(lr="fast").fit(X, y)
