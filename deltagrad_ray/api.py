@@ -26,7 +26,8 @@ from .core.replay import ReplayResult, deltagrad
 from .core.schedule import learning_rates
 from .core.train import retrain, train
 from .store.cache import Cache, CacheWriter, dtype_name, open_cache
-from .store.datasets import fingerprint, read_dataset, read_ids
+from .store.datasets import fingerprint, read_dataset, read_ids, write_dataset
+from .store.inputs import as_dataset, is_location
 from .store.location import Location, location
 from .store.models import load_model
 
@@ -51,16 +52,21 @@ def _n_classes(data: Dataset, kind: str, n_classes: int | None) -> int:
     return max(2, int(data.y.max()) + 1)
 
 
-def fit(data: str | Location, cache: str | Location, *, model: str = "logreg", hidden: Sequence[int] = (),
+def fit(data, cache: str | Location, *, model: str = "logreg", hidden: Sequence[int] = (),
         optimizer: str = "gd", steps: int = 100, lr: float = 0.1, milestones: Sequence[int] = (),
         gamma: float = 0.1, batch_size: int | None = None, l2: float = 0.0, seed: int = 0,
         dtype: str | torch.dtype = "float64", n_classes: int | None = None, device: str = "cpu",
-        shard_steps: int | None = None, shard_bytes: int | None = None, storage_dtype: str | None = None) -> Cache:
+        shard_steps: int | None = None, shard_bytes: int | None = None, storage_dtype: str | None = None,
+        y=None, ids=None) -> Cache:
     """Train a model on ``data`` and record its trajectory as a cache at ``cache``.
 
     Args:
-      data: data set location (Parquet: id, label, features).
+      data: a data set location (Parquet: id, label, features), or data in any form
+        :func:`~deltagrad_ray.store.inputs.as_dataset` takes (arrays with ``y``, a DataFrame, a pyarrow
+        Table, a ``ray.data.Dataset``, other Parquet layouts); those are stored inside the cache
+        (``data/part-0.parquet``), so that later replays load and verify them.
       cache: where the cache goes; must not hold a cache already.
+      y, ids: labels (class indices 0 … c−1, or float targets) and ids given apart from array features.
       model: ``logreg``, ``linear`` or ``mlp`` (with ``hidden`` sizes).
       optimizer: ``gd`` (full batch) or ``sgd`` (mini-batches of ``batch_size``).
       steps, lr, milestones, gamma: T and the learning-rate schedule (MultiStepLR-like).
@@ -85,9 +91,15 @@ def fit(data: str | Location, cache: str | Location, *, model: str = "logreg", h
     if not isinstance(steps, int) or steps < 1:
         raise InputError(f"steps must be an integer >= 1, got {steps!r}")
     dt = _dtype(dtype)
-    src = location(data)
     root = location(cache)
-    raw = read_dataset(src, regression=(model == "linear"))
+    stored = not (is_location(data) and y is None and ids is None and _project_layout(data))
+    if stored:  # data in memory (or another layout): converted here, stored in the cache below
+        task = "regression" if model == "linear" else "classification"
+        raw = as_dataset(data, y, ids=ids, task=task, n_classes=n_classes)
+        src = root.join("data", "part-0.parquet")
+    else:
+        src = location(data)
+        raw = read_dataset(src, regression=(model == "linear"))
     spec = ModelSpec(model, raw.n_features, _n_classes(raw, model, n_classes), tuple(hidden))
     validate(raw, n_features=spec.n_features, n_classes=None if model == "linear" else spec.n_classes)
     fp = fingerprint(raw)
@@ -96,6 +108,8 @@ def fit(data: str | Location, cache: str | Location, *, model: str = "logreg", h
     lrs = learning_rates(steps, lr, tuple(milestones), gamma)
     writer = CacheWriter(root, lrs, fm.p, dt, shard_steps=shard_steps, shard_bytes=shard_bytes,
                          storage=storage_dtype)
+    if stored:
+        write_dataset(raw, src)
     traj = train(fm, ds, steps=steps, lrs=lrs, l2=l2, batch_size=batch_size if optimizer == "sgd" else None,
                  seed=seed, recorder=writer)
     manifest = {
@@ -110,6 +124,12 @@ def fit(data: str | Location, cache: str | Location, *, model: str = "logreg", h
     }
     writer.commit(manifest, fm, traj.initial, traj.final)
     return open_cache(root)
+
+
+def _project_layout(data) -> bool:
+    """Whether a data location holds the project's layout (id, label, features), read in place."""
+    from .store.datasets import column_names
+    return {"id", "label", "features"} <= set(column_names(data))
 
 
 def _portable_uri(loc: Location) -> str:

@@ -2,7 +2,9 @@
 
 The API behind ``deltagrad-ray loo | jackknife | influence | conformal``. Requests are
 replayed in batches (:func:`~deltagrad_ray.core.replay.deltagrad_batched`); results come
-back in the order of the requests.
+back in the order of the requests. Test rows (``test``) may come in any form
+:func:`~deltagrad_ray.store.inputs.as_dataset` takes: arrays as ``(X, y)`` or ``X`` alone, DataFrames,
+pyarrow Tables, Parquet locations, ``ray.data.Dataset``.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from .stats import (DEFAULT_MEMORY_MB, Calibration, ModelTable, as_table, check_
                     streamed_intervals, streamed_jackknife, streamed_sets, streamed_test_loss)
 from .store.cache import Cache, labels_only, open_cache
 from .store.datasets import read_dataset
+from .store.inputs import as_dataset, has_labels, is_location
 from .store.location import Location
 
 @dataclass
@@ -106,8 +109,11 @@ def _cache(cache: Cache | str | Location) -> Cache:
 
 def _test_set(cache: Cache, test: Dataset | str | Location, labels: bool = True) -> Dataset:
     """The test rows, validated against the cache's model; labels needed only when ``labels``."""
-    ds = test if isinstance(test, Dataset) else read_dataset(test, regression=cache.spec.task == "regression",
-                                                             labels_optional=not labels)
+    if isinstance(test, Dataset) or (is_location(test) and _project_layout(test)):
+        ds = test if isinstance(test, Dataset) else read_dataset(test, regression=cache.spec.task == "regression",
+                                                                 labels_optional=not labels)
+    else:  # arrays, (X, y) tuples, DataFrames, pyarrow Tables, Ray Data, other Parquet layouts
+        ds = as_dataset(test, task=cache.spec.task, n_classes=cache.n_classes, labels=labels, what="test set")
     if labels:
         validate(ds, n_features=cache.spec.n_features, n_classes=cache.n_classes, what="test set")
     else:  # only the features matter
@@ -118,6 +124,11 @@ def _test_set(cache: Cache, test: Dataset | str | Location, labels: bool = True)
 def _left_out(ds: Dataset, changes: list[ChangeSet]) -> Tensor:
     """The ids the change sets delete, in request order."""
     return ds.ids[torch.cat([ch.delete for ch in changes]).cpu()]
+
+
+def _project_layout(test) -> bool:
+    from .store.datasets import column_names
+    return {"id", "features"} <= set(column_names(test))
 
 
 def loo(cache: Cache | str | Location, ids: Sequence[int] | Tensor | None = None, *, fanout: Fanout | None = None,
@@ -153,7 +164,7 @@ def _models(params: Tensor | ModelTable) -> ModelTable:
     return as_table(params)
 
 
-def jackknife(cache: Cache | str | Location, test: Dataset | str | Location, ids=None, *,
+def jackknife(cache: Cache | str | Location, test, ids=None, *,
               fanout: Fanout | None = None, data=None, loo_result: ManyResult | None = None,
               memory_mb: float = DEFAULT_MEMORY_MB) -> dict:
     """Jackknife estimates, bias-corrected estimates and standard errors of the test predictions
@@ -177,7 +188,7 @@ def jackknife(cache: Cache | str | Location, test: Dataset | str | Location, ids
     return {"test_ids": t.ids, "predictions": pred, "test_loss": loss, "n_loo": len(res.ids), "replay": res.replay}
 
 
-def influence(cache: Cache | str | Location, test: Dataset | str | Location, ids=None, *,
+def influence(cache: Cache | str | Location, test, ids=None, *,
               fanout: Fanout | None = None, data=None, loo_result: ManyResult | None = None,
               memory_mb: float = DEFAULT_MEMORY_MB) -> dict:
     """Per training id, the leave-one-out change in mean test loss L(θ_(i)) − L(θ̂).
@@ -198,7 +209,7 @@ def influence(cache: Cache | str | Location, test: Dataset | str | Location, ids
     return {"ids": res.ids, "influence": loo_influence(full, losses), "test_loss": float(full), "replay": res.replay}
 
 
-def conformal(cache: Cache | str | Location, test: Dataset | str | Location, alpha: float = 0.1, *,
+def conformal(cache: Cache | str | Location, test, alpha: float = 0.1, *,
               method: str = "jackknife+", folds: int = 10, ids=None, seed: int = 0,
               fanout: Fanout | None = None, data=None, memory_mb: float = DEFAULT_MEMORY_MB) -> dict:
     """Jackknife+ / CV+ intervals (regression) or sets (classification) for the test rows.
@@ -263,5 +274,4 @@ def conformal(cache: Cache | str | Location, test: Dataset | str | Location, alp
 def _has_labels(test) -> bool:
     if isinstance(test, Dataset):
         return True
-    from .store.datasets import column_names
-    return "label" in column_names(test)
+    return has_labels(test)

@@ -1,0 +1,21 @@
+"""The scikit-learn face: estimators that can forget training rows, and MAPIE-shaped conformal prediction.
+
+* :class:`DeltaGradClassifier` (logistic regression, ReLU MLP) and :class:`DeltaGradRegressor`
+  (least squares, ReLU MLP): scikit-learn estimators whose training is recorded, with
+  ``forget(indices)``, ``forget_many(index_sets)`` and ``loo_predict(X)``.
+* :class:`CrossConformalRegressor` and :class:`CrossConformalClassifier`: MAPIE 1.x's classes of the
+  same names (constructor, ``fit_conformalize``, ``predict_interval`` / ``predict_set``, ``predict``),
+  whose leave-one-out or K-fold refits are DeltaGrad replays, batched.
+
+Example:
+    >>> from deltagrad_ray.sklearn import CrossConformalRegressor, DeltaGradRegressor
+    >>> cp = CrossConformalRegressor(DeltaGradRegressor(steps=100), confidence_level=0.9, cv=-1)
+    >>> cp.fit_conformalize(X_train, y_train)                       # doctest: +SKIP
+    >>> y_pred, y_intervals = cp.predict_interval(X_test)           # doctest: +SKIP
+"""
+
+from ._conformal import (CrossConformalClassifier as CrossConformalClassifier,
+                         CrossConformalRegressor as CrossConformalRegressor)
+from ._estimators import DeltaGradClassifier as DeltaGradClassifier, DeltaGradRegressor as DeltaGradRegressor
+
+__all__ = ["CrossConformalClassifier", "CrossConformalRegressor", "DeltaGradClassifier", "DeltaGradRegressor"]

@@ -1,0 +1,670 @@
+"""scikit-learn estimators whose training is recorded, so that rows can be forgotten cheaply.
+
+``fit`` trains by gradient descent (or mini-batch SGD) and keeps the trajectory (θ_t, g_t per step,
+Wu et al. 2020, Sec. 3) in memory, or writes it as a cache at ``cache=`` through the storage API.
+``forget`` replays that trajectory without some rows (DeltaGrad, Alg. 1) instead of retraining;
+``forget_many`` replays many such requests in batches; ``loo_predict`` gives every leave-one-out
+model's predictions. With ``exact=True`` each of them retrains exactly instead (same θ_0, learning
+rates and batch order: the ground truth DeltaGrad approximates).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import numbers
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin
+from sklearn.utils.multiclass import check_classification_targets
+from sklearn.utils.validation import check_is_fitted, validate_data
+from torch import Tensor, nn
+from torch.func import vmap
+
+from ..core import (ChangeSet, Dataset, DeltaGradConfig, FunctionalModel, InputError, MemoryRecorder, ModelSpec,
+                    Trajectory, deltagrad, deltagrad_batched, learning_rates, make_change_set,
+                    retrain, train)
+from ..store.inputs import check_finite, is_table, read_rows
+
+_DTYPES = {"float64": torch.float64, "float32": torch.float32}
+
+
+def _squared(outputs: Tensor, targets: Tensor) -> Tensor:
+    """Per-example ½(f(x) − y)² (the built-in linear model's loss)."""
+    return 0.5 * (outputs.reshape(-1) - targets) ** 2
+
+
+def _mlp_regression(d: int, hidden: tuple[int, ...], seed: int) -> FunctionalModel:
+    """A ReLU network with one output and squared loss; its initial weights drawn from ``seed``."""
+    widths = (d, *hidden, 1)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        layers: list[nn.Module] = []
+        for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
+            layers.append(nn.Linear(a, b, dtype=torch.float64))
+            if i < len(widths) - 2:
+                layers.append(nn.ReLU())
+        return FunctionalModel(nn.Sequential(*layers), _squared, n_classes=None)
+
+
+_NO_TRAJECTORY = ("this estimator holds no trajectory to replay (it came from forget_many(), or from forget() "
+                  "on a cache without out_cache=); forget() in memory or with out_cache= returns estimators "
+                  "that can forget again")
+
+
+class _DeltaGradBase(BaseEstimator):
+    """Shared parameters and the unlearning verbs (see the subclasses for the public docs)."""
+
+    _kinds: tuple[str, ...] = ()
+    _task = ""
+
+    def __init__(self, model: str = "", *, hidden: Sequence[int] = (100,), optimizer: str = "gd", steps: int = 100,
+                 lr: float | str = "auto", milestones: Sequence[int] = (), gamma: float = 0.1, l2: float = 1e-3,
+                 batch_size: int | None = None, seed: int = 0, dtype: str = "float64", device: str = "cpu",
+                 config: DeltaGradConfig | dict | None = None, cache: str | None = None) -> None:
+        self.model = model
+        self.hidden = hidden
+        self.optimizer = optimizer
+        self.steps = steps
+        self.lr = lr
+        self.milestones = milestones
+        self.gamma = gamma
+        self.l2 = l2
+        self.batch_size = batch_size
+        self.seed = seed
+        self.dtype = dtype
+        self.device = device
+        self.config = config
+        self.cache = cache
+
+    # -- settings, checked at fit time (scikit-learn: never in __init__) -----------------------
+    def _check_params(self) -> None:
+        if self.model not in self._kinds:
+            raise InputError(f"model must be one of {', '.join(self._kinds)}, got {self.model!r}")
+        if self.optimizer not in ("gd", "sgd"):
+            raise InputError(f"optimizer must be gd or sgd, got {self.optimizer!r}")
+        if self.optimizer == "sgd" and not self.batch_size:
+            raise InputError("optimizer sgd needs a batch_size (e.g. 256)")
+        if self.optimizer == "gd" and self.batch_size:
+            raise InputError(f"batch_size applies to optimizer sgd only, got batch_size={self.batch_size!r} with gd")
+        if self.batch_size is not None and (not isinstance(self.batch_size, numbers.Integral) or self.batch_size < 1):
+            raise InputError(f"batch_size must be an integer >= 1 or None, got {self.batch_size!r}")
+        if isinstance(self.steps, bool) or not isinstance(self.steps, numbers.Integral) or self.steps < 1:
+            raise InputError(f"steps must be an integer >= 1, got {self.steps!r}")
+        if not isinstance(self.l2, numbers.Real) or not self.l2 >= 0:
+            raise InputError(f"l2 must be a number >= 0, got {self.l2!r}")
+        if not isinstance(self.seed, numbers.Integral):
+            raise InputError(f"seed must be an integer, got {self.seed!r}")
+        if self.dtype not in _DTYPES:
+            raise InputError(f"dtype must be float64 or float32, got {self.dtype!r}")
+        if self.model == "mlp" and (not self.hidden or min(self.hidden) < 1):
+            raise InputError(f"hidden must be layer sizes >= 1 for the mlp, e.g. (100,), got {self.hidden!r}")
+
+    def _learning_rate(self, X: Tensor, n_classes: int | None) -> float:
+        """``lr``, or for ``"auto"`` 1/L with L the smoothness of the linear model's objective on X.
+
+        L = c·σ_max([X, 1])²/n + λ, c = 1 for squared loss, ½ for softmax cross-entropy (its Hessian
+        in the logits is at most ½I); σ_max by power iteration. η = 1/L is inside the stable range
+        η < 2/L of gradient descent, so training converges without tuning. For the MLP, 0.1/L: a
+        heuristic from the input layer's scale, not a bound.
+        """
+        if isinstance(self.lr, str):
+            if self.lr != "auto":
+                raise InputError(f"lr must be a number > 0 or 'auto', got {self.lr!r}")
+            Xd = torch.cat([X, torch.ones(len(X), 1, dtype=X.dtype)], dim=1)
+            v = torch.ones(Xd.shape[1], dtype=X.dtype) / math.sqrt(Xd.shape[1])
+            sq = 0.0
+            for _ in range(100):                      # power iteration on X̃ᵀX̃
+                w = Xd.T @ (Xd @ v)
+                new = float(w.norm())
+                if new == 0:
+                    break
+                v = w / new
+                if abs(new - sq) <= 1e-6 * new:
+                    sq = new
+                    break
+                sq = new
+            L = (1.0 if n_classes is None else 0.5) * sq / len(X) + float(self.l2)
+            # the MLP's curvature also grows with its weights: a tenth of the linear step (a heuristic)
+            return (0.1 if self.model == "mlp" else 1.0) / L if L > 0 else 0.1
+        if isinstance(self.lr, bool) or not isinstance(self.lr, numbers.Real) or not (self.lr > 0 and
+                                                                                    math.isfinite(self.lr)):
+            raise InputError(f"lr must be a number > 0 or 'auto', got {self.lr!r}")
+        return float(self.lr)
+
+    def _deltagrad_config(self) -> DeltaGradConfig:
+        if self.config is None:
+            return DeltaGradConfig()
+        if isinstance(self.config, DeltaGradConfig):
+            return self.config
+        if isinstance(self.config, dict):
+            return DeltaGradConfig.from_dict(self.config)
+        raise InputError(f"config must be a DeltaGradConfig, a dict of its fields or None, got {self.config!r}")
+
+    def _build(self, d: int, c: int | None) -> FunctionalModel:
+        hidden = tuple(int(h) for h in self.hidden) if self.model == "mlp" else ()
+        if self._task == "regression" and self.model == "mlp":
+            return _mlp_regression(d, hidden, int(self.seed))
+        return ModelSpec(self.model, d, 1 if c is None else c, hidden).build()
+
+    # -- data ---------------------------------------------------------------------------------
+    def _fit_arrays(self, X: Any, y: Any) -> tuple[np.ndarray, np.ndarray]:
+        if is_table(X):
+            rows = read_rows(X, y, labels=True, what="X")
+            X, y = rows.X, rows.y
+        if y is not None and not isinstance(y, (str, bytes)):
+            ya = np.asarray(y)
+            if ya.dtype.kind == "f" and ya.ndim >= 1 and not np.isfinite(ya).all():
+                i = int(np.flatnonzero(~np.isfinite(ya.reshape(len(ya), -1)).all(axis=1))[0])
+                raise InputError(f"Input y contains {'NaN' if np.isnan(ya.reshape(len(ya), -1)[i]).any() else 'inf'} "
+                                 f"in row {i}")
+        X, y = validate_data(self, X, y, dtype=[np.float64, np.float32], ensure_all_finite=False,
+                             y_numeric=self._task == "regression")
+        check_finite(X, "X", _names(self))
+        return X, y
+
+    def _predict_tensor(self, X: Any) -> Tensor:
+        check_is_fitted(self, "params_")
+        if is_table(X):
+            X = read_rows(X, labels=False, what="X").X
+        X = validate_data(self, X, reset=False, dtype=[np.float64, np.float32], ensure_all_finite=False)
+        check_finite(X, "X", _names(self))
+        return torch.as_tensor(np.array(X, dtype=np.float64, order="C"), dtype=self.params_.dtype,
+                               device=self.params_.device)
+
+    # -- fit ------------------------------------------------------------------------------------
+    def _fit(self, X: np.ndarray, labels: np.ndarray, n_classes: int | None):
+        self._check_params()
+        config = self._deltagrad_config()
+        dt = _DTYPES[self.dtype]
+        for name in ("trajectory_", "cache_", "params_", "_data", "_fm", "forget_report_"):
+            self.__dict__.pop(name, None)
+        y = torch.from_numpy(labels.astype(np.int64 if n_classes else np.float64))
+        data = Dataset(torch.from_numpy(np.array(X, dtype=np.float64, order="C")), y,
+                       torch.arange(len(X), dtype=torch.int64))
+        fm = self._build(X.shape[1], n_classes)
+        batch = self.batch_size if self.optimizer == "sgd" else None
+        lr = self._learning_rate(data.X, n_classes)
+        if self.cache is None:
+            data = data.to(dtype=dt, device=self.device)
+            lrs = learning_rates(int(self.steps), lr, tuple(self.milestones), float(self.gamma))
+            traj = train(fm, data, steps=int(self.steps), lrs=lrs, l2=float(self.l2), batch_size=batch,
+                         seed=int(self.seed))
+            self.trajectory_ = traj
+            self._data = data
+            params = traj.final
+        else:
+            if fm.spec is None:
+                raise InputError(f"cache= records the built-in models (logreg, mlp classification, linear); "
+                                 f"{self.model} regression trains in memory only (cache=None)")
+            from .. import api
+            c = api.fit(data, self.cache, model=self.model, hidden=fm.spec.hidden, optimizer=self.optimizer,
+                        steps=int(self.steps), lr=lr, milestones=tuple(self.milestones),
+                        gamma=float(self.gamma), batch_size=batch, l2=float(self.l2), seed=int(self.seed),
+                        dtype=self.dtype, n_classes=n_classes, device=self.device)
+            self.cache_ = c.uri
+            params = c.final.to(device=self.device)
+        if not bool(torch.isfinite(params).all()):
+            raise InputError(f"training diverged (NaN or inf parameters after {self.steps} steps at lr={lr:g}); "
+                             "lower lr, or scale the features and targets")
+        self._fm = fm
+        self._config_ = config
+        self.lr_ = lr
+        self.n_iter_ = int(self.steps)
+        self._set_params(params)
+        return self
+
+    def _set_params(self, params: Tensor) -> None:
+        self.params_ = params
+        spec = self._fm.spec
+        if spec is not None and spec.kind in ("logreg", "linear"):
+            W, b = self._fm.unflatten(params.detach().cpu()).values()
+            self.coef_ = W.numpy().copy() if spec.kind == "logreg" else W.numpy().reshape(-1).copy()
+            self.intercept_ = b.numpy().copy() if spec.kind == "logreg" else float(b[0])
+
+    # -- pickling: the functional model is rebuilt, not stored ---------------------------------
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        state = dict(state)
+        state.pop("_fm", None)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        if "params_" in self.__dict__:
+            self._fm = self._build(self.n_features_in_, self._n_classes())
+
+    def _n_classes(self) -> int | None:
+        return None
+
+    # -- evaluation -----------------------------------------------------------------------------
+    def _outputs(self, thetas: Tensor, X: Tensor) -> Tensor:
+        """Raw outputs of B models on m rows: (B, m, c) logits or (B, m) predictions."""
+        with torch.no_grad():
+            out = vmap(self._fm.forward, in_dims=(0, None))(thetas, X)
+        return out.reshape(thetas.shape[0], X.shape[0]) if self._task == "regression" else out
+
+    # -- unlearning -----------------------------------------------------------------------------
+    def _rows(self, indices: Any, what: str = "indices") -> Tensor:
+        arr = np.asarray(indices)
+        if arr.ndim == 0:
+            arr = arr.reshape(1)
+        if arr.ndim != 1 or (len(arr) and arr.dtype.kind not in "iu"):
+            raise InputError(f"{what} must be a list of row numbers of the training data, got {indices!r}")
+        n = self._n_rows()
+        bad = np.flatnonzero((arr < 0) | (arr >= n))
+        if len(bad):
+            raise InputError(f"{what}: row {int(arr[bad[0]])} is out of range; the training data has {n} rows "
+                             f"(0 … {n - 1})")
+        if len(arr) == 0:
+            raise InputError(f"{what}: no rows given")
+        return torch.as_tensor(arr.astype(np.int64))
+
+    def _n_rows(self) -> int:
+        if "_data" in self.__dict__:
+            return len(self._data)
+        return int(self._open_cache().n_rows)
+
+    def _open_cache(self):
+        from ..store.cache import open_cache
+        if self.__dict__.get("cache_") is None:
+            raise InputError(_NO_TRAJECTORY)
+        return open_cache(self.cache_)
+
+    def _trajectory(self) -> tuple[Trajectory, Dataset]:
+        if self.__dict__.get("trajectory_") is None:
+            raise InputError(_NO_TRAJECTORY)
+        return self.trajectory_, self._data
+
+    def _in_memory(self) -> bool:
+        check_is_fitted(self, "params_")
+        if self.__dict__.get("trajectory_") is not None:
+            return True
+        self._open_cache()  # raises the right message when there is neither
+        return False
+
+    def _copy_with(self, params: Tensor, **fitted) -> _DeltaGradBase:
+        new = copy.copy(self)
+        new.__dict__.update({"trajectory_": None, "cache_": None, **fitted})
+        new._set_params(params)
+        return new
+
+    def forget(self, indices: Any, *, exact: bool = False, out_cache: str | None = None) -> _DeltaGradBase:
+        """A fitted copy of this estimator trained without the training rows ``indices``.
+
+        Args:
+          indices: row numbers of the data given to :meth:`fit` (0 … n−1).
+          exact: retrain exactly (same θ_0, learning rates and batch order) instead of DeltaGrad.
+          out_cache: (estimators fitted with ``cache=``) where to write the replayed trajectory as a new
+            cache, so that the copy can forget again; without it the copy predicts but cannot forget.
+
+        Returns:
+          A new estimator (this one is unchanged) with ``forget_report_``: the replay's counters
+          (explicit and approximate steps, fallbacks, L-BFGS prediction error).
+
+        Example:
+          >>> from sklearn.datasets import load_breast_cancer
+          >>> X, y = load_breast_cancer(return_X_y=True)
+          >>> X = (X - X.mean(0)) / X.std(0)
+          >>> clf = DeltaGradClassifier(steps=50, lr=0.5).fit(X, y)
+          >>> without = clf.forget([3, 14, 15])            # DeltaGrad
+          >>> exact = clf.forget([3, 14, 15], exact=True)  # the ground truth
+          >>> bool(np.abs(without.coef_ - exact.coef_).max() < 1e-3)
+          True
+        """
+        rows = self._rows(indices)
+        if self._in_memory():
+            if out_cache is not None:
+                raise InputError("out_cache applies to estimators fitted with cache=; this one keeps its "
+                                 "trajectory in memory")
+            traj, data = self._trajectory()
+            change = make_change_set(data, delete_ids=data.ids[rows.to(data.ids.device)], removed=traj.removed,
+                                     n_classes=self._n_classes())
+            if exact:
+                rec = MemoryRecorder(traj.steps, traj.p, traj.dtype, traj.initial.device)
+                final = retrain(self._fm, traj, data, change, recorder=rec)
+                removed = (traj.removed.clone() if traj.removed is not None
+                           else torch.zeros(len(data), dtype=torch.bool, device=data.X.device))
+                removed[change.delete] = True
+                new_traj = Trajectory(traj.plan, traj.l2, traj.lrs, traj.initial, final, traj.n_rows, removed,
+                                      rec.finish(traj.lrs))
+                report = {"method": "exact", "steps": traj.steps}
+            else:
+                res = deltagrad(self._fm, traj, data, change, self._config_, record=True)
+                final, new_traj, report = res.params, res.trajectory, {"method": "deltagrad", **res.diagnostics()}
+            return self._copy_with(final, trajectory_=new_traj, forget_report_=report)
+        from .. import api
+        c = self._open_cache()
+        ids = rows.tolist()
+        if exact:
+            final = api.retrain_exact(c, delete=ids, device=self.device, out_cache=out_cache)
+            report = {"method": "exact", "steps": c.steps}
+        else:
+            res = api.unlearn(c, delete=ids, config=self._config_, device=self.device, out_cache=out_cache)
+            final, report = res.params, {"method": "deltagrad", **res.diagnostics()}
+        new_cache = None if out_cache is None else self._cache_uri(out_cache)
+        return self._copy_with(final.to(device=self.device), cache_=new_cache, forget_report_=report)
+
+    @staticmethod
+    def _cache_uri(loc: str) -> str:
+        from ..store.cache import open_cache
+        return open_cache(loc).uri
+
+    def forget_many(self, index_sets: Sequence[Any], *, exact: bool = False, backend: Any = None,
+                    batch_size: int = 32) -> list[_DeltaGradBase]:
+        """One fitted copy per set of training rows, each trained without that set.
+
+        The requests are replayed together (``batch_size`` per pass over the trajectory), in this
+        process or on Ray. The copies predict; they hold no trajectory, so they cannot forget again
+        (use :meth:`forget` for that).
+
+        Args:
+          index_sets: a list of lists of row numbers (0 … n−1 of the data given to :meth:`fit`).
+          exact: retrain each exactly instead.
+          backend: ``None`` or ``"serial"`` (this process), ``"ray"`` (a :class:`RayBackend` on the
+            connected Ray cluster), or a backend object from ``deltagrad_ray.distributed.backends``.
+            Ray needs an estimator fitted with ``cache=`` (its actors load the trajectory from there).
+          batch_size: requests replayed together (B).
+
+        Returns:
+          A list of estimators, in the order of ``index_sets``.
+        """
+        params = self._replay_many(self._change_sets(index_sets), exact=exact, backend=backend,
+                                   batch_size=batch_size)
+        return [self._copy_with(params[b], forget_report_={"method": "exact" if exact else "deltagrad"})
+                for b in range(params.shape[0])]
+
+    def _change_sets(self, index_sets: Sequence[Any]) -> list[ChangeSet]:
+        if isinstance(index_sets, (str, bytes)) or not hasattr(index_sets, "__len__") or len(index_sets) == 0:
+            raise InputError(f"index_sets must be a non-empty list of lists of row numbers, got {index_sets!r}")
+        out = []
+        for j, s in enumerate(index_sets):
+            out.append(ChangeSet(self._rows(s, what=f"index set {j}")))
+        return out
+
+    def _replay_many(self, changes: list[ChangeSet], *, exact: bool = False, backend: Any = None,
+                     batch_size: int = 32) -> Tensor:
+        """(B, p) parameters after each change set (DeltaGrad, batched; or exact retraining)."""
+        if not isinstance(batch_size, numbers.Integral) or batch_size < 1:
+            raise InputError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        if self._in_memory() and backend in (None, "serial"):
+            traj, data = self._trajectory()
+            checked = [make_change_set(data, delete_ids=data.ids[ch.delete.to(data.ids.device)], removed=traj.removed,
+                                       n_classes=self._n_classes()) for ch in changes]
+            if exact:
+                return torch.stack([retrain(self._fm, traj, data, ch) for ch in checked])
+            return deltagrad_batched(self._fm, traj, data, checked, self._config_, batch_size=int(batch_size)).params
+        if self._in_memory():
+            raise InputError(f"backend {backend!r} runs on caches: fit the estimator with cache=LOCATION "
+                             "(the backend's workers load the trajectory from there)")
+        from .. import many
+        from ..distributed.backends import RayBackend, SerialBackend
+        c = self._open_cache()
+        data = c.data(device=self.device)
+        checked = [make_change_set(data, delete_ids=data.ids[ch.delete], removed=c.removed_mask(),
+                                   n_classes=self._n_classes()) for ch in changes]
+        if exact:
+            be = many.ExactBackend()
+        elif backend in (None, "serial"):
+            be = SerialBackend()
+        elif backend == "ray":
+            be = RayBackend()
+        elif isinstance(backend, str):
+            raise InputError(f"backend must be serial, ray or a backend object, got {backend!r}")
+        else:
+            be = backend
+        rep = many.Fanout(backend=be, batch_size=int(batch_size), config=self._config_).run(c, data, checked)
+        if rep.errors:
+            i, e = next(iter(rep.errors.items()))
+            raise InputError(f"{len(rep.errors)} replay(s) failed, e.g. request {i}: {e}")
+        return rep.params.to(dtype=self.params_.dtype, device=self.device)
+
+    def _training_data(self) -> Dataset:
+        """The rows given to fit, as the core's Dataset (labels as class indices)."""
+        if self._in_memory():
+            return self._data
+        return self._open_cache().data(device=self.device)
+
+    def _training_labels(self) -> np.ndarray:
+        """The labels given to fit, as given (class labels, or float targets)."""
+        y = self._training_data().y.cpu().numpy()
+        return self.classes_[y] if self._task == "classification" else y
+
+    def _active_rows(self) -> Tensor:
+        if self._in_memory():
+            traj, data = self._trajectory()
+            removed = traj.removed
+        else:
+            c = self._open_cache()
+            removed = c.removed_mask()
+        n = self._n_rows()
+        return torch.arange(n) if removed is None else torch.nonzero(~removed.cpu()).reshape(-1)
+
+    def _loo_outputs(self, X: Any, chunk: int, exact: bool, backend: Any, batch_size: int):
+        """Yield (rows, outputs) for chunks of leave-one-out models: (k,) rows and (k, m[, c]) outputs."""
+        if not isinstance(chunk, numbers.Integral) or chunk < 1:
+            raise InputError(f"chunk must be an integer >= 1, got {chunk!r}")
+        Xt = self._predict_tensor(X)
+        rows = self._active_rows()
+        if len(rows) < 2:
+            raise InputError("leave-one-out needs at least 2 training rows")
+        for a in range(0, len(rows), int(chunk)):
+            part = rows[a:a + int(chunk)]
+            changes = [ChangeSet(part[i:i + 1]) for i in range(len(part))]
+            thetas = self._replay_many(changes, exact=exact, backend=backend, batch_size=batch_size)
+            yield part, self._outputs(thetas, Xt)
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.non_deterministic = False       # seeded: the same data and seed give the same model
+        tags.input_tags.allow_nan = False    # NaN or inf in X is an error naming the row and column
+        tags.input_tags.sparse = False       # dense features only
+        tags.target_tags.required = True
+        return tags
+
+
+def _names(est) -> list[str] | None:
+    names = getattr(est, "feature_names_in_", None)
+    return None if names is None else [str(n) for n in names]
+
+
+class DeltaGradClassifier(ClassifierMixin, _DeltaGradBase):
+    """Multinomial logistic regression or a ReLU MLP, trained by recorded GD/SGD, able to forget rows.
+
+    Args:
+      model: ``"logreg"`` (softmax regression) or ``"mlp"`` (ReLU network with ``hidden`` sizes).
+      hidden: hidden layer sizes of the MLP.
+      optimizer: ``"gd"`` (full batch) or ``"sgd"`` (mini-batches of ``batch_size``).
+      steps: T, the number of steps.
+      lr, milestones, gamma: learning rate η, multiplied by ``gamma`` at each milestone step;
+        ``"auto"`` (default): η = 1/L for the smoothness L of the linear model's objective on the
+        training rows (stable gradient descent without tuning; 0.1/L for the MLP, a heuristic); the
+        fitted ``lr_`` holds the value.
+      l2: λ of the objective mean loss + (λ/2)‖θ‖².
+      batch_size: mini-batch size (``sgd`` only).
+      seed: initialisation (MLP) and batch order.
+      dtype: ``"float64"`` or ``"float32"``.
+      device: torch device, e.g. ``"cuda:0"``.
+      config: DeltaGrad settings (T0, j0, m, schedule, …): a :class:`~deltagrad_ray.DeltaGradConfig`,
+        a dict of its fields, or None for the defaults (T0 = 5, j0 = 10, m = 2).
+      cache: optional location (path, ``file://``, ``s3://``) where ``fit`` records the trajectory as a
+        cache through the storage API (a new location per fit); default: in memory.
+
+    Fitted attributes: ``classes_`` (labels of any type, sorted), ``n_features_in_``,
+    ``feature_names_in_`` (DataFrames), ``params_`` (θ_T, a tensor), ``coef_`` and ``intercept_``
+    (logreg), ``trajectory_`` (in memory) or ``cache_`` (its location), ``lr_``, ``n_iter_``.
+
+    Example:
+      >>> from sklearn.datasets import load_wine
+      >>> X, y = load_wine(return_X_y=True)
+      >>> X = (X - X.mean(0)) / X.std(0)
+      >>> clf = DeltaGradClassifier(steps=100, lr=0.5).fit(X, y)
+      >>> clf.score(X, y) > 0.95
+      True
+      >>> loo = clf.loo_predict(X[:5])     # (178, 5): each leave-one-out model's labels
+    """
+
+    _kinds = ("logreg", "mlp")
+    _task = "classification"
+
+    def __init__(self, model: str = "logreg", *, hidden: Sequence[int] = (100,), optimizer: str = "gd",
+                 steps: int = 100, lr: float | str = "auto", milestones: Sequence[int] = (), gamma: float = 0.1,
+                 l2: float = 1e-3, batch_size: int | None = None, seed: int = 0, dtype: str = "float64",
+                 device: str = "cpu", config: DeltaGradConfig | dict | None = None, cache: str | None = None) -> None:
+        super().__init__(model, hidden=hidden, optimizer=optimizer, steps=steps, lr=lr, milestones=milestones,
+                         gamma=gamma, l2=l2, batch_size=batch_size, seed=seed, dtype=dtype, device=device,
+                         config=config, cache=cache)
+
+    def fit(self, X: Any, y: Any = None) -> DeltaGradClassifier:
+        """Train on ``X`` (n, d) and labels ``y`` (any type), recording the trajectory.
+
+        Args:
+          X: array-like or DataFrame (every column a feature); or a pyarrow Table, Parquet location or
+            ``ray.data.Dataset`` in the project's layout (``label`` column unless ``y`` is given).
+          y: labels, one per row.
+
+        Returns:
+          self.
+        """
+        X, y = self._fit_arrays(X, y)
+        check_classification_targets(y)
+        self.classes_, labels = np.unique(y, return_inverse=True)
+        if len(self.classes_) < 2:
+            raise InputError(f"the classifier needs samples of at least 2 classes; the data holds one class: "
+                             f"{self.classes_[0]!r}")
+        return self._fit(X, labels.reshape(-1), len(self.classes_))
+
+    def _n_classes(self) -> int | None:
+        return len(self.classes_)
+
+    def _proba(self, thetas: Tensor, X: Tensor) -> Tensor:
+        return torch.softmax(self._outputs(thetas, X), dim=-1)
+
+    def predict_proba(self, X: Any) -> np.ndarray:
+        """Class probabilities, (m, c), columns in the order of ``classes_``."""
+        Xt = self._predict_tensor(X)
+        return self._proba(self.params_[None], Xt)[0].cpu().double().numpy()
+
+    def predict_log_proba(self, X: Any) -> np.ndarray:
+        """Log class probabilities, (m, c)."""
+        Xt = self._predict_tensor(X)
+        return torch.log_softmax(self._outputs(self.params_[None], Xt)[0], dim=-1).cpu().double().numpy()
+
+    def predict(self, X: Any) -> np.ndarray:
+        """Labels (from ``classes_``) of the rows of ``X``."""
+        Xt = self._predict_tensor(X)
+        return self.classes_[self._outputs(self.params_[None], Xt)[0].argmax(-1).cpu().numpy()]
+
+    def loo_predict(self, X: Any, *, proba: bool = False, chunk: int = 256, exact: bool = False,
+                    backend: Any = None, batch_size: int = 32) -> np.ndarray:
+        """Every leave-one-out model's predictions for the rows of ``X``.
+
+        Row i of the result comes from the model trained without training row i (of the rows still
+        in the model). Models are replayed ``chunk`` at a time (DeltaGrad, ``batch_size`` per pass),
+        evaluated and dropped: memory holds ``chunk`` parameter vectors and their (chunk, m, c)
+        probabilities, plus the result, n × m labels (``proba=True``: n × m × c floats) — never the
+        n models at once.
+
+        Args:
+          X: rows to predict (m of them).
+          proba: return probabilities (n, m, c) instead of labels (n, m).
+          chunk: leave-one-out models held at once.
+          exact: exact retraining for every model instead of DeltaGrad.
+          backend, batch_size: as in :meth:`forget_many`.
+
+        Returns:
+          (n, m) labels, or (n, m, c) probabilities; n = training rows.
+        """
+        out = None
+        for rows, logits in self._loo_outputs(X, chunk, exact, backend, batch_size):
+            p = torch.softmax(logits, dim=-1)
+            if out is None:
+                keep = self._active_rows().numpy()
+                out = (np.empty((len(keep), p.shape[1], p.shape[2])) if proba
+                       else np.empty((len(keep), p.shape[1]), dtype=self.classes_.dtype))
+            idx = np.searchsorted(keep, rows.numpy())
+            out[idx] = p.cpu().double().numpy() if proba else self.classes_[p.argmax(-1).cpu().numpy()]
+        return out
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.classifier_tags.multi_class = True
+        tags.classifier_tags.multi_label = False
+        tags.classifier_tags.poor_score = False
+        return tags
+
+
+class DeltaGradRegressor(RegressorMixin, _DeltaGradBase):
+    """Least squares or a ReLU MLP regressor, trained by recorded GD/SGD, able to forget rows.
+
+    Args: as :class:`DeltaGradClassifier`, with ``model`` ``"linear"`` (½(xᵀw + b − y)², the
+    default) or ``"mlp"`` (a ReLU network with one output and squared loss; in memory only).
+
+    Fitted attributes: ``n_features_in_``, ``feature_names_in_`` (DataFrames), ``params_``,
+    ``coef_`` (d,) and ``intercept_`` (linear), ``trajectory_`` or ``cache_``, ``lr_``, ``n_iter_``.
+
+    Example:
+      >>> from sklearn.datasets import load_diabetes
+      >>> X, y = load_diabetes(return_X_y=True)
+      >>> X = (X - X.mean(0)) / X.std(0)
+      >>> reg = DeltaGradRegressor(steps=200, lr=0.1).fit(X, y)
+      >>> reg.score(X, y) > 0.5
+      True
+    """
+
+    _kinds = ("linear", "mlp")
+    _task = "regression"
+
+    def __init__(self, model: str = "linear", *, hidden: Sequence[int] = (100,), optimizer: str = "gd",
+                 steps: int = 100, lr: float | str = "auto", milestones: Sequence[int] = (), gamma: float = 0.1,
+                 l2: float = 1e-3, batch_size: int | None = None, seed: int = 0, dtype: str = "float64",
+                 device: str = "cpu", config: DeltaGradConfig | dict | None = None, cache: str | None = None) -> None:
+        super().__init__(model, hidden=hidden, optimizer=optimizer, steps=steps, lr=lr, milestones=milestones,
+                         gamma=gamma, l2=l2, batch_size=batch_size, seed=seed, dtype=dtype, device=device,
+                         config=config, cache=cache)
+
+    def fit(self, X: Any, y: Any = None) -> DeltaGradRegressor:
+        """Train on ``X`` (n, d) and float targets ``y``, recording the trajectory.
+
+        Args:
+          X: as :meth:`DeltaGradClassifier.fit`.
+          y: targets, one float per row.
+
+        Returns:
+          self.
+        """
+        X, y = self._fit_arrays(X, y)
+        return self._fit(X, np.asarray(y, dtype=np.float64).reshape(-1), None)
+
+    def predict(self, X: Any) -> np.ndarray:
+        """Predictions (m,) for the rows of ``X``."""
+        Xt = self._predict_tensor(X)
+        return self._outputs(self.params_[None], Xt)[0].cpu().double().numpy()
+
+    def loo_predict(self, X: Any, *, chunk: int = 256, exact: bool = False, backend: Any = None,
+                    batch_size: int = 32) -> np.ndarray:
+        """Every leave-one-out model's predictions for the rows of ``X``: (n, m), row i from the model
+        trained without training row i.
+
+        Models are replayed ``chunk`` at a time and dropped after use: memory holds ``chunk``
+        parameter vectors and their (chunk, m) predictions, plus the n × m result.
+
+        Args:
+          X: rows to predict (m of them).
+          chunk: leave-one-out models held at once.
+          exact: exact retraining for every model instead of DeltaGrad.
+          backend, batch_size: as in :meth:`forget_many`.
+
+        Returns:
+          (n, m) predictions; n = training rows.
+        """
+        out = None
+        for rows, pred in self._loo_outputs(X, chunk, exact, backend, batch_size):
+            if out is None:
+                keep = self._active_rows().numpy()
+                out = np.empty((len(keep), pred.shape[1]))
+            out[np.searchsorted(keep, rows.numpy())] = pred.cpu().double().numpy()
+        return out

@@ -1,0 +1,139 @@
+"""The MAPIE-shaped classes against MAPIE itself running its own refits of the same estimator.
+
+MAPIE clones the estimator and fits it on every training subset: with gradient descent a fit on the
+subset is exact retraining (same θ_0, learning rates, steps), so MAPIE is the ground truth here and
+our DeltaGrad replays are compared with it. Acceptance: interval end points within 2% of the mean
+width, sets >= 99% identical, for leave-one-out and K-fold, regression and classification. Every
+comparison also checks that the replays did something: the conformity scores of the full model (what a
+no-op replay would give) are far from MAPIE's, ours are close.
+"""
+
+import warnings
+
+import mapie.classification
+import mapie.regression
+import numpy as np
+import pytest
+from sklearn.linear_model import LinearRegression
+from sklearn.model_selection import KFold, LeaveOneOut
+
+from deltagrad_ray.core import InputError
+from deltagrad_ray.sklearn import (CrossConformalClassifier, CrossConformalRegressor, DeltaGradClassifier,
+                                   DeltaGradRegressor)
+
+LEVELS = [0.9, 0.8]
+
+
+def _scores_moved(ours, ref, no_op):
+    """Ours within 5% of MAPIE's scores, measured against how far a no-op replay would be."""
+    ref_s = np.ravel(ref.conformity_scores)
+    off, noop = np.abs(ours.conformity_scores - ref_s).max(), np.abs(no_op - ref_s).max()
+    assert noop > 0 and off < 0.05 * noop, (off, noop)
+
+
+GRID = [("plus", -1), ("plus", LeaveOneOut()), ("plus", 10), ("minmax", -1), ("minmax", 10), ("base", -1),
+        ("base", 10)]
+
+
+@pytest.mark.parametrize("method, cv", GRID, ids=[f"{m}-{c if isinstance(c, int) else 'LeaveOneOut'}" for m, c in GRID])
+def test_regression_intervals_match_mapie(diabetes, cv, method):
+    X, y = diabetes
+    Xtr, ytr, Xte = X[:300], y[:300], X[300:]
+    est = DeltaGradRegressor(steps=100, lr=0.1)
+    ours = CrossConformalRegressor(est, confidence_level=LEVELS, method=method, cv=cv, random_state=3)
+    ref = mapie.regression.CrossConformalRegressor(est, confidence_level=LEVELS, method=method, cv=cv,
+                                                   random_state=3)
+    ours.fit_conformalize(Xtr, ytr)
+    ref.fit_conformalize(Xtr, ytr)
+    p1, i1 = ours.predict_interval(Xte)
+    p2, i2 = ref.predict_interval(Xte)
+    assert i1.shape == i2.shape == (142, 2, 2)
+    width = (i2[:, 1] - i2[:, 0]).mean(0)                               # per level
+    assert (np.abs(i1 - i2).max(axis=(0, 1)) < 0.02 * width).all()
+    assert np.abs(p1 - p2).max() < 0.02 * width.min()
+    assert np.abs(ours.predict(Xte) - ref.predict(Xte)).max() < 0.02 * width.min()
+    assert np.abs(ours.predict(Xte, None) - ref.predict(Xte, None)).max() < 1e-9   # the full model
+    _scores_moved(ours, ref, np.abs(ytr - ours.estimator_.predict(Xtr)))
+    # exact refits instead of replays: MAPIE's numbers, to rounding
+    exact = CrossConformalRegressor(est, confidence_level=LEVELS, method=method, cv=cv, random_state=3,
+                                    exact=True).fit_conformalize(Xtr, ytr)
+    assert np.abs(exact.predict_interval(Xte)[1] - i2).max() < 1e-8 * width.min()
+
+
+@pytest.mark.parametrize("data, cv", [("wine", -1), ("wine", 8),
+                                      pytest.param("breast_cancer", -1, marks=pytest.mark.slow),
+                                      ("breast_cancer", 10)])
+def test_classification_sets_match_mapie(request, data, cv):
+    X, y = request.getfixturevalue(data)
+    n_tr = 300 if data == "breast_cancer" else 124
+    Xtr, ytr, Xte = X[:n_tr], y[:n_tr], X[n_tr:]
+    est = DeltaGradClassifier(steps=100, lr=0.5)
+    ours = CrossConformalClassifier(est, confidence_level=LEVELS, cv=cv, random_state=5).fit_conformalize(Xtr, ytr)
+    ref = mapie.classification.CrossConformalClassifier(est, confidence_level=LEVELS, cv=cv,
+                                                        random_state=5).fit_conformalize(Xtr, ytr)
+    for agg in ("mean", "crossval"):
+        l1, s1 = ours.predict_set(Xte, agg_scores=agg)
+        l2, s2 = ref.predict_set(Xte, agg_scores=agg)
+        assert s1.shape == s2.shape == (len(Xte), len(np.unique(y)), 2)
+        assert (l1 == l2).all()
+        assert (s1 == s2).all(axis=1).mean() >= 0.99
+    assert (ours.predict(Xte) == ref.predict(Xte)).all()
+    full = ours.estimator_.predict_proba(Xtr)
+    _scores_moved(ours, ref, 1 - full[np.arange(n_tr), ytr])
+    exact = CrossConformalClassifier(est, confidence_level=LEVELS, cv=cv, random_state=5,
+                                     exact=True).fit_conformalize(Xtr, ytr)
+    assert np.abs(exact.conformity_scores - np.ravel(ref.conformity_scores)).max() < 1e-9
+    assert (exact.predict_set(Xte, agg_scores="crossval")[1] == ref.predict_set(Xte, agg_scores="crossval")[1]).all()
+
+
+def test_string_labels_and_splitters(wine):
+    X, y = wine
+    names = np.array(["barolo", "grignolino", "barbera"])[y]
+    cp = CrossConformalClassifier(DeltaGradClassifier(steps=60, lr=0.5), cv=KFold(5, shuffle=True, random_state=0))
+    labels, sets = cp.fit_conformalize(X[:120], names[:120]).predict_set(X[120:])
+    assert set(labels) <= set(names) and sets.shape == (58, 3, 1)
+    assert list(cp.estimator_.classes_) == sorted(set(names))
+    # the true label is in the set for most rows (0.9 requested; 58 rows, so a loose check)
+    truth = np.searchsorted(cp.estimator_.classes_, names[120:])
+    assert sets[np.arange(58), truth, 0].mean() > 0.8
+
+
+def test_mapie_signature_and_errors(diabetes):
+    X, y = diabetes
+    with pytest.raises(InputError, match="method must be one of base, plus, minmax, got 'naive'"):
+        CrossConformalRegressor(method="naive")
+    with pytest.raises(InputError, match="cv must be -1 .* got 'split'"):
+        CrossConformalRegressor(cv="split")
+    with pytest.raises(InputError, match="conformity_score must be 'absolute' here, got 'gamma'"):
+        CrossConformalRegressor(conformity_score="gamma")
+    with pytest.raises(InputError, match=r"confidence_level must be in \(0, 1\), got 1.5"):
+        CrossConformalClassifier(confidence_level=[0.9, 1.5])
+    with pytest.raises(InputError, match="estimator must be a DeltaGradRegressor .* got LinearRegression"):
+        CrossConformalRegressor(LinearRegression()).fit_conformalize(X, y)
+    cp = CrossConformalRegressor(DeltaGradRegressor(steps=20), cv=3, random_state=0)
+    with pytest.raises(InputError, match="call fit_conformalize before predict_interval"):
+        cp.predict_interval(X)
+    cp.fit_conformalize(X[:30], y[:30])
+    with pytest.warns(UserWarning, match="fit_conformalize was already called"):
+        cp.fit_conformalize(X[:30], y[:30])
+    few = CrossConformalRegressor(DeltaGradRegressor(steps=20), confidence_level=0.99, cv=3, random_state=0)
+    few.fit_conformalize(X[:30], y[:30])
+    with pytest.raises(InputError, match=r"30 calibration rows are too few for confidence level 0.99"):
+        few.predict_interval(X[30:40])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lo_hi = few.predict_interval(X[30:40], allow_infinite_bounds=True)[1]
+    assert np.isinf(lo_hi).all()
+    with pytest.raises(InputError, match="minimize_interval_width cannot be used"):
+        cp.predict_interval(X, minimize_interval_width=True)
+
+
+def test_replays_on_ray_equal_serial(ray_cluster, tmp_path, diabetes):
+    from deltagrad_ray.distributed.backends import RayBackend
+    X, y = diabetes
+    out = []
+    for name, backend in (("serial", None), ("ray", RayBackend(workers=2))):
+        est = DeltaGradRegressor(steps=40, cache=str(tmp_path / name))
+        cp = CrossConformalRegressor(est, cv=5, random_state=0, backend=backend, batch_size=2)
+        out.append(cp.fit_conformalize(X[:200], y[:200]).predict_interval(X[200:])[1])
+    assert np.array_equal(out[0], out[1])
