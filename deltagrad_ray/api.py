@@ -111,8 +111,8 @@ def fit(data: str | Location, cache: str | Location, *, model: str = "logreg", h
 
 
 def _portable_uri(loc: Location) -> str:
-    """The URI to record: absolute for local paths, as given for S3."""
-    return loc.path if loc.is_local else loc.uri
+    """The URI to record: absolute for local paths; for S3 with the settings given explicitly."""
+    return loc.portable_uri
 
 
 def _as_cache(cache: Cache | str | Location) -> Cache:

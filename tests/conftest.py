@@ -64,11 +64,21 @@ def ray_cluster():
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     import ray
     from ray.cluster_utils import Cluster
-    cluster = Cluster(initialize_head=True, connect=False, head_node_args={
-        "num_cpus": 2, "resources": {"accel": 1}, "include_dashboard": True, "dashboard_host": "127.0.0.1"})
-    for _ in range(2):
-        cluster.add_node(num_cpus=1, resources={"accel": 1})
-    cluster.wait_for_nodes()
+
+    from deltagrad_ray.devservers import KEY, SECRET
+    # the cluster's processes inherit this environment: credentials for the test S3 servers (any
+    # key works with moto), but no endpoint — S3 settings reach actors with the locations
+    os.environ.setdefault("AWS_ACCESS_KEY_ID", KEY)
+    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", SECRET)
+    endpoints = {k: os.environ.pop(k) for k in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3") if k in os.environ}
+    try:
+        cluster = Cluster(initialize_head=True, connect=False, head_node_args={
+            "num_cpus": 2, "resources": {"accel": 1}, "include_dashboard": True, "dashboard_host": "127.0.0.1"})
+        for _ in range(2):
+            cluster.add_node(num_cpus=1, resources={"accel": 1})
+        cluster.wait_for_nodes()
+    finally:
+        os.environ.update(endpoints)
     ray.init(address=cluster.address, log_to_driver=False)
     yield cluster
     import gc
