@@ -880,15 +880,15 @@ def abandon(run_id: str, output: str | Location, *, reason: str = "abandoned by 
     led = Ledger(requests if requests is not None else plan.sources.get("requests"),
                  ledger if ledger is not None else plan.sources.get("ledger"))
     with Lease(reg.root, lease) as held:
-        if led.entry(run_id).exists():
-            raise InputError(f"run {run_id} is settled already (ledger {led.entry(run_id).uri}); nothing to abandon")
-        if reg.is_closed(run_id):
-            raise InputError(f"run {run_id} is closed already ({reg.closed()[run_id]['reason']})")
         latest, etag = reg.read_latest()
         rec = reg.version_record(plan.version, latest)
         if rec is not None and rec.get("run_id") == run_id:
             raise InputError(f"run {run_id} published version {plan.version}; a published erasure cannot be "
                              "abandoned (its requests are out of the model)")
+        if led.entry(run_id).exists():
+            raise InputError(f"run {run_id} is settled already (ledger {led.entry(run_id).uri}); nothing to abandon")
+        if reg.is_closed(run_id):
+            raise InputError(f"run {run_id} is closed already ({reg.closed()[run_id]['reason']})")
         if latest is not None and plan.parent.get("etag") == etag:
             # the plan could still publish: move LATEST's ETag so that it cannot
             reg.publish({**latest, "touched": {"at": _now(), "by": f"abandon {run_id}"}}, etag)
