@@ -43,7 +43,7 @@ def defaults(root: str = "demo-output") -> dict:
             "lease": {"ttl_s": 300, "wait_s": 0, "holder": None},
             "ray": {"address": None, "workers": 2, "num_cpus": 1, "num_gpus": 0, "mode": "auto", "strategy": "SPREAD",
                     "batch_size": 32},
-            "report": f"{root}/reports"}
+            "report": {"output": f"{root}/reports", "redact_ids": False}}
 
 
 def run(cfg: dict) -> dict:
