@@ -400,9 +400,8 @@ class Registry:
 
     def record_version(self, record: dict) -> None:
         """The version's entry in the lineage (create-only; done once per version)."""
-        if record is not None:
-            rec = {k: v for k, v in record.items() if k != "touched"}
-            _create(self.version_file(int(rec["version"])), rec)
+        if record is not None and not self.version_file(int(record["version"])).exists():
+            _create(self.version_file(int(record["version"])), {k: v for k, v in record.items() if k != "touched"})
 
     def lineage(self) -> list[dict]:
         """Every published version, newest first."""
@@ -507,16 +506,15 @@ def publish_initial(cache: str | Location | Cache, output: str | Location) -> di
     return record
 
 
-def resolve_cache(uri: str | Location) -> str:
-    """A cache location, or an output prefix whose LATEST.json names the published one (as a
-    portable URI). Anything else is returned as is, for :func:`~.store.cache.open_cache` to explain."""
+def resolve_cache(uri: str | Location) -> Location:
+    """The cache a location means: itself if it holds a cache, the published version if it is a
+    models prefix (its LATEST.json); anything else as is, for :func:`~.store.cache.open_cache` to
+    explain."""
     loc = location(uri)
     if loc.join(MANIFEST).exists():
-        return loc.portable_uri
+        return loc
     latest = Registry(loc).latest()
-    if latest is not None:
-        return Registry(loc).resolve(latest).portable_uri
-    return loc.portable_uri
+    return loc if latest is None else Registry(loc).resolve(latest)
 
 
 # -- planning ---------------------------------------------------------------------------------------------

@@ -38,7 +38,9 @@ import pyarrow.fs as pafs
 from ..core.errors import InputError
 from . import s3 as _s3
 
-ATOMIC_MAX = 16 * 2**20  # S3 create-only writes up to this size are one conditional PUT
+# S3 create-only writes up to this size are one conditional PUT (boto3); larger objects go through
+# pyarrow's (multipart) upload after an existence check
+ATOMIC_MAX = 4 * 2**20
 FAULT_ENV = "DELTAGRAD_FAULT_AFTER_WRITE"
 
 
@@ -168,15 +170,14 @@ class Location:
 
         Without ``overwrite`` the write is create-only (:class:`Conflict` if the object exists).
         """
-        if not overwrite:
-            if self.is_local or len(data) <= ATOMIC_MAX:
-                self.create(data)
-                return
-            if self.exists():
-                raise Conflict(f"{self.uri}: already exists; refusing to overwrite it")
         if self.is_local:
-            self._local_write(data, overwrite=True)
+            self._local_write(data, overwrite=overwrite)  # create-only by os.link
+        elif not overwrite and len(data) <= ATOMIC_MAX:
+            self.create(data)  # one conditional PUT (counted there)
+            return
         else:
+            if not overwrite and self.exists():
+                raise Conflict(f"{self.uri}: already exists; refusing to overwrite it")
             def write() -> None:
                 # the object appears only when the upload completes: an upload cut off half-way
                 # leaves nothing behind (S3 multipart uploads are invisible until completed)

@@ -176,7 +176,7 @@ def test_train_publishes_version_zero_and_downstream_reads_the_latest(world):
     assert rec["version"] == 0 and rec["key"] == "current"
     with pytest.raises(Conflict, match="version 0 is published already"):
         publish_initial(cache, tmp / "models")
-    assert erasure.resolve_cache(tmp / "models") == str(tmp / "models" / "current")
+    assert erasure.resolve_cache(tmp / "models").path == str(tmp / "models" / "current")
     _requests(tmp, "1.jsonl", [{"request_id": "x", "data_id": 5}])
     a = bulk_erasure(requests=str(tmp / "requests"), output=str(tmp / "models"))[0]   # no `cache`: LATEST
     assert a["parent"]["version"] == 0 and a["new"]["version"] == 1
