@@ -36,6 +36,13 @@ def run(cfg: dict) -> dict:
     from ..report import Report, line
 
     m, o = cfg["model"], cfg["optimizer"]
+    if cfg["publish"]:  # refuse before training, not after
+        from ..erasure import Registry
+        from ..store.location import Conflict
+        latest = Registry(cfg["publish"]).latest()
+        if latest is not None:
+            raise Conflict(f"{cfg['publish']}: version {latest['version']} is published already; publish version 0 "
+                           "of a new model under a new prefix")
     cache = api.fit(cfg["data"], cfg["cache"], model=m["kind"], hidden=tuple(m["hidden"] or ()),
                     optimizer=o["kind"], steps=int(o["steps"]), lr=float(o["lr"]), l2=float(o["l2"]),
                     batch_size=o["batch_size"], seed=int(o["seed"]), dtype=o["dtype"])
