@@ -84,6 +84,10 @@ class Location:
         query = _s3.portable_query(self.s3.given) if self.s3 is not None else ""
         return f"{self.uri}?{query}" if query else self.uri
 
+    def __reduce__(self):
+        # pickled (e.g. into a Ray task) as its portable URI: the settings travel, credentials do not
+        return location, (self.portable_uri,)
+
     def join(self, *parts: str) -> Location:
         sep = "/" if not self.uri.endswith("/") else ""
         rel = "/".join(parts)

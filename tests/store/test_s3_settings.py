@@ -40,6 +40,10 @@ def test_portable_uri_carries_the_given_settings_and_never_credentials(no_endpoi
     child = loc.join("shards", "part-0.parquet")
     assert child.portable_uri.startswith("s3://bkt/runs/c1/shards/part-0.parquet?endpoint_override=127.0.0.1:9000")
     assert "very-secret" not in portable + repr(loc) + repr(loc.s3)
+    # pickled (into a Ray task, say) it is its portable URI: credentials stay behind
+    import pickle
+    raw = pickle.dumps(loc)
+    assert b"very-secret" not in raw and pickle.loads(raw).portable_uri == portable
 
 
 def test_settings_from_configure_s3_travel_but_the_environments_do_not(no_endpoint_env, monkeypatch):
