@@ -133,8 +133,8 @@ def _project_layout(data) -> bool:
 
 
 def _portable_uri(loc: Location) -> str:
-    """The URI to record: absolute for local paths, as given for S3."""
-    return loc.path if loc.is_local else loc.uri
+    """The URI to record: absolute for local paths; for S3 with the settings given explicitly."""
+    return loc.portable_uri
 
 
 def _as_cache(cache: Cache | str | Location) -> Cache:

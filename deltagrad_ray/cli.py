@@ -27,6 +27,7 @@ examples:
   deltagrad-ray jackknife --cache runs/c1 --test test.parquet --out jackknife.parquet
   deltagrad-ray influence --cache runs/c1 --test test.parquet --out influence.parquet
   deltagrad-ray conformal --cache runs/c1 --test test.parquet --alpha 0.1 --method jackknife+ --out conformal.parquet
+  deltagrad-ray erasure status --output s3://bucket/models
   deltagrad-ray demo
 """
 
@@ -88,9 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--debug", action="store_true", help="show tracebacks of unexpected errors")
     ap.add_argument("--json", action="store_true", help="print results as JSON lines (for scripts)")
     ap.add_argument("--endpoint-url", help="S3-compatible endpoint for s3:// locations (default: AWS_ENDPOINT_URL_S3, "
-                    "AWS_ENDPOINT_URL, or the AWS config file)")
-    ap.add_argument("--profile", help="AWS profile for s3:// locations (default: AWS_PROFILE)")
-    ap.add_argument("--region", help="AWS region for s3:// locations (default: AWS_REGION)")
+                    "AWS_ENDPOINT_URL, or the AWS config file); carried to Ray actors with the locations")
+    ap.add_argument("--profile", help="AWS profile for s3:// locations (default: AWS_PROFILE); carried to Ray "
+                    "actors, whose nodes must have it")
+    ap.add_argument("--region", help="AWS region for s3:// locations (default: AWS_REGION); carried to Ray actors")
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("train", help="train a model and record its trajectory cache",
@@ -178,12 +180,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--overwrite", action="store_true")
 
+    _add_erasure_args(sub)
+
     p = sub.add_parser("demo", help="the main job on embedded defaults (see README)")
     p.add_argument("--out", default=None, help="working directory (default: demo-output/<time>)")
     p.add_argument("--n", type=int, default=20_000, help="rows of the MNIST-shaped data set")
     p.add_argument("--d", type=int, default=784)
     p.add_argument("--steps", type=int, default=120)
     return ap
+
+
+def _add_erasure_args(sub) -> None:
+    """``erasure status | abandon | publish``: the operator's view of a bulk-erasure output."""
+    p = sub.add_parser("erasure", help="bulk erasure: status of an output, abandon an open plan, publish version 0",
+                       description="The operator's view of a bulk-erasure output prefix (see README, Bulk erasure).")
+    esub = p.add_subparsers(dest="erasure_command", required=True, metavar="ACTION")
+    q = esub.add_parser("status", help="published version and lineage, open plans, lease holder, pending requests")
+    q.add_argument("--output", required=True, help="the erasure output prefix (holds LATEST.json)")
+    q.add_argument("--requests", help="the requests prefix (default: as the latest plan recorded)")
+    q.add_argument("--ledger", help="the ledger prefix (default: as the latest plan recorded)")
+    q = esub.add_parser("abandon", help="abandon an open plan: its requests pend again (recorded in the audit)")
+    q.add_argument("run_id", metavar="RUN_ID", help="the run whose plan to abandon (see `erasure status`)")
+    q.add_argument("--output", required=True, help="the erasure output prefix")
+    q.add_argument("--requests", help="the requests prefix (default: as the plan recorded)")
+    q.add_argument("--ledger", help="the ledger prefix (default: as the plan recorded)")
+    q.add_argument("--reason", default="abandoned by an operator", help="recorded in the audit")
+    q.add_argument("--wait", type=float, default=0.0, help="seconds to wait for the lease (default 0)")
+    q = esub.add_parser("publish", help="publish a trained cache as version 0 of an output prefix")
+    q.add_argument("--cache", required=True, help="the trained cache")
+    q.add_argument("--output", required=True, help="the models prefix (must have no published version)")
 
 
 _JSON = False
@@ -421,9 +446,37 @@ def cmd_demo(a: argparse.Namespace) -> dict:
     return run_demo(out, n=a.n, d=a.d, steps=a.steps, emit=_emit)
 
 
+def cmd_erasure(a: argparse.Namespace) -> dict:
+    from . import erasure
+    if a.erasure_command == "publish":
+        rec = erasure.publish_initial(a.cache, a.output)
+        return {"command": "erasure publish", "output": a.output, "version": rec["version"], "cache": a.cache}
+    if a.erasure_command == "abandon":
+        from .store.location import StorageError
+        try:
+            audit = erasure.abandon(a.run_id, a.output, reason=a.reason, requests=a.requests, ledger=a.ledger,
+                                    lease=erasure.LeaseSettings(wait_s=a.wait))
+        except erasure.LeaseBusy as e:
+            raise StorageError(f"{e}; retry later or with --wait SECONDS") from None
+        return {"command": "erasure abandon", "run_id": a.run_id, "output": a.output,
+                "returned_to_pending": audit["requests"]["returned_to_pending"], "reason": a.reason}
+    st = erasure.status(a.output, a.requests, a.ledger)
+    if _JSON:
+        return {"command": "erasure status", **st}
+    pub, lease = st["published"], st["lease"]
+    return {"command": "erasure status", "output": st["output"],
+            "published": "none" if pub is None else f"version {pub['version']} (run {pub['run_id']}, {pub['method']})",
+            "lineage": " <- ".join(str(v["version"]) for v in st["lineage"]) or "none",
+            "open_plans": ", ".join(f"{p['run_id']} (version {p['version']}, {p['requests']} requests, {p['state']})"
+                                    for p in st["open_plans"]) or "none",
+            "lease": "never taken" if lease is None else (f"held by {lease['holder']} until {lease['expires']}"
+                                                         if lease["live"] else f"free (last {lease['holder']})"),
+            "pending": "unknown (give --requests)" if st["pending"] is None else st["pending"]}
+
+
 COMMANDS = {"train": cmd_train, "unlearn": cmd_unlearn, "retrain": cmd_retrain, "evaluate": cmd_evaluate,
             "loo": cmd_loo, "jackknife": cmd_jackknife, "influence": cmd_influence, "conformal": cmd_conformal,
-            "make-data": cmd_make_data, "demo": cmd_demo}
+            "make-data": cmd_make_data, "erasure": cmd_erasure, "demo": cmd_demo}
 
 
 def main(argv: list[str] | None = None) -> int:

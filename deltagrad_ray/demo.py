@@ -1,53 +1,37 @@
 """The main job on embedded defaults (README, first command).
 
 On a local Ray and a local directory: make the data → train (an MNIST-shaped logistic
-regression, and a least-squares model of scikit-learn's diabetes data) → bulk erasure of a batch
-of requests (some of them invalid on purpose) with DeltaGrad → verification against exact
-retraining → jackknife+ prediction intervals and jackknife/influence from DeltaGrad
-leave-one-out models fanned out on Ray → a report. It runs the pipelines with their default
-configs (``pipelines/configs/``), re-rooted under the output directory.
+regression, published as version 0, and a least-squares model of scikit-learn's diabetes data)
+→ bulk erasure of a batch of requests (some of them invalid on purpose) with DeltaGrad →
+verification against exact retraining → jackknife+ prediction intervals and jackknife/influence
+from DeltaGrad leave-one-out models fanned out on Ray → a report. It runs the jobs of
+:mod:`deltagrad_ray.jobs` with their local defaults (built in code, the same as
+``pipelines/configs/``), rooted under the output directory.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
-import yaml
 
 from .datasets import make_dataset, sklearn_dataset, train_test_split
+from .jobs.config import check, merged
 from .store.datasets import write_dataset
 from .store.location import location
 
-CONFIGS = Path(__file__).resolve().parents[1] / "pipelines" / "configs"
-
 
 def _config(name: str, root: str, **overrides) -> dict:
-    """A pipeline's default config with every ``demo-output/`` path moved under ``root``."""
-    text = (CONFIGS / f"{name}.yaml").read_text().replace("demo-output/", root.rstrip("/") + "/")
-    cfg = yaml.safe_load(text)
-    for key, value in overrides.items():
-        if isinstance(value, dict):
-            cfg[key] = {**cfg.get(key, {}), **value}
-        else:
-            cfg[key] = value
-    from pipelines._config import load
-    tmp = location(root).join("configs", f"{name}-{len(overrides)}.yaml")
-    tmp.write_text(yaml.safe_dump(cfg), overwrite=True)
-    return load(tmp.uri, _schema(name))
-
-
-def _schema(name: str) -> dict:
-    import importlib
-    return importlib.import_module(f"pipelines.{name}").SCHEMA
+    """A job's local defaults with every location under ``root``, overridden and validated."""
+    job = importlib.import_module(f".jobs.{name}", __package__)
+    return check(merged(job.defaults(root.rstrip("/")), overrides), job.SCHEMA)
 
 
 def _run(name: str, cfg: dict) -> dict:
-    import importlib
-    return importlib.import_module(f"pipelines.{name}").run(cfg)
+    return importlib.import_module(f".jobs.{name}", __package__).run(cfg)
 
 
 def _requests(path, ids: torch.Tensor, unknown_id: int) -> int:
@@ -81,7 +65,7 @@ def run_demo(out: str = "demo-output", *, n: int = 20_000, d: int = 784, steps: 
     trained = _run("train", _config("train", root, optimizer={"steps": steps}))
     emit({"stage": "train", **trained})
     trained_diabetes = _run("train", _config("train", root, data=f"{root}/data/diabetes-train.parquet",
-                                             cache=f"{root}/models/diabetes", model={"kind": "linear"},
+                                             cache=f"{root}/models/diabetes", publish=None, model={"kind": "linear"},
                                              optimizer={"steps": 200, "lr": 0.1, "l2": 0.001}))
     emit({"stage": "train", **trained_diabetes})
 

@@ -27,7 +27,7 @@ class S3Server:
                 "AWS_SECRET_ACCESS_KEY": self.secret_key, "AWS_REGION": "us-east-1"}
 
     def client(self):
-        """A boto3 client (tests only: boto3 comes with the test extra)."""
+        """A boto3 client for the server (tests and benchmarks)."""
         import boto3
         return boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id=self.access_key,
                             aws_secret_access_key=self.secret_key, region_name="us-east-1")

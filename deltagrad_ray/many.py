@@ -104,7 +104,9 @@ class ManyResult(NamedTuple):
 
 
 def _cache(cache: Cache | str | Location) -> Cache:
-    return cache if isinstance(cache, Cache) else open_cache(cache)
+    """An open cache; a models prefix (bulk erasure's output) gives its published version."""
+    from .erasure import resolve_cache
+    return cache if isinstance(cache, Cache) else open_cache(resolve_cache(cache))
 
 
 def _test_set(cache: Cache, test: Dataset | str | Location, labels: bool = True) -> Dataset:

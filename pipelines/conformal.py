@@ -1,57 +1,14 @@
-"""Jackknife+ / CV+ prediction intervals or sets from DeltaGrad refits, fanned out on Ray."""
+"""Jackknife+ / CV+ prediction intervals or sets from DeltaGrad refits, fanned out on Ray.
+
+``python -m pipelines.conformal --config FILE``; the job is :mod:`deltagrad_ray.jobs.conformal`.
+"""
 
 from __future__ import annotations
 
 import sys
 
-from pipelines._config import RAY, REQUIRED, fanout, main
-
-SCHEMA = {"cache": REQUIRED, "test": REQUIRED, "output": REQUIRED, "alpha": 0.1, "method": "jackknife+",
-          "folds": 10, "ray": dict(RAY), "report": None}
-
-
-def run(cfg: dict) -> dict:
-    from deltagrad_ray import many
-    from deltagrad_ray.erasure import resolve_cache
-    from deltagrad_ray.report import Report, bars, histogram, intervals
-    from deltagrad_ray.results import write_table
-    from deltagrad_ray.store import location, open_cache
-
-    cache = open_cache(resolve_cache(cfg["cache"]))
-    out_loc = location(cfg["output"])
-    fan = fanout(cfg["ray"], parts=out_loc.join("models.parts").uri)
-    r = many.conformal(cache, cfg["test"], float(cfg["alpha"]), method=cfg["method"], folds=int(cfg["folds"]),
-                       fanout=fan)
-    fan.progress.close()
-    cols = {"id": r["ids"], "prediction": r["prediction"]}
-    if "sets" in r:
-        cols["set"] = [[int(i) for i in row.nonzero().reshape(-1)] for row in r["sets"]]
-    else:
-        cols["lower"], cols["upper"] = r["lower"], r["upper"]
-    out = {"pipeline": "conformal", "method": r["method"], "alpha": r["alpha"], "models": r["n_models"],
-           "output": out_loc.join("conformal.parquet").uri,
-           **{k: r[k] for k in ("mean_width", "mean_set_size", "coverage") if k in r}}
-    write_table(out_loc.join("conformal.parquet"), cols, metadata={k: v for k, v in out.items() if k != "output"},
-                overwrite=True)
-    if cfg["report"]:
-        rep = Report(f"Conformal prediction ({r['method']}, α = {r['alpha']}): {cache.uri}")
-        rep.table(["", "value"], [[k, v] for k, v in out.items() if k not in ("pipeline", "output")])
-        if "sets" in r:
-            rep.figure("set-sizes", histogram(r["sets"].sum(1), "labels in the set", "Prediction set sizes",
-                                              bins=10), "How many labels each test point's set holds.")
-        else:
-            rep.figure("widths", histogram(r["upper"] - r["lower"], "interval width", "Interval widths"),
-                       "Widths of the prediction intervals.")
-            rep.figure("intervals", intervals(r["y"], r["lower"], r["upper"], r["prediction"],
-                                              "Intervals, predictions and truth"),
-                       "A sample of test points: interval, prediction (dot) and true value (cross).")
-        if "coverage" in out:
-            rep.figure("coverage", bars(["target 1 − α", "empirical"], [1 - r["alpha"], out["coverage"]],
-                                        "coverage", "Coverage on the test set"),
-                       "Empirical coverage against the target level.")
-        out["report"] = rep.write(cfg["report"], "conformal").uri
-    return out
-
+from deltagrad_ray.jobs.conformal import SCHEMA as SCHEMA, defaults as defaults, run as run
+from deltagrad_ray.jobs.config import main
 
 if __name__ == "__main__":
     sys.exit(main(__doc__, SCHEMA, run))

@@ -66,18 +66,28 @@ def ray_cluster():
     from ray.cluster_utils import Cluster
     import socket
 
+    from deltagrad_ray.devservers import KEY, SECRET
+
     def free_port() -> int:
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             return sock.getsockname()[1]
-    # free ports for the dashboard and the head's dashboard agent (job submission): their defaults
-    # (8265, 52365) are taken when another Ray runs on this machine
-    cluster = Cluster(initialize_head=True, connect=False, head_node_args={
-        "num_cpus": 2, "resources": {"accel": 1}, "include_dashboard": True, "dashboard_host": "127.0.0.1",
-        "dashboard_port": free_port(), "dashboard_agent_listen_port": free_port()})
-    for _ in range(2):
-        cluster.add_node(num_cpus=1, resources={"accel": 1})
-    cluster.wait_for_nodes()
+    # the cluster's processes inherit this environment: credentials for the test S3 servers (any
+    # key works with moto), but no endpoint — S3 settings reach actors with the locations
+    os.environ.setdefault("AWS_ACCESS_KEY_ID", KEY)
+    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", SECRET)
+    endpoints = {k: os.environ.pop(k) for k in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3") if k in os.environ}
+    try:
+        # free ports for the dashboard and the head's dashboard agent (job submission): their
+        # defaults (8265, 52365) are taken when another Ray runs on this machine
+        cluster = Cluster(initialize_head=True, connect=False, head_node_args={
+            "num_cpus": 2, "resources": {"accel": 1}, "include_dashboard": True, "dashboard_host": "127.0.0.1",
+            "dashboard_port": free_port(), "dashboard_agent_listen_port": free_port()})
+        for _ in range(2):
+            cluster.add_node(num_cpus=1, resources={"accel": 1})
+        cluster.wait_for_nodes()
+    finally:
+        os.environ.update(endpoints)
     ray.init(address=cluster.address, log_to_driver=False)
     yield cluster
     import gc

@@ -485,8 +485,11 @@ class RayBackend:
         (tests use it to inject failures mid-run)."""
         ray = _ray()
         t0 = time.perf_counter()
-        if not isinstance(cache_uri, str):
-            cache_uri = cache_uri.uri  # actors load from the location, never from driver objects
+        # actors load from the location, never from driver objects; the portable URIs carry the
+        # S3 settings of this process (endpoint, region, profile given on the command line)
+        from ..store.location import portable_uri
+        cache_uri = portable_uri(cache_uri if isinstance(cache_uri, str) else cache_uri.root)
+        data_uri = None if data_uri is None else portable_uri(data_uri)
         own = not self.actors
         if own:
             self.start(cache_uri, data_uri)

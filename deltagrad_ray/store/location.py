@@ -1,30 +1,55 @@
 """Locations: one URI scheme for every place the project reads or writes.
 
 A :class:`Location` is a filesystem (``pyarrow.fs``) plus a path on it. ``file:///x``, a plain
-path and (see :mod:`.s3`) ``s3://bucket/prefix`` all become a Location, and everything above
-this module only calls Location methods — this is the one place that touches filesystems.
+path and ``s3://bucket/prefix[?endpoint_override=…&scheme=…&region=…&profile=…]`` all become a
+Location, and everything above this module only calls Location methods — this is the one place
+that touches filesystems. A location prints as the short URI (``uri``, for messages); its
+:attr:`~Location.portable_uri` also carries the S3 settings it was made with, for whatever crosses
+a process boundary (Ray actors, manifests, plans).
 
-Writes are atomic per object: local files go to a temporary name and are renamed; S3 objects
-appear only when their upload completes. Nothing here overwrites unless asked.
+Writes are atomic per object: local files go to a temporary name and are linked or renamed; S3
+objects appear only when their upload completes. Nothing here overwrites unless asked.
+Create-only writes are atomic too: ``os.link`` locally, ``If-None-Match: *`` on S3 (objects up
+to :data:`ATOMIC_MAX` bytes; larger ones — trajectory shards, whose names carry a fresh run id —
+after an existence check). :meth:`Location.read_versioned` and :meth:`Location.replace` give
+compare-and-swap on small control objects (``If-Match`` on S3, a directory lock locally).
+
+Fault injection: with ``DELTAGRAD_FAULT_AFTER_WRITE=k`` in the environment the process kills
+itself (SIGKILL) right after its k-th completed storage write, counted over every write, create,
+replace and delete of the process — to test that every job resumes from any point.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import posixpath
+import signal
+import sys
+import threading
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from urllib.parse import urlparse
 
 import pyarrow as pa
 import pyarrow.fs as pafs
 
 from ..core.errors import InputError
+from . import s3 as _s3
+
+# S3 create-only writes up to this size are one conditional PUT (boto3); larger objects go through
+# pyarrow's (multipart) upload after an existence check
+ATOMIC_MAX = 4 * 2**20
+FAULT_ENV = "DELTAGRAD_FAULT_AFTER_WRITE"
 
 
 class StorageError(RuntimeError):
     """A storage operation failed (missing object, unreachable endpoint, bad checksum, …)."""
+
+
+class Conflict(StorageError):
+    """A conditional write lost: the object already exists, or changed since it was read."""
 
 
 @dataclass(frozen=True)
@@ -34,31 +59,60 @@ class Location:
     Fields:
       fs:   the pyarrow filesystem
       path: the path on it (no scheme; for S3 "bucket/key")
-      uri:  the URI as shown in messages (never with credentials)
+      uri:  the URI as shown in messages (never with credentials, never with a query)
+      endpoint: for messages: the S3 endpoint in use ("" for local files)
+      s3:   for S3, the settings it was made with (credentials hidden from repr)
     """
 
     fs: pafs.FileSystem
     path: str
     uri: str
-    endpoint: str = ""  # for messages: the S3 endpoint in use ("" for local files)
+    endpoint: str = ""
+    s3: _s3.S3Target | None = field(default=None, repr=False, compare=False)
 
     @property
     def is_local(self) -> bool:
         return isinstance(self.fs, pafs.LocalFileSystem)
 
+    @property
+    def portable_uri(self) -> str:
+        """The URI to hand to another process: an absolute path for local files; for S3 the short
+        URI plus the settings given explicitly (``?endpoint_override=…&scheme=…&region=…&profile=…``).
+        Never credentials."""
+        if self.is_local:
+            return self.path
+        query = _s3.portable_query(self.s3.given) if self.s3 is not None else ""
+        return f"{self.uri}?{query}" if query else self.uri
+
+    def __reduce__(self):
+        # pickled (e.g. into a Ray task) as its portable URI: the settings travel, credentials do not
+        return location, (self.portable_uri,)
+
     def join(self, *parts: str) -> Location:
         sep = "/" if not self.uri.endswith("/") else ""
         rel = "/".join(parts)
-        return Location(self.fs, posixpath.join(self.path, rel), self.uri + sep + rel, self.endpoint)
+        return Location(self.fs, posixpath.join(self.path, rel), self.uri + sep + rel, self.endpoint, self.s3)
 
     def parent(self) -> Location:
         path = posixpath.dirname(self.path.rstrip("/"))
         uri = self.uri.rstrip("/").rsplit("/", 1)[0]
-        return Location(self.fs, path, uri, self.endpoint)
+        return Location(self.fs, path, uri, self.endpoint, self.s3)
+
+    def relative_to(self, root: Location) -> str | None:
+        """This location's path below ``root`` (``"a/b"``), or None if it is not below it."""
+        if self.is_local != root.is_local or (not self.is_local and self.endpoint != root.endpoint):
+            return None
+        base = root.path.rstrip("/") + "/"
+        return self.path[len(base):] if self.path.startswith(base) else None
 
     @property
     def bucket(self) -> str:
         return self.path.split("/", 1)[0]
+
+    @property
+    def key(self) -> str:
+        """For S3: the object key (the path without the bucket)."""
+        return self.path.split("/", 1)[1] if "/" in self.path else ""
 
     @property
     def name(self) -> str:
@@ -116,43 +170,172 @@ class Location:
 
     # -- writing ------------------------------------------------------------------------
     def write_bytes(self, data: bytes | memoryview | pa.Buffer, *, overwrite: bool = False) -> None:
-        """Write atomically: readers see the old object, or none, or the whole new one."""
-        if not overwrite and self.exists():
-            raise StorageError(f"{self.uri}: already exists; refusing to overwrite it")
-        if self.is_local:
-            parent = os.path.dirname(self.path)
-            os.makedirs(parent, exist_ok=True)
-            tmp = os.path.join(parent, f".{os.path.basename(self.path)}.{uuid.uuid4().hex}.tmp")
-            try:
-                with open(tmp, "wb") as f:
-                    f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
-                if overwrite:
-                    os.replace(tmp, self.path)
-                else:
-                    os.link(tmp, self.path)  # fails if the name was taken meanwhile
-            except FileExistsError:
-                raise StorageError(f"{self.uri}: already exists; refusing to overwrite it") from None
-            except OSError as e:
-                raise StorageError(f"{self.uri}: cannot write ({e.strerror or e})") from e
-            finally:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
-            return
+        """Write atomically: readers see the old object, or none, or the whole new one.
 
-        def write() -> None:
-            # the object appears only when the upload completes: an upload cut off half-way
-            # leaves nothing behind (S3 multipart uploads are invisible until completed)
-            with self.fs.open_output_stream(self.path) as f:
-                f.write(data)
-        _call(self, "write", write)
+        Without ``overwrite`` the write is create-only (:class:`Conflict` if the object exists).
+        """
+        if self.is_local:
+            self._local_write(data, overwrite=overwrite)  # create-only by os.link
+        elif not overwrite and len(data) <= ATOMIC_MAX:
+            self.create(data)  # one conditional PUT (counted there)
+            return
+        else:
+            if not overwrite and self.exists():
+                raise Conflict(f"{self.uri}: already exists; refusing to overwrite it")
+            def write() -> None:
+                # the object appears only when the upload completes: an upload cut off half-way
+                # leaves nothing behind (S3 multipart uploads are invisible until completed)
+                with self.fs.open_output_stream(self.path) as f:
+                    f.write(data)
+            _call(self, "write", write)
+        _wrote(self)
 
     def write_text(self, text: str, *, overwrite: bool = False) -> None:
         self.write_bytes(text.encode("utf-8"), overwrite=overwrite)
 
+    def create(self, data: bytes | memoryview | pa.Buffer) -> str:
+        """Create the object, atomically, only if it does not exist; returns its ETag.
+
+        Raises :class:`Conflict` if it exists (on S3, unless a retried request finds its own
+        first attempt's bytes there: a response lost on the way back).
+        """
+        raw = bytes(data)
+        if self.is_local:
+            self._local_write(raw, overwrite=False)
+            _wrote(self)
+            return _local_etag(raw)
+        attempts = [0]
+
+        def put() -> str:
+            attempts[0] += 1
+            return _s3.put_object(self.s3.options, self.bucket, self.key, raw, if_none_match=True)
+        try:
+            etag = _call(self, "create", put)
+        except _s3.PreconditionFailed as e:
+            current = self.read_versioned() if (e.retried or attempts[0] > 1) else None
+            if current is None or current[0] != raw:
+                raise Conflict(f"{self.uri}: already exists; refusing to overwrite it") from None
+            etag = current[1]
+        _wrote(self)
+        return etag
+
+    def read_versioned(self) -> tuple[bytes, str] | None:
+        """The object's bytes and ETag (the version a :meth:`replace` compares against), or None."""
+        if self.is_local:
+            try:
+                with open(self.path, "rb") as f:
+                    raw = f.read()
+            except FileNotFoundError:
+                return None
+            except OSError as e:
+                raise StorageError(f"{self.uri}: cannot read ({_short(e)})") from None
+            return raw, _local_etag(raw)
+        return _call(self, "read", lambda: _s3.get_object(self.s3.options, self.bucket, self.key))
+
+    def replace(self, data: bytes | memoryview | pa.Buffer, *, if_match: str) -> str:
+        """Compare-and-swap: overwrite the object only if its ETag is still ``if_match``; returns
+        the new ETag. Raises :class:`Conflict` if it changed (or is gone) meanwhile."""
+        raw = bytes(data)
+        if self.is_local:
+            with _dir_lock(self):
+                current = self.read_versioned()
+                if current is None or current[1] != if_match:
+                    raise Conflict(f"{self.uri}: changed since it was read; not replaced")
+                self._local_write(raw, overwrite=True)
+            _wrote(self)
+            return _local_etag(raw)
+        attempts = [0]
+
+        def put() -> str:
+            attempts[0] += 1
+            return _s3.put_object(self.s3.options, self.bucket, self.key, raw, if_match=if_match)
+        try:
+            etag = _call(self, "replace", put)
+        except _s3.PreconditionFailed as e:
+            current = self.read_versioned() if (e.retried or attempts[0] > 1) else None
+            if current is None or current[0] != raw:
+                raise Conflict(f"{self.uri}: changed since it was read; not replaced") from None
+            etag = current[1]
+        _wrote(self)
+        return etag
+
     def delete(self) -> None:
         _call(self, "delete", lambda: self.fs.delete_file(self.path))
+        _wrote(self)
+
+    def _local_write(self, data, *, overwrite: bool) -> None:
+        parent = os.path.dirname(self.path)
+        tmp = os.path.join(parent, f".{os.path.basename(self.path)}.{uuid.uuid4().hex}.tmp")
+        try:
+            os.makedirs(parent, exist_ok=True)
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            if overwrite:
+                os.replace(tmp, self.path)
+            else:
+                os.link(tmp, self.path)  # fails if the name was taken meanwhile
+        except FileExistsError:
+            raise Conflict(f"{self.uri}: already exists; refusing to overwrite it") from None
+        except OSError as e:
+            raise StorageError(f"{self.uri}: cannot write ({e.strerror or e})") from e
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+
+def _local_etag(raw: bytes) -> str:
+    return "sha256:" + hashlib.sha256(raw).hexdigest()
+
+
+class _dir_lock:
+    """An exclusive lock on a local file's directory (flock), for compare-and-swap between processes."""
+
+    def __init__(self, loc: Location) -> None:
+        self.dir = os.path.dirname(loc.path)
+
+    def __enter__(self) -> None:
+        import fcntl
+        os.makedirs(self.dir, exist_ok=True)
+        self.fd = os.open(self.dir, os.O_RDONLY)
+        fcntl.flock(self.fd, fcntl.LOCK_EX)
+
+    def __exit__(self, *exc) -> None:
+        import fcntl
+        fcntl.flock(self.fd, fcntl.LOCK_UN)
+        os.close(self.fd)
+
+
+# -- the fault hook: die after the k-th write ------------------------------------------------------
+_writes = 0
+_writes_lock = threading.Lock()
+
+
+def _fault_at() -> int | None:
+    raw = os.environ.get(FAULT_ENV)
+    if not raw:
+        return None
+    if not raw.isdigit() or int(raw) < 1:
+        raise InputError(f"{FAULT_ENV} must be an integer >= 1, got {raw!r}")
+    return int(raw)
+
+
+def _wrote(loc: Location) -> None:
+    """Count a completed write; the fault hook kills the process after the k-th."""
+    global _writes
+    with _writes_lock:
+        _writes += 1
+        n = _writes
+    if n == _fault_at():
+        sys.stderr.write(f"fault hook: killed after storage write {n} ({loc.uri})\n")
+        sys.stderr.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def writes_done() -> int:
+    """Storage writes completed by this process so far (what the fault hook counts)."""
+    return _writes
 
 
 _TRANSIENT = ("NETWORK_CONNECTION", "SLOW_DOWN", "INTERNAL_FAILURE", "SERVICE_UNAVAILABLE", "THROTTLING",
@@ -220,7 +403,6 @@ def location(uri: str | os.PathLike | Location) -> Location:
         raise InputError("empty location; expected a path, file:///path or s3://bucket/prefix")
     parsed = urlparse(uri)
     if parsed.scheme == "s3":
-        from .s3 import s3_location
         return s3_location(uri)
     if parsed.scheme == "file":
         path = parsed.path
@@ -230,3 +412,16 @@ def location(uri: str | os.PathLike | Location) -> Location:
         raise InputError(f"unsupported location {uri!r}; expected a path, file:///path or s3://bucket/prefix")
     path = os.path.abspath(os.path.expanduser(path))
     return Location(pafs.LocalFileSystem(), path, uri)
+
+
+def s3_location(uri: str, options: _s3.S3Options | None = None) -> Location:
+    """The :class:`Location` of ``s3://bucket/prefix[?endpoint_override=…&scheme=…&region=…&profile=…]``;
+    ``options`` (default: :func:`~.s3.configure_s3`'s) come below the URI's query."""
+    t = _s3.parse_s3_uri(uri, options)
+    path = f"{t.bucket}/{t.key}" if t.key else t.bucket
+    return Location(_s3.filesystem(t.options), path, t.shown, t.endpoint_label, t)
+
+
+def portable_uri(uri: str | os.PathLike | Location) -> str:
+    """:attr:`Location.portable_uri` of a URI or location (what to hand to another process)."""
+    return location(uri).portable_uri

@@ -186,6 +186,48 @@ def _ray_start_params_problems(params, where: str) -> list[str]:
             for k, v in params.items() if not isinstance(v, str)]
 
 
+HEAD_MEMORY = 16 * 2**30      # the drivers run on the head: a LOO driver gathers the n × p parameter table
+SERVICE_ACCOUNT = "deltagrad-ray"
+
+
+def ray_pod_problems(template, params, where: str, *, head: bool) -> list[str]:
+    """A Ray pod's memory: /dev/shm (an in-memory emptyDir) large enough for the object store set in
+    ``rayStartParams.object-store-memory``, both inside the memory limit; the head sized for the
+    drivers; the service account of IRSA."""
+    problems: list[str] = []
+    spec = (template or {}).get("spec", {}) if isinstance(template, dict) else {}
+    if spec.get("serviceAccountName") != SERVICE_ACCOUNT:
+        problems.append(f"{where}: serviceAccountName must be {SERVICE_ACCOUNT!r} (IRSA: its role gives S3 access), "
+                        f"got {spec.get('serviceAccountName')!r}")
+    containers = spec.get("containers") or [{}]
+    ray_c = containers[0]
+    mounts = {m.get("mountPath"): m.get("name") for m in ray_c.get("volumeMounts", [])}
+    volumes = {v.get("name"): v for v in spec.get("volumes", [])}
+    shm = volumes.get(mounts.get("/dev/shm"), {}).get("emptyDir")
+    if not isinstance(shm, dict) or shm.get("medium") != "Memory":
+        return problems + [f"{where}: no in-memory emptyDir at /dev/shm for Ray's object store "
+                           "(the container default is 64 MB)"]
+    try:
+        limit = quantity(ray_c.get("resources", {}).get("limits", {}).get("memory", 0))
+        size = quantity(shm.get("sizeLimit", 0))
+        store = quantity((params or {}).get("object-store-memory", 0))
+    except ValueError as e:
+        return problems + [f"{where}: {e}"]
+    if not store:
+        problems.append(f"{where}: set rayStartParams.object-store-memory (Ray's default, 30% of the pod's memory, "
+                        "need not fit /dev/shm)")
+    elif not store <= size:
+        problems.append(f"{where}: the object store ({store / 2**30:g} GiB) does not fit /dev/shm "
+                        f"(sizeLimit {shm.get('sizeLimit')})")
+    if not 0 < size < limit:
+        problems.append(f"{where}: /dev/shm sizeLimit {shm.get('sizeLimit')} must be set and below the memory limit "
+                        f"(it counts as the pod's memory)")
+    if head and limit < HEAD_MEMORY:
+        problems.append(f"{where}: head memory {ray_c.get('resources', {}).get('limits', {}).get('memory')} is below "
+                        f"{HEAD_MEMORY // 2**30}Gi: the drivers run on the head")
+    return problems
+
+
 def raycluster_spec_problems(spec, where: str, *, ray_version: str) -> list[str]:
     """A RayCluster spec (also a RayJob's rayClusterSpec): head group, GPU worker groups, token auth."""
     problems: list[str] = []
@@ -203,6 +245,8 @@ def raycluster_spec_problems(spec, where: str, *, ray_version: str) -> list[str]
         problems.append(f"{where}: head serviceType {head['serviceType']!r} exposes the dashboard; use ClusterIP")
     problems += pod_template_problems(get(head, "template", problems, f"{where}.headGroupSpec"),
                                       f"{where}.headGroupSpec", gpu=False)
+    problems += ray_pod_problems(head.get("template"), head.get("rayStartParams"), f"{where}.headGroupSpec",
+                                 head=True)
     groups = get(spec, "workerGroupSpecs", problems, where) or []
     if not groups:
         problems.append(f"{where}: no workerGroupSpecs")
@@ -221,6 +265,7 @@ def raycluster_spec_problems(spec, where: str, *, ray_version: str) -> list[str]
         if params is not None:
             problems += _ray_start_params_problems(params, w)
         problems += pod_template_problems(get(g, "template", problems, w), w, gpu=True)
+        problems += ray_pod_problems(g.get("template"), g.get("rayStartParams"), w, head=False)
     return problems
 
 
@@ -232,6 +277,19 @@ def _kind_problems(doc, api_version: str, kind: str, where: str, max_name: int =
         problems.append(f"{where}: expected apiVersion {api_version} kind {kind}, "
                         f"got {doc.get('apiVersion')} {doc.get('kind')}")
     problems += dns_label_problems(get(doc, "metadata.name", problems, where), where, max_name)
+    return problems
+
+
+def serviceaccount_problems(doc, where: str) -> list[str]:
+    """The Ray pods' ServiceAccount: the name they use, the IRSA role annotation, no API token."""
+    problems = _kind_problems(doc, "v1", "ServiceAccount", where)
+    if get(doc, "metadata.name", problems, where) not in (None, SERVICE_ACCOUNT):
+        problems.append(f"{where}: the Ray pods use the service account {SERVICE_ACCOUNT!r}")
+    arn = (doc.get("metadata", {}).get("annotations") or {}).get("eks.amazonaws.com/role-arn", "")
+    if not re.fullmatch(r"arn:aws:iam::\d{12}:role/[\w+=,.@/-]+", str(arn)):
+        problems.append(f"{where}: annotation eks.amazonaws.com/role-arn must be an IAM role ARN, got {arn!r}")
+    if doc.get("automountServiceAccountToken") is not False:
+        problems.append(f"{where}: automountServiceAccountToken must be false (the pods need no Kubernetes API)")
     return problems
 
 
@@ -287,6 +345,29 @@ def cronjob_problems(doc, where: str) -> list[str]:
     for c in template.get("spec", {}).get("containers", []):
         if not c.get("command") and not c.get("args"):
             problems.append(f"{where}: container {c.get('name')!r} has no command")
+        problems += submitter_problems(c, f"{where} container {c.get('name')!r}")
+    return problems
+
+
+JOB_NAME_FIELD = "metadata.labels['batch.kubernetes.io/job-name']"
+
+
+def submitter_problems(c: dict, where: str) -> list[str]:
+    """The submitter: deltagrad_ray.jobs.submit with a submission id derived from the Job's name
+    (which holds the scheduled time), not `ray job submit` (a second submission per retried pod,
+    and exit 0 for a STOPPED job)."""
+    words = [str(w) for w in c.get("command", []) + c.get("args", [])]
+    if words[:3] == ["ray", "job", "submit"]:
+        return [f"{where}: `ray job submit` submits again from every retried pod and exits 0 for a STOPPED job; "
+                "use python -m deltagrad_ray.jobs.submit --job-name $(JOB_NAME)"]
+    if words[:3] != ["python", "-m", "deltagrad_ray.jobs.submit"]:
+        return [f"{where}: the command must be python -m deltagrad_ray.jobs.submit, got {' '.join(words[:3])!r}"]
+    problems = []
+    if "--job-name" not in words or words[words.index("--job-name") + 1] != "$(JOB_NAME)":
+        problems.append(f"{where}: pass --job-name $(JOB_NAME): the submission id comes from the scheduled time")
+    env = {e.get("name"): e for e in c.get("env", [])}
+    if env.get("JOB_NAME", {}).get("valueFrom", {}).get("fieldRef", {}).get("fieldPath") != JOB_NAME_FIELD:
+        problems.append(f"{where}: env JOB_NAME must come from fieldRef {JOB_NAME_FIELD}")
     return problems
 
 

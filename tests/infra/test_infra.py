@@ -31,6 +31,7 @@ CLUSTER = INFRA / "aws" / "cluster.yaml"
 RAYCLUSTER = INFRA / "kuberay" / "raycluster.yaml"
 RAYJOB = INFRA / "kuberay" / "rayjob.yaml"
 CRONJOB = INFRA / "kuberay" / "cronjob-bulk-erasure.yaml"
+SERVICEACCOUNT = INFRA / "kuberay" / "serviceaccount.yaml"
 DOCKERFILE = INFRA / "docker" / "Dockerfile"
 DOCKERIGNORE = INFRA / "docker" / "Dockerfile.dockerignore"
 README = INFRA / "README.md"
@@ -43,12 +44,12 @@ BUCKET = "s3://deltagrad-prod/"
 # The config keys each pipeline reads (the contract of issue 6); nested blocks are mappings.
 RAY_BLOCK = {"address", "workers", "num_cpus", "num_gpus", "mode", "strategy", "batch_size"}
 CONTRACT = {
-    "train": {"data", "cache", "model", "optimizer", "report"},
-    "bulk_erasure": {"data", "cache", "requests", "output", "deltagrad", "verify", "ray", "report"},
+    "train": {"data", "cache", "publish", "model", "optimizer", "report"},
+    "bulk_erasure": {"data", "cache", "requests", "output", "ledger", "deltagrad", "verify", "lease", "ray", "report"},
     "jackknife": {"cache", "test", "output", "ray", "report"},
     "conformal": {"cache", "test", "output", "alpha", "method", "folds", "ray", "report"},
 }
-LOCATION_KEYS = {"data", "cache", "requests", "output", "test", "report"}
+LOCATION_KEYS = {"data", "cache", "publish", "requests", "output", "ledger", "test", "report"}
 
 
 @functools.cache
@@ -95,7 +96,7 @@ def cron_container() -> dict:
 
 # -- every file is known and loads -----------------------------------------------------------------
 
-VALIDATED_YAML = {CLUSTER, RAYCLUSTER, RAYJOB, CRONJOB, *CONFIGS.values()}
+VALIDATED_YAML = {CLUSTER, RAYCLUSTER, RAYJOB, CRONJOB, SERVICEACCOUNT, *CONFIGS.values()}
 
 
 def test_every_yaml_file_in_infra_has_checks_here():
@@ -207,15 +208,34 @@ def test_cronjob_manifest_is_complete():
     assert checks.cronjob_problems(doc(CRONJOB), rel(CRONJOB)) == []
 
 
+def test_serviceaccount_manifest_is_complete():
+    assert checks.serviceaccount_problems(doc(SERVICEACCOUNT), rel(SERVICEACCOUNT)) == []
+    assert doc(SERVICEACCOUNT)["metadata"]["namespace"] == doc(RAYCLUSTER)["metadata"]["namespace"]
+
+
+@pytest.mark.parametrize("path, value, message", [
+    ("kind", "Secret", "expected apiVersion v1 kind ServiceAccount"),
+    ("metadata.name", "ray", "the Ray pods use the service account 'deltagrad-ray'"),
+    ("metadata.annotations", None, "eks.amazonaws.com/role-arn must be an IAM role ARN"),
+    ("automountServiceAccountToken", None, "automountServiceAccountToken must be false"),
+])
+def test_serviceaccount_checks_catch_each_mistake(path, value, message):
+    manifest = copy.deepcopy(doc(SERVICEACCOUNT))
+    _set(path, value)(manifest)
+    problems = checks.serviceaccount_problems(manifest, "m")
+    assert any(message in p for p in problems), problems
+
+
 def _set(path: str, value):
     def change(d):
         *keys, last = path.split(".")
         for k in keys:
             d = d[int(k)] if isinstance(d, list) else d[k]
+        key = int(last) if isinstance(d, list) else last
         if value is None:
-            del d[last]
+            del d[key]
         else:
-            d[last] = value
+            d[key] = value
     return change
 
 
@@ -223,7 +243,16 @@ WORKER = "spec.workerGroupSpecs.0"
 WORKER_C = f"{WORKER}.template.spec.containers.0"
 
 
+HEAD_T = "spec.headGroupSpec.template.spec"
 RAYCLUSTER_MISTAKES = [
+    (f"{HEAD_T}.containers.0.resources.limits.memory", "8Gi", "head memory 8Gi is below 16Gi"),
+    (f"{HEAD_T}.containers.0.resources.requests.memory", "8Gi", None),  # (a request may be lower: no problem)
+    (f"{HEAD_T}.volumes", [], "no in-memory emptyDir at /dev/shm"),
+    (f"{HEAD_T}.volumes.0.emptyDir.sizeLimit", "1Gi", "does not fit /dev/shm (sizeLimit 1Gi)"),
+    (f"{HEAD_T}.volumes.0.emptyDir.sizeLimit", "16Gi", "must be set and below the memory limit"),
+    ("spec.headGroupSpec.rayStartParams.object-store-memory", None, "set rayStartParams.object-store-memory"),
+    (f"{HEAD_T}.serviceAccountName", None, "serviceAccountName must be 'deltagrad-ray'"),
+    (f"{WORKER}.template.spec.volumes.0.emptyDir.medium", "", "no in-memory emptyDir at /dev/shm"),
     ("apiVersion", "ray.io/v1alpha1", "expected apiVersion ray.io/v1"),
     ("metadata.name", "DeltaGrad", "must be lowercase"),
     ("spec.rayVersion", "2.9.0", "differs from the project's Ray"),
@@ -240,7 +269,8 @@ RAYCLUSTER_MISTAKES = [
 ]
 
 
-@pytest.mark.parametrize("path, value, message", RAYCLUSTER_MISTAKES, ids=[m for _, _, m in RAYCLUSTER_MISTAKES])
+@pytest.mark.parametrize("path, value, message", RAYCLUSTER_MISTAKES,
+                         ids=[m or f"{p}-ok" for p, _, m in RAYCLUSTER_MISTAKES])
 def test_raycluster_checks_catch_each_mistake(path, value, message):
     manifest = copy.deepcopy(doc(RAYCLUSTER))
     if "nvidia.com/gpu" in path:  # a key with dots: remove it directly
@@ -249,7 +279,10 @@ def test_raycluster_checks_catch_each_mistake(path, value, message):
     else:
         _set(path, value)(manifest)
     problems = checks.raycluster_problems(manifest, "m", ray_version=ray.__version__)
-    assert any(message in p for p in problems), problems
+    if message is None:
+        assert problems == []
+    else:
+        assert any(message in p for p in problems), problems
 
 
 @pytest.mark.parametrize("path, value, message", [
@@ -277,6 +310,9 @@ JOB_POD = "spec.jobTemplate.spec.template.spec"
     ("spec.jobTemplate.spec.backoffLimit", -1, "backoffLimit must be an integer >= 0"),
     (f"{JOB_POD}.restartPolicy", "Always", "restartPolicy must be Never or OnFailure"),
     (f"{JOB_POD}.containers.0.command", None, "has no command"),
+    (f"{JOB_POD}.containers.0.command", ["ray", "job", "submit", "--", "python"], "exits 0 for a STOPPED job"),
+    (f"{JOB_POD}.containers.0.command.6", "--submission-id", "pass --job-name $(JOB_NAME)"),
+    (f"{JOB_POD}.containers.0.env", [], "env JOB_NAME must come from fieldRef"),
     ("metadata.name", "deltagrad-bulk-erasure-scheduled-nightly-at-two-utc-x", "longer than 52"),
 ])
 def test_cronjob_checks_catch_each_mistake(path, value, message):
@@ -323,7 +359,9 @@ def test_kubernetes_quantities():
 def test_cronjob_submits_bulk_erasure_to_the_rayclusters_head_with_its_token():
     rc, cron, c = doc(RAYCLUSTER), doc(CRONJOB), cron_container()
     words = c["command"] + c.get("args", [])
-    assert words[:3] == ["ray", "job", "submit"]
+    # the submitter: one Ray job per scheduled run, followed, exit 0 only for SUCCEEDED
+    assert words[:3] == ["python", "-m", "deltagrad_ray.jobs.submit"]
+    assert words[words.index("--job-name") + 1] == "$(JOB_NAME)"
     address = words[words.index("--address") + 1]
     assert address == f"http://{rc['metadata']['name']}-head-svc:8265", "KubeRay's head service, dashboard port"
     assert cron["metadata"]["namespace"] == rc["metadata"]["namespace"], "the short service name needs one namespace"
@@ -396,7 +434,9 @@ def test_ray_pods_get_s3_credentials_from_the_secret_and_a_region():
         for template in ray_pod_templates(manifest, spec_path):
             env = {e["name"]: e for e in template["spec"]["containers"][0]["env"]}
             for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
-                assert env[key]["valueFrom"]["secretKeyRef"] == {"name": "deltagrad-s3", "key": key}
+                # optional: without the Secret (IRSA on EKS), the service account's role gives them
+                assert env[key]["valueFrom"]["secretKeyRef"] == {"name": "deltagrad-s3", "key": key, "optional": True}
+            assert template["spec"]["serviceAccountName"] == doc(SERVICEACCOUNT)["metadata"]["name"]
             assert env["AWS_ENDPOINT_URL"]["valueFrom"]["secretKeyRef"]["optional"] is True
             assert env["AWS_REGION"]["value"], "pyarrow's S3 client needs the region"
 
@@ -559,7 +599,8 @@ def test_cluster_config_has_the_contract_keys(name):
 def test_cluster_config_locations_are_all_on_s3(name):
     config = doc(CONFIGS[name])
     for key in LOCATION_KEYS & set(config):
-        assert config[key].startswith(BUCKET), f"{name}.{key} = {config[key]!r} is not under {BUCKET}"
+        value = config[key]["output"] if isinstance(config[key], dict) else config[key]
+        assert value.startswith(BUCKET), f"{name}.{key} = {value!r} is not under {BUCKET}"
 
 
 @pytest.mark.parametrize("name", PIPELINES)
@@ -620,3 +661,33 @@ def test_cluster_config_has_the_keys_of_the_local_default(name):
     local = ROOT / "pipelines" / "configs" / f"{name}.yaml"
     assert local.is_file(), f"pipelines/configs/{name}.yaml is missing"
     assert key_tree(doc(CONFIGS[name])) == key_tree(yaml.safe_load(local.read_text()))
+
+
+def test_downstream_jobs_read_the_published_model():
+    """Jackknife and conformal name the models prefix that train publishes version 0 to and bulk
+    erasure publishes every later version under: they read LATEST.json, never a cache that still
+    holds erased rows (a cache location has a manifest and would be used as it is)."""
+    train, erase = doc(CONFIGS["train"]), doc(CONFIGS["bulk_erasure"])
+    models = erase["output"]
+    assert train["publish"] == models and train["cache"].startswith(models + "/")
+    for name in ("jackknife", "conformal"):
+        assert doc(CONFIGS[name])["cache"] == models, name
+    assert erase["ledger"] and not erase["ledger"].startswith(erase["requests"] + "/"), (
+        "the ledger under its own prefix: whoever drops request files cannot rewrite it")
+    assert erase["report"]["redact_ids"] is True, "reports for people show data ids as salted hashes"
+    assert erase["lease"]["wait_s"] > 0 and erase["lease"]["ttl_s"] >= 300
+
+
+# instance memory (GiB) of the types the AWS config may use for its head
+INSTANCE_MEMORY_GIB = {"m5.xlarge": 16, "m5.2xlarge": 32, "m5.4xlarge": 64, "m6i.2xlarge": 32, "r5.xlarge": 32}
+
+
+def test_aws_head_is_sized_for_the_driver_and_ray_sizes_dev_shm():
+    c = doc(CLUSTER)
+    head = c["available_node_types"][c["head_node_type"]]["node_config"]["InstanceType"]
+    assert INSTANCE_MEMORY_GIB.get(head, 0) * 2**30 >= checks.HEAD_MEMORY, f"{head}: the drivers run on the head"
+    # Ray's launcher sizes the containers' /dev/shm for the object store unless told not to
+    assert not c["docker"].get("disable_shm_size_detection")
+    options = c["docker"]["run_options"] + c["docker"].get("head_run_options", []) + \
+        c["docker"].get("worker_run_options", [])
+    assert not any("--shm-size" in o for o in options), "an explicit --shm-size turns Ray's sizing off"

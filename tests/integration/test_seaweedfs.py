@@ -8,7 +8,8 @@ import torch
 from deltagrad_ray import api
 from deltagrad_ray.core import synthetic_classification
 from deltagrad_ray.store import StorageError, open_cache, write_dataset
-from deltagrad_ray.store.s3 import S3Options, s3_location
+from deltagrad_ray.store.location import s3_location
+from deltagrad_ray.store.s3 import S3Options
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -84,7 +84,7 @@ def test_missing_bucket(world):
 
 def test_unreachable_endpoint_is_reported_after_bounded_retries():
     import time
-    from deltagrad_ray.store.s3 import s3_location
+    from deltagrad_ray.store.location import s3_location
     loc = s3_location("s3://b/x", S3Options(endpoint="http://127.0.0.1:9", connect_timeout=1, max_attempts=2))
     t0 = time.time()
     with pytest.raises(StorageError, match=r"s3://b/x: cannot reach the S3 endpoint http://127.0.0.1:9"):

@@ -1,0 +1,173 @@
+"""Job configs (YAML or JSON, or dicts built in code) and the shared entry point of every job.
+
+A config names URIs, the model and DeltaGrad settings, a ``ray`` block and an optional ``s3``
+block; unknown keys, missing keys and wrong types are one-line errors naming the key.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import traceback
+from collections.abc import Callable, Sequence
+
+import yaml
+
+from ..core.config import DeltaGradConfig
+from ..core.errors import InputError
+from ..store.location import StorageError, location
+
+REQUIRED = object()
+
+# data_shards: null/"auto" (split the features over data actors only when they exceed an actor's
+# memory cap) or a count; RayBackend checks the value
+RAY = {"address": None, "workers": 2, "num_cpus": 1.0, "num_gpus": 0.0, "mode": "auto", "strategy": "SPREAD",
+       "batch_size": 32, "data_shards": None}
+# every DeltaGrad setting, with its default (DeltaGradConfig checks the values)
+DELTAGRAD = DeltaGradConfig().to_dict()
+# S3 settings for every s3:// location of the job (non-secret; credentials stay in the environment)
+S3 = {"endpoint_url": None, "region": None, "profile": None}
+
+
+def check(value, schema, path: str = ""):
+    """``value`` validated against ``schema`` (a dict of sub-schemas, REQUIRED, or a default value
+    whose type is enforced); missing optional keys take their defaults."""
+    if isinstance(schema, dict):
+        if value is None:
+            value = {}
+        if not isinstance(value, dict):
+            raise InputError(f"config: {path or 'the file'} must be a mapping, got {type(value).__name__}")
+        unknown = sorted(set(value) - set(schema))
+        if unknown:
+            where = f"{path}.{unknown[0]}" if path else unknown[0]
+            raise InputError(f"config: unknown key {where}; expected one of {', '.join(sorted(schema))}")
+        out = {}
+        for key, sub in schema.items():
+            sub_path = f"{path}.{key}" if path else key
+            if key in value:
+                out[key] = check(value[key], sub, sub_path)
+            elif sub is REQUIRED:
+                raise InputError(f"config: missing required key {sub_path}")
+            else:
+                out[key] = check({}, sub, sub_path) if isinstance(sub, dict) else sub
+        return out
+    if schema is REQUIRED:
+        if value is None:
+            raise InputError(f"config: {path} must be set")
+        return value
+    if value is None or schema is None:
+        return value
+    if isinstance(schema, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(schema, (int, float)):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    elif isinstance(schema, str):
+        ok = isinstance(value, str)
+    else:
+        ok = isinstance(value, type(schema))
+    if not ok:
+        raise InputError(f"config: {path} must be a {type(schema).__name__}, got {value!r}")
+    return value
+
+
+def load(path: str, schema: dict) -> dict:
+    """Read and validate a config file; missing optional keys take their defaults."""
+    loc = location(path)
+    try:
+        text = loc.read_text()
+    except StorageError as e:
+        raise InputError(f"config: cannot read {path} ({e})") from None
+    try:
+        raw = json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
+    except (yaml.YAMLError, json.JSONDecodeError) as e:
+        first = str(e).strip().splitlines()[0]
+        raise InputError(f"config: {path} is not valid {'JSON' if path.endswith('.json') else 'YAML'} ({first})") \
+            from None
+    return check(raw, schema, "")
+
+
+def merged(base: dict, overrides: dict) -> dict:
+    """``base`` with ``overrides`` applied (mappings merged key by key, one level deep)."""
+    out = dict(base)
+    for key, value in overrides.items():
+        out[key] = {**(out.get(key) or {}), **value} if isinstance(value, dict) else value
+    return out
+
+
+def configure(cfg: dict) -> None:
+    """Apply the config's ``s3`` block to this process (the settings then travel with every location)."""
+    block = cfg.get("s3") or {}
+    if any(block.get(k) for k in S3):
+        from ..store.s3 import configure_s3
+        configure_s3(endpoint=block.get("endpoint_url"), region=block.get("region"), profile=block.get("profile"))
+
+
+def report_target(value) -> tuple[str | None, bool]:
+    """A config's ``report``: a location (``reports/``), or ``{output: LOCATION, redact_ids: bool}``.
+
+    Returns:
+      (location or None, redact_ids).
+    """
+    if value is None or isinstance(value, str):
+        return value, False
+    out = check(value, {"output": REQUIRED, "redact_ids": False}, "report")
+    if not isinstance(out["output"], str):
+        raise InputError(f"config: report.output must be a str, got {out['output']!r}")
+    return out["output"], bool(out["redact_ids"])
+
+
+def fanout(ray: dict, deltagrad: dict | None = None, parts: str | None = None):
+    """The Fanout a ``ray`` block describes (``address: null`` → a local Ray)."""
+    from ..distributed.backends import RayBackend
+    from ..many import Fanout
+    from ..progress import bar
+    address = ray["address"]
+    backend = RayBackend(address=address if address not in (None, "local") else None, workers=int(ray["workers"]),
+                         mode=ray["mode"], num_cpus=float(ray["num_cpus"]), num_gpus=float(ray["num_gpus"]),
+                         strategy=ray["strategy"], device="cuda" if ray["num_gpus"] else "cpu",
+                         data_shards="auto" if ray["data_shards"] is None else ray["data_shards"])
+    return Fanout(backend=backend, batch_size=int(ray["batch_size"]), config=DeltaGradConfig.from_dict(deltagrad),
+                  parts=parts, progress=bar("replays"))
+
+
+def main(description: str, schema: dict, run: Callable[[dict], dict], argv: list[str] | None = None,
+         options: Sequence[tuple[str, str, type, str]] = ()) -> int:
+    """``python -m pipelines.<name> --config FILE``: run, print one JSON summary line, exit 0 /
+    1 (bug) / 2 (bad input or config) / 3 (storage).
+
+    ``options``: extra flags ``(flag, config path "a.b", type, help)`` that override the config.
+    """
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--config", required=True, help="YAML or JSON config file")
+    for flag, _, kind, helptext in options:
+        ap.add_argument(flag, type=kind, default=None, help=helptext)
+    args = ap.parse_args(argv)
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    t0 = time.perf_counter()
+    try:
+        cfg = load(args.config, schema)
+        for flag, path, _, _ in options:
+            value = getattr(args, flag.lstrip("-").replace("-", "_"))
+            if value is not None:
+                *keys, last = path.split(".")
+                block = cfg
+                for k in keys:
+                    block = block[k]
+                block[last] = value
+        configure(cfg)
+        out = run(cfg)
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except StorageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
+    except Exception as e:  # a bug: say so, with the traceback (jobs keep their logs)
+        traceback.print_exc()
+        print(f"error: unexpected {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps({**out, "seconds": round(time.perf_counter() - t0, 2)}, default=str), flush=True)
+    return 0

@@ -1,0 +1,69 @@
+"""Leave-one-out models by DeltaGrad, fanned out on Ray: jackknife estimates and influence.
+
+``cache`` is a trajectory cache or a models prefix (bulk erasure's ``output``, or train's
+``publish``), whose published version (``LATEST.json``) is used: results never come from rows
+that were erased.
+"""
+
+from __future__ import annotations
+
+from .config import RAY, REQUIRED, S3, fanout, report_target
+
+SCHEMA = {"cache": REQUIRED, "test": REQUIRED, "output": REQUIRED, "ray": dict(RAY), "report": None, "s3": dict(S3)}
+
+
+def defaults(root: str = "demo-output") -> dict:
+    """The local defaults (``pipelines/configs/jackknife.yaml``): LOO over every training point
+    of the diabetes model, on a local Ray."""
+    return {"cache": f"{root}/models/diabetes", "test": f"{root}/data/diabetes-test.parquet",
+            "output": f"{root}/results/jackknife",
+            "ray": {"address": None, "workers": 2, "num_cpus": 1, "num_gpus": 0, "mode": "auto", "strategy": "SPREAD",
+                    "batch_size": 64},
+            "report": f"{root}/reports"}
+
+
+def run(cfg: dict) -> dict:
+    from .. import many
+    from ..erasure import redact, redaction_salt, resolve_cache
+    from ..report import Report, histogram
+    from ..results import write_table
+    from ..store import location, open_cache
+
+    cache = open_cache(resolve_cache(cfg["cache"]))
+    out_loc = location(cfg["output"])
+    fan = fanout(cfg["ray"], parts=out_loc.join("loo.parts").uri)
+    loo = many.loo(cache, fanout=fan, strict=True)
+    fan.progress.close()
+    jk = many.jackknife(cache, cfg["test"], loo_result=loo)
+    inf = many.influence(cache, cfg["test"], loo_result=loo)
+    p, loss = jk["predictions"], jk["test_loss"]
+    write_table(out_loc.join("jackknife.parquet"), {"id": jk["test_ids"], "estimate": p.estimate, "bias": p.bias,
+                                                     "bias_corrected": p.bias_corrected, "se": p.se}, overwrite=True)
+    write_table(out_loc.join("influence.parquet"), {"id": inf["ids"], "influence": inf["influence"]}, overwrite=True)
+    stats = loo.replay.stats
+    out = {"pipeline": "jackknife", "loo_models": len(loo.ids), "backend": stats.get("backend"),
+           "mode": stats.get("mode"), "test_loss": float(loss.estimate), "test_loss_bias_corrected":
+           float(loss.bias_corrected), "test_loss_se": float(loss.se), "output": out_loc.uri}
+    report, redact_ids = report_target(cfg["report"])
+    if report:
+        salt = redaction_salt(out_loc) if redact_ids else None
+        shown = (lambda i: redact(i, salt)) if redact_ids else (lambda i: i)
+        rep = Report(f"Jackknife and influence: {cache.uri}")
+        rep.table(["", "value"], [["leave-one-out models (DeltaGrad)", len(loo.ids)],
+                                  ["backend", f"{stats.get('backend')} ({stats.get('mode', '')})"],
+                                  ["test loss", float(loss.estimate)],
+                                  ["jackknife bias-corrected test loss", float(loss.bias_corrected)],
+                                  ["jackknife standard error", float(loss.se)]])
+        order = inf["influence"].argsort(descending=True)
+        rep.text("Most helpful training points (removing them raises the test loss most)"
+                 + (", ids as salted hashes:" if redact_ids else ":"))
+        rep.table(["id", "LOO change in test loss"], [[shown(int(inf["ids"][i])), float(inf["influence"][i])]
+                                                      for i in order[:10]])
+        rep.figure("influence", histogram(inf["influence"], "L(θ without i) − L(θ)", "Leave-one-out influence",
+                                          log=True), "Influence of every training point on the test loss.")
+        se = p.se.reshape(len(jk["test_ids"]), -1).max(dim=1).values
+        rep.figure("se", histogram(se, "jackknife standard error", "Uncertainty of the test predictions"),
+                   "Per test point, the largest jackknife standard error of its predicted probabilities "
+                   "(or of its prediction, for regression).")
+        out["report"] = rep.write(report, "jackknife").uri
+    return out
