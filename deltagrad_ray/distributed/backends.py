@@ -387,13 +387,14 @@ class RayBackend:
         if self.shared_filesystem:
             return
         ray = _ray()
-        hosts = {n.get("NodeManagerAddress") for n in ray.nodes() if n.get("Alive")}
+        hosts = {n["NodeManagerAddress"] for n in ray.nodes() if n.get("Alive") and n.get("NodeManagerAddress")}
         if len(hosts) <= 1:
             return
         from ..store.location import location
         for uri in uris:
             if uri is not None and location(uri).is_local:
-                raise InputError(f"{uri} is a local path, but the Ray cluster spans {len(hosts)} hosts: each node "
+                shown = ", ".join(sorted(map(str, hosts)))
+                raise InputError(f"{uri} is a local path, but the Ray cluster spans {len(hosts)} hosts ({shown}): each node "
                                  "would read its own disk; use an s3:// location (or shared_filesystem=True if "
                                  "every node mounts this path)")
 

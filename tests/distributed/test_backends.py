@@ -318,6 +318,22 @@ def test_the_driver_waits_for_resources_the_cluster_frees_later(ray_cluster, wor
     assert notes and notes[0].startswith("waiting for 2 workers of {'CPU': 1, 'accel': 1}")
 
 
+def test_local_paths_are_refused_on_a_cluster_spanning_hosts(ray_cluster, world):
+    """A file:// cache is read by each node from its own disk: on several hosts that is refused."""
+    d, data, cache = world
+    other = ray_cluster.add_node(num_cpus=1, node_ip_address="127.0.0.2")  # another host, as Ray sees it
+    ray_cluster.wait_for_nodes()
+    try:
+        with pytest.raises(InputError, match=r"is a local path, but the Ray cluster spans 2 hosts \(127.0.0.1, "
+                                             r"127.0.0.2\): each node would read its own disk; use an s3://"):
+            RayBackend(workers=1).run(cache.uri, None, _changes(data, 2), batch_size=2)
+        # a filesystem every node mounts (here: one machine) is allowed when said so
+        rep = RayBackend(workers=1, shared_filesystem=True).run(cache.uri, None, _changes(data, 2), batch_size=2)
+        assert not rep.errors
+    finally:
+        ray_cluster.remove_node(other)
+
+
 def test_cli_loo_on_the_ray_backend_equals_serial(ray_cluster, world, tmp_path):
     import json
     import os
