@@ -32,6 +32,7 @@ from deltagrad_ray.core import ModelSpec, learning_rates, synthetic_classificati
 from deltagrad_ray.devservers import start_seaweedfs, stop_seaweedfs
 from deltagrad_ray.store import location, write_dataset
 from deltagrad_ray.store.cache import CacheWriter, open_cache
+from deltagrad_ray.store.manifest import DataRef, Training
 
 
 def emit(obj: dict) -> None:
@@ -49,14 +50,13 @@ def _trajectory(steps: int, n: int = 200, seed: int = 0):
 def _write(root, traj, model, shard_mb: int) -> tuple[float, int]:
     mem = traj.materialize()
     t0 = time.perf_counter()
-    w = CacheWriter(location(root), traj.lrs, model.p, traj.dtype, shard_bytes=shard_mb << 20)
+    training = Training(model.spec, "gd", 0.1, (), 0.1, traj.l2, 0, traj.plan, traj.steps, "float64")
+    w = CacheWriter(location(root), training, shard_bytes=shard_mb << 20)
     for t in range(traj.steps):
         w.record(t, mem.params[t], mem.grads[t])
     w.finish(traj.lrs)
-    w.commit({"model": model.spec.to_dict(), "plan": traj.plan.to_dict(), "l2": traj.l2, "n_rows": traj.n_rows,
-              "optimizer": {"kind": "gd", "batch_size": None, "l2": traj.l2,
-                            "lr": {"base": 0.1, "milestones": [], "gamma": 0.1}},
-              "data": {"uri": "", "fingerprint": "", "n": traj.n_rows}}, model, traj.initial, traj.final)
+    w.commit(data=DataRef("", "", traj.n_rows, 784, "float64"), n_rows=traj.n_rows, model=model,
+             initial=traj.initial, final=traj.final)
     secs = time.perf_counter() - t0
     return secs, sum(s.bytes for s in w.shards)
 
@@ -144,7 +144,7 @@ def streaming_rss(step_list: list[int], shard_mb: int, workdir: str) -> None:
     for steps in step_list:
         root = os.path.join(workdir, f"rss-{steps}")
         api.fit(data_uri, root, model="logreg", steps=steps, lr=0.1, l2=0.005, shard_bytes=shard_mb << 20)
-        size = sum(s["bytes"] for s in open_cache(root).manifest["shards"]) / 2**20
+        size = open_cache(root).manifest.shard_bytes / 2**20
         p = subprocess.run([sys.executable, "-m", "benchmarks.store", "--rss-child", root, data_uri],
                            capture_output=True, text=True, check=True)
         r = json.loads(p.stdout.strip().splitlines()[-1])
@@ -168,7 +168,7 @@ def precision(n: int, steps: int, workdir: str) -> None:
         res = api.unlearn(cache, delete=ids)
         moved = float((exact - cache.final).norm())
         emit({"benchmark": "store", "kind": "precision", "storage_dtype": storage, "n": n, "steps": steps,
-              "cache_mb": round(sum(s["bytes"] for s in cache.manifest["shards"]) / 2**20, 2),
+              "cache_mb": round(cache.manifest.shard_bytes / 2**20, 2),
               "error_ratio": float((res.params - exact).norm()) / moved, "fallbacks": res.fallbacks})
 
 

@@ -25,7 +25,9 @@ from .core.config import DeltaGradConfig
 from .core.replay import ReplayResult, deltagrad
 from .core.schedule import learning_rates
 from .core.train import retrain, train
+from .core.schedule import BatchPlan
 from .store.cache import Cache, CacheWriter, dtype_name, open_cache
+from .store.manifest import DataRef, ParentRef, Training
 from .store.datasets import fingerprint, read_dataset, read_ids, write_dataset
 from .store.inputs import as_dataset, is_location
 from .store.location import Location, location
@@ -106,23 +108,17 @@ def fit(data, cache: str | Location, *, model: str = "logreg", hidden: Sequence[
     ds = raw.to(dtype=dt, device=device)
     fm = spec.build()
     lrs = learning_rates(steps, lr, tuple(milestones), gamma)
-    writer = CacheWriter(root, lrs, fm.p, dt, shard_steps=shard_steps, shard_bytes=shard_bytes,
-                         storage=storage_dtype)
+    plan = BatchPlan(len(ds), batch_size if optimizer == "sgd" else None, seed)
+    training = Training(spec, optimizer, float(lr), tuple(int(m) for m in milestones), float(gamma), float(l2),
+                        int(seed), plan, steps, dtype_name(dt))
+    writer = CacheWriter(root, training, shard_steps=shard_steps, shard_bytes=shard_bytes, storage=storage_dtype)
     if stored:
         write_dataset(raw, src)
     traj = train(fm, ds, steps=steps, lrs=lrs, l2=l2, batch_size=batch_size if optimizer == "sgd" else None,
                  seed=seed, recorder=writer)
-    manifest = {
-        "model": spec.to_dict(),
-        "params": {"names": list(fm.names), "shapes": [list(s) for s in fm.shapes], "p": fm.p},
-        "optimizer": {"kind": optimizer, "batch_size": traj.plan.batch_size, "l2": l2,
-                      "lr": {"base": lr, "milestones": list(milestones), "gamma": gamma}},
-        "l2": l2, "seed": seed, "plan": traj.plan.to_dict(), "n_rows": len(ds),
-        "data": {"uri": _portable_uri(src), "fingerprint": fp, "n": len(raw), "d": raw.n_features,
-                 "dtype": dtype_name(raw.X.dtype)},
-        "parent": None, "changes": [],
-    }
-    writer.commit(manifest, fm, traj.initial, traj.final)
+    assert traj.plan == plan, "the recorded plan is the one the manifest states"
+    writer.commit(data=DataRef(_portable_uri(src), fp, len(raw), raw.n_features, dtype_name(raw.X.dtype)),
+                  n_rows=len(ds), model=fm, initial=traj.initial, final=traj.final)
     return open_cache(root)
 
 
@@ -177,11 +173,17 @@ def unlearn(cache: Cache | str | Location, *, delete=None, add=None, config: Del
     out = location(out_cache)
     if out.path.rstrip("/") == c.root.path.rstrip("/") and out.fs is c.root.fs:
         raise InputError(f"{out.uri}: the new cache must go to a new location, not over the cache it comes from")
-    writer = CacheWriter(out, traj.lrs, c.model.p, c.dtype, shard_steps=c.manifest["shard_steps"],
-                         storage=c.storage, row_group_steps=c.manifest.get("row_group_steps"))
+    writer = _derived_writer(c, out)
     res = deltagrad(c.model, traj, ds, change, cfg, recorder=writer)
     write_derived_cache(c, writer, res, ds, change, cfg, note)
     return res
+
+
+def _derived_writer(parent: Cache, out: Location) -> CacheWriter:
+    """A writer for a cache derived from ``parent``: the same run, the same shard layout."""
+    m = parent.manifest
+    return CacheWriter(out, m.training, shard_steps=m.shard_steps, storage=parent.storage,
+                       row_group_steps=m.row_group_steps)
 
 
 def write_derived_cache(parent: Cache, writer: CacheWriter, res: ReplayResult, data: Dataset, change: ChangeSet,
@@ -193,7 +195,7 @@ def write_derived_cache(parent: Cache, writer: CacheWriter, res: ReplayResult, d
     from .store.datasets import dataset_table, table_bytes
 
     new = res.trajectory
-    n_orig = int(parent.manifest["data"]["n"])
+    n_orig = parent.manifest.data.n
     files = {}
     rows = torch.zeros(0, dtype=torch.int64)
     if new.removed is not None:
@@ -208,12 +210,9 @@ def write_derived_cache(parent: Cache, writer: CacheWriter, res: ReplayResult, d
     entry = {"run_id": writer.run_id, "deleted": int(len(change.delete)),
              "added": int(len(change.add)) if change.add is not None else 0,
              "config": config.to_dict(), **res.diagnostics(), **(note or {})}
-    manifest = {k: v for k, v in parent.manifest.items()
-                if k not in ("format", "format_version", "run_id", "created", "steps", "shard_steps",
-                             "row_group_steps", "dtype", "storage_dtype", "shards", "files")}
-    manifest.update(n_rows=all_rows, parent={"uri": parent.uri, "run_id": parent.manifest["run_id"]},
-                    changes=[*parent.manifest.get("changes", []), entry])
-    writer.commit(manifest, parent.model, new.initial, new.final, files)
+    writer.commit(data=parent.manifest.data, n_rows=all_rows, model=parent.model, initial=new.initial,
+                  final=new.final, parent=ParentRef(parent.root.portable_uri, parent.manifest.run_id),
+                  changes=(*parent.manifest.changes, entry), extra_files=files)
     return open_cache(writer.root)
 
 
@@ -234,8 +233,7 @@ def retrain_exact(cache: Cache | str | Location, *, delete=None, add=None, data:
         return retrain(c.model, traj, ds, change)
     from .core.train import changed_data
     from .core.trajectory import Trajectory
-    writer = CacheWriter(location(out_cache), traj.lrs, c.model.p, c.dtype, shard_steps=c.manifest["shard_steps"],
-                         storage=c.storage, row_group_steps=c.manifest.get("row_group_steps"))
+    writer = _derived_writer(c, location(out_cache))
     final = retrain(c.model, traj, ds, change, recorder=writer)
     new_data, removed = changed_data(traj, ds, change)
     path = Trajectory(traj.plan, traj.l2, traj.lrs, traj.initial, final, len(new_data), removed,

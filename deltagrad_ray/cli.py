@@ -249,8 +249,7 @@ def cmd_train(a: argparse.Namespace) -> dict:
                     shard_bytes=int(a.shard_mb * 2**20) if a.shard_mb else None, storage_dtype=a.storage_dtype)
     m = cache.manifest
     return {"command": "train", "cache": cache.uri, "seconds": round(time.perf_counter() - t0, 3),
-            "steps": cache.steps, "p": m["params"]["p"], "shards": len(m["shards"]),
-            "bytes": sum(s["bytes"] for s in m["shards"])}
+            "steps": cache.steps, "p": cache.model.p, "shards": len(m.shards), "bytes": m.shard_bytes}
 
 
 def _change_summary(a: argparse.Namespace) -> dict:
@@ -272,7 +271,7 @@ def cmd_unlearn(a: argparse.Namespace) -> dict:
     res = api.unlearn(cache, delete=a.delete, add=a.add, config=cfg, data=a.data, device=a.device,
                       out_cache=a.out_cache)
     seconds = time.perf_counter() - t0
-    meta = {"method": "deltagrad", "cache": cache.uri, "cache_run_id": cache.manifest["run_id"],
+    meta = {"method": "deltagrad", "cache": cache.uri, "cache_run_id": cache.manifest.run_id,
             "config": cfg.to_dict(),
             **_change_summary(a), **res.diagnostics()}
     save_model(a.out, cache.model, res.params, metadata=meta, overwrite=a.overwrite)
@@ -299,7 +298,7 @@ def cmd_retrain(a: argparse.Namespace) -> dict:
     t0 = time.perf_counter()
     params = api.retrain_exact(cache, delete=a.delete, add=a.add, data=a.data, device=a.device)
     seconds = time.perf_counter() - t0
-    meta = {"method": "exact-retrain", "cache": cache.uri, "cache_run_id": cache.manifest["run_id"],
+    meta = {"method": "exact-retrain", "cache": cache.uri, "cache_run_id": cache.manifest.run_id,
             **_change_summary(a)}
     save_model(a.out, cache.model, params, metadata=meta, overwrite=a.overwrite)
     return {"command": "retrain", "out": a.out, "seconds": round(seconds, 3), "steps": cache.steps,

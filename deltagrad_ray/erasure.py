@@ -466,7 +466,7 @@ class Registry:
 
 
 def _model_sha(cache: Cache) -> str:
-    return cache.manifest["files"]["model.safetensors"]["sha256"]
+    return cache.manifest.model_sha256()
 
 
 def _key(loc: Location, reg: Registry) -> str | None:
@@ -477,7 +477,7 @@ def version_record(reg: Registry, cache: Cache, *, version: int, run_id: str, pa
                    method: str, applied: int = 0) -> dict:
     """The record LATEST.json and ``versions/NNNN.json`` hold for one published version."""
     return {"version": version, "run_id": run_id, "cache": cache.root.portable_uri, "key": _key(cache.root, reg),
-            "model_sha256": _model_sha(cache), "cache_run_id": cache.manifest["run_id"], "method": method,
+            "model_sha256": _model_sha(cache), "cache_run_id": cache.manifest.run_id, "method": method,
             "parent": parent, "applied": applied, "published": _now()}
 
 
@@ -496,7 +496,7 @@ def publish_initial(cache: str | Location | Cache, output: str | Location) -> di
     if latest is not None:
         raise Conflict(f"{reg.root.uri}: version {latest['version']} is published already; publish version 0 "
                        "of a new model under a new output prefix")
-    record = version_record(reg, c, version=0, run_id=f"train-{c.manifest['run_id']}", parent=None,
+    record = version_record(reg, c, version=0, run_id=f"train-{c.manifest.run_id}", parent=None,
                             method="train")
     try:
         reg.publish(record, None)
@@ -559,7 +559,7 @@ def plan_erasure(reg: Registry, ledger: Ledger, base_cache: str | Location | Non
     run_id = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
     version = (latest["version"] if latest else 0) + 1
     parent_info = {"uri": parent.root.portable_uri, "key": _key(parent.root, reg),
-                   "run_id": latest["run_id"] if latest else None, "cache_run_id": parent.manifest["run_id"],
+                   "run_id": latest["run_id"] if latest else None, "cache_run_id": parent.manifest.run_id,
                    "version": version - 1, "model_sha256": _model_sha(parent), "etag": etag}
     plan = Plan(run_id, _now(), version, parent_info, sorted(to_delete), [asdict(r) for r in rows],
                 config.to_dict(), {**dict(verify), "data": None if data is None else location(data).portable_uri},

@@ -53,7 +53,7 @@ class Fanout:
     def run(self, cache: Cache, data: Dataset, changes: list[ChangeSet], data_uri=None) -> RunReport:
         sink = None
         if self.parts is not None:
-            sink = ResultSink(self.parts, {"cache": cache.manifest["run_id"], "batch_size": self.batch_size,
+            sink = ResultSink(self.parts, {"cache": cache.manifest.run_id, "batch_size": self.batch_size,
                                            "config": self.config.to_dict(), "gemm": str(self.gemm_dtype),
                                            "requests": _fingerprint(changes)})
         return self.backend.run(cache, data_uri, changes, batch_size=self.batch_size, config=self.config,

@@ -288,7 +288,7 @@ class RayBackend:
         """Contiguous step ranges, one per actor, cut at shard boundaries when possible."""
         T, W = cache.steps, self.workers
         bounds = [round(T * k / W) for k in range(W + 1)]
-        shard_starts = sorted({s["start"] for s in cache.manifest["shards"]} | {T})
+        shard_starts = sorted({s.start for s in cache.manifest.shards} | {T})
         if len(shard_starts) - 1 >= W:  # snap to the nearest shard boundary
             bounds = [min(shard_starts, key=lambda s, b=b: abs(s - b)) for b in bounds]
             bounds[0], bounds[-1] = 0, T
@@ -297,8 +297,8 @@ class RayBackend:
 
     @staticmethod
     def _data_mb(cache) -> float:
-        info = cache.manifest["data"]
-        return int(info["n"]) * int(info["d"]) * torch.empty(0, dtype=cache.dtype).element_size() / 2**20
+        info = cache.manifest.data
+        return info.n * info.d * torch.empty(0, dtype=cache.dtype).element_size() / 2**20
 
     def _choose_data_shards(self, cache) -> int:
         if self.data_shards != "auto":
@@ -407,7 +407,7 @@ class RayBackend:
 
         from ..store.cache import open_cache
         cache = open_cache(cache_uri)
-        self._check_locations([cache_uri, data_uri if data_uri is not None else cache.manifest["data"]["uri"]])
+        self._check_locations([cache_uri, data_uri if data_uri is not None else cache.manifest.data.uri])
         mode = self._choose_mode(cache)
         ranges = self._ranges(cache) if mode == "pipeline" else [None] * self.workers
         threads = max(1, int(self.num_cpus))

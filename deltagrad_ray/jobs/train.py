@@ -47,7 +47,7 @@ def run(cfg: dict) -> dict:
                     optimizer=o["kind"], steps=int(o["steps"]), lr=float(o["lr"]), l2=float(o["l2"]),
                     batch_size=o["batch_size"], seed=int(o["seed"]), dtype=o["dtype"])
     out = {"pipeline": "train", "cache": cache.uri, "steps": cache.steps, "p": cache.model.p,
-           "cache_mb": round(sum(s["bytes"] for s in cache.manifest["shards"]) / 2**20, 2)}
+           "cache_mb": round(cache.manifest.shard_bytes / 2**20, 2)}
     if cfg["publish"]:
         rec = publish_initial(cache, cfg["publish"])
         out["published"] = {"output": cfg["publish"], "version": rec["version"]}

@@ -23,12 +23,10 @@ from __future__ import annotations
 
 import datetime as _dt
 import hashlib
-import json
 import uuid
 import warnings
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -37,15 +35,13 @@ import torch
 
 from ..core.data import Dataset, concat
 from ..core.errors import InputError
-from ..core.models import FunctionalModel, ModelSpec
-from ..core.schedule import BatchPlan
+from ..core.models import FunctionalModel
 from ..core.trajectory import Segment, Trajectory
 from .datasets import dataset_from_table, fingerprint, read_dataset, read_rows, table_bytes
 from .location import Location, StorageError, location
+from .manifest import DIGEST_KEY, DataRef, FileRef, Manifest, ParentRef, ShardRef, Training
 from .models import model_bytes, parse_model
 
-FORMAT = "deltagrad-ray-cache"
-FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 DEFAULT_SHARD_BYTES = 64 << 20
 
@@ -115,21 +111,6 @@ def row_group_steps_for(p: int, itemsize: int, period: int = 10, group_bytes: in
     return period * max(1, group_bytes // per_period)
 
 
-@dataclass(frozen=True)
-class ShardRef:
-    """One shard as listed in the manifest."""
-
-    path: str     # relative to the cache root
-    start: int    # first step
-    stop: int     # one past the last step
-    bytes: int
-    sha256: str
-
-    def to_dict(self) -> dict:
-        return {"path": self.path, "start": self.start, "stop": self.stop, "bytes": self.bytes,
-                "sha256": self.sha256}
-
-
 def _vectors(t: torch.Tensor) -> pa.FixedSizeListArray:
     values = _vector_values(t)
     vtype = pa.list_(pa.field("element", values.type, nullable=False), t.shape[1])
@@ -137,13 +118,17 @@ def _vectors(t: torch.Tensor) -> pa.FixedSizeListArray:
 
 
 def shard_bytes(start: int, params: torch.Tensor, grads: torch.Tensor, lrs: np.ndarray,
-                row_group_steps: int) -> pa.Buffer:
+                row_group_steps: int, digest: str | None = None) -> pa.Buffer:
+    """One shard as Parquet; ``digest`` (the run's :meth:`~.manifest.Training.digest`) goes into its
+    key-value metadata, so a manifest edited later no longer matches its shards."""
     k = params.shape[0]
     pv, gv = _vectors(params), _vectors(grads)
     # every field required: Parquet then stores no definition levels (measured: 2x faster to
     # encode and decode than nullable lists)
     schema = pa.schema([pa.field("step", pa.int64(), nullable=False), pa.field("lr", pa.float64(), nullable=False),
                         pa.field("params", pv.type, nullable=False), pa.field("grads", gv.type, nullable=False)])
+    if digest is not None:
+        schema = schema.with_metadata({DIGEST_KEY: digest.encode()})
     table = pa.Table.from_arrays([pa.array(np.arange(start, start + k, dtype=np.int64)),
                                   pa.array(lrs.astype(np.float64)), pv, gv], schema=schema)
     # no compression: zstd makes random floats bigger (FIELD_NOTES); no min/max statistics
@@ -174,9 +159,7 @@ class CacheWriter:
 
     Args:
       root: the cache location.
-      lrs: (T,) learning rates (stored per step).
-      p: parameters per step.
-      dtype: the training dtype (θ_0, θ_T and the replay use it).
+      training: the run being recorded (its schedule is stored per step; its digest in every shard).
       shard_steps / shard_bytes: shard size, in steps or bytes (default ~64 MB).
       storage: dtype of the stored vectors (default: the training dtype).
       row_group_steps: steps per row group (default: a multiple of 10 of ~8 MB).
@@ -184,9 +167,9 @@ class CacheWriter:
 
     WRITERS = 2  # shards in flight (one writer thread reached 44% of the disk's raw write speed)
 
-    def __init__(self, root: Location, lrs: torch.Tensor, p: int, dtype: torch.dtype, *,
-                 shard_steps: int | None = None, shard_bytes: int | None = None,
-                 storage: str | torch.dtype | None = None, row_group_steps: int | None = None) -> None:
+    def __init__(self, root: Location, training: Training, *, shard_steps: int | None = None,
+                 shard_bytes: int | None = None, storage: str | torch.dtype | None = None,
+                 row_group_steps: int | None = None) -> None:
         if root.join(MANIFEST).exists():
             raise StorageError(f"{root.uri}: a trajectory cache already exists here; "
                                "choose a new location (caches are never overwritten)")
@@ -194,18 +177,20 @@ class CacheWriter:
             raise InputError(f"shard steps must be >= 1, got {shard_steps}")
         if shard_bytes is not None and shard_bytes < 1:
             raise InputError(f"shard bytes must be >= 1, got {shard_bytes}")
-        self.root, self.p, self.dtype = root, p, dtype
-        self.storage = storage_dtype(storage, dtype)
-        self.lrs = lrs.detach().cpu().numpy().astype(np.float64)
+        self.root, self.training = root, training
+        self.p, self.dtype = training.model.build().p, _TORCH[training.dtype]
+        self.digest = training.digest()
+        self.storage = storage_dtype(storage, self.dtype)
+        self.lrs = training.learning_rates().numpy().astype(np.float64)
         self.steps = len(self.lrs)
         itemsize = torch.empty(0, dtype=self.storage).element_size()
-        steps = shard_steps or shard_steps_for(p, itemsize, shard_bytes or DEFAULT_SHARD_BYTES)
+        steps = shard_steps or shard_steps_for(self.p, itemsize, shard_bytes or DEFAULT_SHARD_BYTES)
         self.shard_steps = max(1, min(steps, self.steps))
-        self.row_group_steps = min(row_group_steps or row_group_steps_for(p, itemsize), self.shard_steps)
+        self.row_group_steps = min(row_group_steps or row_group_steps_for(self.p, itemsize), self.shard_steps)
         self.run_id = uuid.uuid4().hex[:12]
         self.shards: list[ShardRef] = []
-        self._params = torch.empty(self.shard_steps, p, dtype=self.storage)
-        self._grads = torch.empty(self.shard_steps, p, dtype=self.storage)
+        self._params = torch.empty(self.shard_steps, self.p, dtype=self.storage)
+        self._grads = torch.empty(self.shard_steps, self.p, dtype=self.storage)
         self._free: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._start = 0
         self._count = 0
@@ -225,7 +210,7 @@ class CacheWriter:
             self._flush()
 
     def _write_shard(self, index: int, a: int, params: torch.Tensor, grads: torch.Tensor) -> ShardRef:
-        raw = shard_bytes(a, params, grads, self.lrs[a:a + len(params)], self.row_group_steps)
+        raw = shard_bytes(a, params, grads, self.lrs[a:a + len(params)], self.row_group_steps, self.digest)
         rel = f"shards/part-{index:05d}-{self.run_id}.parquet"
         self.root.join(rel).write_bytes(raw)
         return ShardRef(rel, a, a + len(params), raw.size, sha256(raw))
@@ -257,24 +242,24 @@ class CacheWriter:
             self._pool.shutdown(wait=True)
         if self._start != self.steps:
             raise ValueError(f"recorded {self._start} steps, expected {self.steps}")
-        return ParquetSource(self.root, tuple(self.shards), self.p, self.dtype, self.storage, self.row_group_steps)
+        return ParquetSource(self.root, tuple(self.shards), self.p, self.dtype, self.storage, self.row_group_steps,
+                             lrs=self.lrs, digest=self.digest)
 
-    def commit(self, manifest: dict, model: FunctionalModel, initial: torch.Tensor, final: torch.Tensor,
-               extra_files: dict[str, bytes] | None = None) -> Location:
+    def commit(self, *, data: DataRef, n_rows: int, model: FunctionalModel, initial: torch.Tensor,
+               final: torch.Tensor, parent: ParentRef | None = None, changes: tuple[dict, ...] = (),
+               extra_files: dict[str, bytes] | None = None) -> Manifest:
         """Write θ_0, θ_T, any extra files, then the manifest (the commit)."""
         files = {}
         for name, raw in {"initial.safetensors": model_bytes(model, initial),
                           "model.safetensors": model_bytes(model, final, {"cache_run_id": self.run_id}),
                           **(extra_files or {})}.items():
             self.root.join(name).write_bytes(raw)
-            files[name] = {"bytes": len(raw), "sha256": sha256(raw)}
-        manifest = {**manifest, "format": FORMAT, "format_version": FORMAT_VERSION, "run_id": self.run_id,
-                    "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                    "steps": self.steps, "shard_steps": self.shard_steps, "row_group_steps": self.row_group_steps,
-                    "dtype": dtype_name(self.dtype), "storage_dtype": dtype_name(self.storage),
-                    "shards": [s.to_dict() for s in self.shards], "files": files}
-        self.root.join(MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
-        return self.root
+            files[name] = FileRef(len(raw), sha256(raw))
+        manifest = Manifest(self.training, data, n_rows, parent, tuple(changes), self.run_id,
+                            _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), self.shard_steps,
+                            self.row_group_steps, dtype_name(self.storage), tuple(self.shards), files)
+        self.root.join(MANIFEST).write_text(manifest.to_json())
+        return manifest
 
 
 class ParquetSource:
@@ -283,21 +268,39 @@ class ParquetSource:
     While the caller computes on one shard, the next ``prefetch`` (default 2) are fetched,
     verified and decoded by background threads, so at most ``prefetch + 1`` shards are in memory
     whatever T is. A whole shard is checked against its sha256; a partial one (only some row
-    groups) by Parquet page checksums.
+    groups) by Parquet page checksums. Every shard must also agree with the manifest it is read
+    through: its learning rates with the manifest's schedule (``lrs``), and the training digest in
+    its footer, when it has one, with the manifest's (``digest``).
     """
 
     def __init__(self, root: Location, shards: tuple[ShardRef, ...], p: int, dtype: torch.dtype,
-                 storage: torch.dtype | None = None, row_group_steps: int | None = None, prefetch: int = 2) -> None:
+                 storage: torch.dtype | None = None, row_group_steps: int | None = None, prefetch: int = 2, *,
+                 lrs: np.ndarray | None = None, digest: str | None = None) -> None:
         self.root, self.shards, self.p, self.dtype = root, shards, p, dtype
         self.storage = storage or dtype
         self.row_group_steps = row_group_steps
         self.prefetch = max(1, prefetch)
+        self.lrs, self.digest = lrs, digest
+
+    def check_digest(self, metadata: dict | None, uri: str) -> None:
+        """A shard written for other training settings than the manifest states is refused."""
+        got = (metadata or {}).get(DIGEST_KEY)
+        if self.digest is not None and got is not None and got.decode() != self.digest:
+            raise StorageError(f"{uri}: this shard was written for other training settings than the manifest "
+                               "states (learning rates, λ, batch plan, model or steps); the manifest was edited or "
+                               "the shard belongs to another cache")
 
     def _decode(self, table: pa.Table, uri: str, start: int, stop: int) -> Segment:
         k = table.num_rows
         steps = table.column("step").to_numpy()
         if k != stop - start or (k and (steps[0] != start or steps[-1] != stop - 1)):
             raise StorageError(f"{uri}: holds steps {steps[:1]}..{steps[-1:]}, expected [{start}, {stop})")
+        self.check_digest(table.schema.metadata, uri)
+        lrs = table.column("lr").to_numpy().astype(np.float64)
+        if self.lrs is not None and not np.array_equal(lrs, self.lrs[start:stop]):
+            bad = int(np.nonzero(lrs != self.lrs[start:stop])[0][0])
+            raise StorageError(f"{uri}: learning rate {lrs[bad]:g} at step {start + bad}, the manifest's schedule "
+                               f"says {self.lrs[start + bad]:g}; the manifest and the shards disagree")
 
         def vecs(name: str) -> torch.Tensor:
             arr = table.column(name).combine_chunks()
@@ -305,8 +308,7 @@ class ParquetSource:
                 raise StorageError(f"{uri}: column {name} has width {arr.type.list_size}, expected {self.p}")
             return _from_values(arr.values, k, self.p, self.storage, self.dtype)
 
-        return Segment(start, vecs("params"), vecs("grads"),
-                       torch.from_numpy(table.column("lr").to_numpy().astype(np.float64)))
+        return Segment(start, vecs("params"), vecs("grads"), torch.from_numpy(lrs))
 
     def read_shard(self, ref: ShardRef) -> Segment:
         """A whole shard, verified against the manifest's sha256."""
@@ -330,6 +332,7 @@ class ParquetSource:
                 with loc.open_random_access() as f:
                     pf = pq.ParquetFile(f, page_checksum_verification=True)
                     table = pf.read_row_groups(list(range(first, last + 1)))
+                    table = table.replace_schema_metadata(pf.schema_arrow.metadata)
             except (pa.ArrowInvalid, OSError) as e:
                 raise StorageError(f"{loc.uri}: row groups {first}..{last} failed verification or could not "
                                    f"be read ({e})") from None
@@ -365,44 +368,40 @@ class Cache:
     """A committed trajectory cache: manifest, model, trajectory, and the data it belongs to.
 
     Open one with :func:`open_cache`. Nothing here writes to the cache.
+
+    Attributes:
+      manifest: the typed :class:`~.manifest.Manifest`.
+      spec, model, dtype, storage, plan, l2, n_rows, steps: short names for its settings.
     """
 
-    def __init__(self, root: Location, manifest: dict) -> None:
+    def __init__(self, root: Location, manifest: Manifest) -> None:
         self.root, self.manifest = root, manifest
-        self.spec = ModelSpec.from_dict(manifest["model"])
-        self.dtype = _TORCH[manifest["dtype"]]
-        self.storage = _TORCH[manifest.get("storage_dtype", manifest["dtype"])]
+        t = manifest.training
+        self.spec = t.model
+        self.dtype = _TORCH[t.dtype]
+        self.storage = _TORCH[manifest.storage_dtype]
         self.model = self.spec.build()
-        self.plan = BatchPlan.from_dict(manifest["plan"])
-        self.l2 = float(manifest["l2"])
-        self.n_rows = int(manifest["n_rows"])
-        shards = tuple(ShardRef(**s) for s in manifest["shards"])
-        self.source = ParquetSource(root, shards, self.model.p, self.dtype, self.storage,
-                                    manifest.get("row_group_steps"))
+        self.plan = t.plan
+        self.l2 = t.l2
+        self.n_rows = manifest.n_rows
+        self.steps = t.steps
+        self.lrs = t.learning_rates()  # the one schedule: exact retraining and the replay both use it
+        self.source = ParquetSource(root, manifest.shards, self.model.p, self.dtype, self.storage,
+                                    manifest.row_group_steps, lrs=self.lrs.numpy(), digest=t.digest())
         self._initial = self._final = None
+        self._shards_checked = False
 
     @property
     def uri(self) -> str:
         return self.root.uri
 
     @property
-    def steps(self) -> int:
-        return int(self.manifest["steps"])
-
-    @property
-    def lrs(self) -> torch.Tensor:
-        """(T,) learning rates, recomputed from the schedule in the manifest."""
-        from ..core.schedule import learning_rates
-        lr = self.manifest["optimizer"]["lr"]
-        return learning_rates(self.steps, lr["base"], tuple(lr["milestones"]), lr["gamma"])
-
-    @property
     def n_classes(self) -> int | None:
         return None if self.spec.task == "regression" else self.spec.n_classes
 
     def _model_file(self, name: str) -> torch.Tensor:
-        ref = self.manifest["files"][name]
-        raw = read_verified(self.root.join(name), ref["sha256"], ref["bytes"])
+        ref = self.manifest.files[name]
+        raw = read_verified(self.root.join(name), ref.sha256, ref.bytes)
         return parse_model(raw.to_pybytes(), self.root.join(name).uri)[1].to(self.dtype)
 
     @property
@@ -419,8 +418,8 @@ class Cache:
         return self._initial
 
     def _row_file(self, name: str) -> bytes | None:
-        ref = self.manifest["files"].get(name)
-        return None if ref is None else read_verified(self.root.join(name), ref["sha256"], ref["bytes"])
+        ref = self.manifest.files.get(name)
+        return None if ref is None else read_verified(self.root.join(name), ref.sha256, ref.bytes)
 
     def removed_mask(self) -> torch.Tensor | None:
         raw = self._row_file("removed.parquet")
@@ -431,8 +430,26 @@ class Cache:
         mask[rows] = True
         return mask
 
+    def check_shards(self) -> None:
+        """Refuse a cache whose shards were written for other training settings than its manifest
+        states (an edited manifest): reads the first shard's footer (a ranged read), once."""
+        if self._shards_checked or not self.manifest.shards:
+            return
+        ref = self.manifest.shards[0]
+        loc = self.root.join(ref.path)
+        try:
+            with loc.open_random_access() as f:
+                metadata = pq.ParquetFile(f).schema_arrow.metadata
+        except (pa.ArrowInvalid, OSError) as e:
+            raise StorageError(f"{loc.uri}: not a readable shard ({e})") from None
+        self.source.check_digest(metadata, loc.uri)
+        self._shards_checked = True
+
     def trajectory(self, device: torch.device | str = "cpu") -> Trajectory:
-        """The cached trajectory (per-step vectors streamed from storage)."""
+        """The cached trajectory (per-step vectors streamed from storage); its settings are checked
+        against the shards' first (see :meth:`check_shards`), so exact retraining from it (which reads
+        no shard) cannot follow an edited manifest either."""
+        self.check_shards()
         lrs = self.lrs
         removed = self.removed_mask()
         return Trajectory(self.plan, self.l2, lrs, self.initial.to(device), self.final.to(device), self.n_rows,
@@ -472,10 +489,10 @@ class Cache:
         return data.to(dtype=self.dtype, device=device)
 
     def _data_location(self, uri: str | Location | None) -> Location:
-        return location(uri if uri is not None else self.manifest["data"]["uri"])
+        return location(uri if uri is not None else self.manifest.data.uri)
 
     def _check_fingerprint(self, src: Location, fp: str) -> None:
-        expected = self.manifest["data"]["fingerprint"]
+        expected = self.manifest.data.fingerprint
         if fp != expected:
             raise InputError(f"{src.uri} is not the data set the cache {self.uri} was trained on "
                              f"(fingerprint {fp[:19]}…, the cache expects {expected[:19]}…)")
@@ -498,8 +515,7 @@ def labels_only(cache: Cache, uri: str | Location | None = None) -> Dataset:
     the features live elsewhere (data-parallel mode). The data is not re-verified here: the
     shards holding the features verify it."""
     from .datasets import read_labels
-    info = cache.manifest["data"]
-    ids, y = read_labels(location(uri if uri is not None else info["uri"]))
+    ids, y = read_labels(location(uri if uri is not None else cache.manifest.data.uri))
     extra = cache.added_rows()
     if extra is not None:
         ids, y = torch.cat([ids, extra.ids]), torch.cat([y.to(extra.y.dtype), extra.y])
@@ -509,24 +525,15 @@ def labels_only(cache: Cache, uri: str | Location | None = None) -> Dataset:
     return Dataset(torch.zeros(len(ids), 0, dtype=cache.dtype), y, ids)
 
 
-def read_manifest(root: Location) -> dict:
+def read_manifest(root: Location) -> Manifest:
+    """The typed manifest of the cache at ``root``; a location without one is a clear error."""
     mloc = root.join(MANIFEST)
     if not mloc.exists():
         root.check_bucket()
         if root.is_file() or (root.is_dir() and any(p.name.endswith(".parquet") for p in root.list())):
             raise InputError(f"{root.uri} is not a trajectory cache (no {MANIFEST}); is it a data set?")
         raise StorageError(f"{root.uri}: no trajectory cache here (no committed {MANIFEST})")
-    try:
-        manifest = json.loads(mloc.read_text())
-    except json.JSONDecodeError as e:
-        raise StorageError(f"{mloc.uri}: not valid JSON ({e})") from None
-    if manifest.get("format") != FORMAT:
-        raise StorageError(f"{mloc.uri}: not a deltagrad-ray cache manifest (format {manifest.get('format')!r})")
-    version = manifest.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise StorageError(f"{mloc.uri}: cache format version {version!r} is newer than this deltagrad-ray "
-                           f"reads (<= {FORMAT_VERSION}); upgrade deltagrad-ray")
-    return manifest
+    return Manifest.from_json(mloc.read_text(), mloc.uri)
 
 
 def open_cache(uri: str | Location) -> Cache:

@@ -168,7 +168,7 @@ def test_every_deltagrad_setting_reaches_the_published_model(world):
     same = api.unlearn(cache, delete=ids, config=cfg)
     assert torch.equal(published.final, same.params)
     assert not torch.equal(published.final, api.unlearn(cache, delete=ids).params)
-    assert published.manifest["changes"][-1]["config"] == cfg.to_dict()
+    assert published.manifest.changes[-1]["config"] == cfg.to_dict()
 
 
 def test_an_unknown_deltagrad_setting_in_the_config_is_refused(tmp_path):

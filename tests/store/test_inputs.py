@@ -103,7 +103,7 @@ def test_api_fit_stores_in_memory_data_and_replays_verify_it(tmp_path):
     Xd = (Xd - Xd.mean(0)) / Xd.std(0)
     df = pd.DataFrame(Xd[:300], columns=[f"x{j}" for j in range(10)]).assign(label=yd[:300])
     cache = api.fit(df, tmp_path / "c", model="linear", steps=60, lr=0.1)
-    assert cache.manifest["data"]["uri"] == str(tmp_path / "c" / "data" / "part-0.parquet")
+    assert cache.manifest.data.uri == str(tmp_path / "c" / "data" / "part-0.parquet")
     assert torch.equal(cache.data().X, torch.from_numpy(Xd[:300]))
     res = api.unlearn(cache, delete=[3, 4, 5])
     exact = api.retrain_exact(cache, delete=[3, 4, 5])

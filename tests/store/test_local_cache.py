@@ -23,7 +23,7 @@ def trained(tmp_path_factory):
 
 def test_cache_round_trip_reproduces_the_in_memory_trajectory(trained):
     d, data, cache = trained
-    assert len(cache.manifest["shards"]) == 9  # 60 steps, 7 per shard
+    assert len(cache.manifest.shards) == 9  # 60 steps, 7 per shard
     from deltagrad_ray.core import ModelSpec, learning_rates, train
     m = ModelSpec("logreg", 8, 3).build()
     mem = train(m, data, steps=60, lrs=learning_rates(60, 0.3), l2=0.01, batch_size=500, seed=0)
@@ -52,7 +52,7 @@ def test_corrupted_shard_is_detected(trained, tmp_path):
     import shutil
     copy = tmp_path / "c1"
     shutil.copytree(d / "c1", copy)
-    shard = copy / cache.manifest["shards"][2]["path"]
+    shard = copy / cache.manifest.shards[2].path
     raw = bytearray(shard.read_bytes())
     raw[len(raw) // 2] ^= 0xFF
     shard.write_bytes(bytes(raw))
@@ -65,7 +65,7 @@ def test_missing_shard_is_named(trained, tmp_path):
     import shutil
     copy = tmp_path / "c1"
     shutil.copytree(d / "c1", copy)
-    (copy / cache.manifest["shards"][0]["path"]).unlink()
+    (copy / cache.manifest.shards[0].path).unlink()
     with pytest.raises(StorageError, match=r"part-00000-.*parquet: not found"):
         api.unlearn(str(copy), delete=[1], data=str(d / "data.parquet"))
 
@@ -149,3 +149,54 @@ def test_id_files(tmp_path):
     import pyarrow.parquet as pq
     pq.write_table(pa.table({"id": [5, 6]}), tmp_path / "ids.parquet")
     assert read_ids(tmp_path / "ids.parquet").tolist() == [5, 6]
+
+
+def test_the_manifest_is_a_typed_value_that_round_trips(trained):
+    from deltagrad_ray.store.manifest import Manifest
+    _, _, cache = trained
+    m = cache.manifest
+    again = Manifest.from_dict(json.loads(m.to_json()))
+    assert again == m
+    assert m.training.learning_rates().tolist() == cache.lrs.tolist()
+    assert m.model == cache.spec and m.steps == cache.steps == 60
+
+
+def _edited_copy(d, tmp_path, edit, keep_digest: bool):
+    import shutil
+    copy = tmp_path / "edited"
+    shutil.copytree(d / "c1", copy)
+    m = json.loads((copy / "manifest.json").read_text())
+    edit(m)
+    if not keep_digest:
+        del m["training_digest"]  # whoever edits it can also drop (or recompute) the digest
+    (copy / "manifest.json").write_text(json.dumps(m))
+    return copy
+
+
+@pytest.mark.parametrize("edit", [
+    lambda m: m["optimizer"]["lr"].update(base=m["optimizer"]["lr"]["base"] * 2),
+    lambda m: m.update(l2=m["l2"] * 3),
+    lambda m: m["optimizer"]["lr"].update(milestones=[30], gamma=0.5),
+], ids=["learning-rate", "l2", "schedule"])
+def test_an_edited_manifest_is_refused_by_retraining_and_replay_alike(trained, tmp_path, edit):
+    """The schedule has one source (the manifest) and the shards carry the digest of the settings
+    they were written for: an edited manifest cannot make exact retraining and the replay follow
+    different runs, nor silently retrain another one."""
+    d, _, _ = trained
+    with pytest.raises(StorageError, match="training settings do not match its own digest"):
+        open_cache(str(_edited_copy(d, tmp_path / "a", edit, keep_digest=True)))
+    copy = _edited_copy(d, tmp_path / "b", edit, keep_digest=False)
+    for call in (lambda: api.retrain_exact(str(copy), delete=[1]), lambda: api.unlearn(str(copy), delete=[1])):
+        with pytest.raises(StorageError, match="this shard was written for other training settings than the "
+                                               "manifest states"):
+            call()
+
+
+def test_a_malformed_manifest_names_the_field(trained, tmp_path):
+    d, _, _ = trained
+    copy = _edited_copy(d, tmp_path, lambda m: m.pop("n_rows"), keep_digest=True)
+    with pytest.raises(StorageError, match="malformed manifest .*missing field n_rows"):
+        open_cache(str(copy))
+    copy2 = _edited_copy(d, tmp_path / "x", lambda m: m.update(steps="sixty"), keep_digest=False)
+    with pytest.raises(StorageError, match="field steps must be an integer, got 'sixty'"):
+        open_cache(str(copy2))

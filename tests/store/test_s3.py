@@ -64,17 +64,19 @@ def test_replay_from_s3_is_bit_identical_to_local(world):
     a = api.unlearn(local, delete=[3, 5, 8])
     b = api.unlearn(remote, delete=[3, 5, 8])
     assert torch.equal(a.params, b.params)
-    assert remote.manifest["data"]["uri"] == f"s3://{bucket}/data"
+    assert remote.manifest.data.uri == f"s3://{bucket}/data"
 
 
 def test_manifest_lists_what_the_issue_asks_for(world):
     m = world[4].manifest
-    for key in ("format_version", "model", "params", "optimizer", "seed", "n_rows", "data", "steps", "shards"):
-        assert key in m
-    assert m["data"]["fingerprint"].startswith("sha256:")
-    assert m["params"]["shapes"] == [[3, 10], [3]]
-    assert [(s["start"], s["stop"]) for s in m["shards"]] == [(0, 12), (12, 24), (24, 36), (36, 48), (48, 50)]
-    assert all(s["sha256"].startswith("sha256:") and s["bytes"] > 0 for s in m["shards"])
+    d = m.to_dict()  # the JSON as written
+    for key in ("format_version", "model", "params", "optimizer", "seed", "n_rows", "data", "steps", "shards",
+                "training_digest"):
+        assert key in d
+    assert m.data.fingerprint.startswith("sha256:")
+    assert d["params"]["shapes"] == [[3, 10], [3]]
+    assert [(s.start, s.stop) for s in m.shards] == [(0, 12), (12, 24), (24, 36), (36, 48), (48, 50)]
+    assert all(s.sha256.startswith("sha256:") and s.bytes > 0 for s in m.shards)
 
 
 def test_missing_bucket(world):
@@ -139,7 +141,7 @@ def test_interrupted_writer_leaves_no_cache_and_blocks_nothing(world, moto_s3, m
         open_cache(f"s3://{bucket}/runs/cut")
     # a rerun at the same prefix succeeds; the leftover shards do not belong to it
     c = api.fit(f"s3://{bucket}/data", f"s3://{bucket}/runs/cut", steps=50, lr=0.3, shard_steps=12)
-    assert all(c.manifest["run_id"] in s["path"] for s in c.manifest["shards"])
+    assert all(c.manifest.run_id in s.path for s in c.manifest.shards)
 
 
 def test_cache_uri_pointing_at_a_data_set(world):
@@ -153,7 +155,7 @@ def test_unlearned_cache_goes_to_a_new_prefix(world, moto_s3):
     before = moto_s3.client().get_object(Bucket=bucket, Key="runs/c1/manifest.json")["Body"].read()
     res = api.unlearn(remote, delete=[2, 4], out_cache=f"s3://{bucket}/runs/c1-v2")
     child = open_cache(f"s3://{bucket}/runs/c1-v2")
-    assert torch.equal(child.final, res.params) and child.manifest["parent"]["uri"] == remote.uri
+    assert torch.equal(child.final, res.params) and child.manifest.parent.uri == remote.uri
     with pytest.raises(InputError, match="must go to a new location"):
         api.unlearn(remote, delete=[6], out_cache=remote.uri)
     with pytest.raises(StorageError, match="a trajectory cache already exists here"):
@@ -173,8 +175,8 @@ def wide(tmp_path_factory):
 def test_reduced_storage_precision(wide, storage):
     d, kw, full = wide
     c = api.fit(str(d / "data.parquet"), str(d / storage), storage_dtype=storage, **kw)
-    full_bytes = sum(s["bytes"] for s in full.manifest["shards"])
-    small_bytes = sum(s["bytes"] for s in c.manifest["shards"])
+    full_bytes = full.manifest.shard_bytes
+    small_bytes = c.manifest.shard_bytes
     assert small_bytes < (0.55 if storage == "float32" else 0.3) * full_bytes
     stored = c.trajectory().materialize().params
     exact = full.trajectory().materialize().params
