@@ -394,9 +394,9 @@ class RayBackend:
         for uri in uris:
             if uri is not None and location(uri).is_local:
                 shown = ", ".join(sorted(map(str, hosts)))
-                raise InputError(f"{uri} is a local path, but the Ray cluster spans {len(hosts)} hosts ({shown}): each node "
-                                 "would read its own disk; use an s3:// location (or shared_filesystem=True if "
-                                 "every node mounts this path)")
+                raise InputError(f"{uri} is a local path, but the Ray cluster spans {len(hosts)} hosts ({shown}): "
+                                 "each node would read its own disk; use an s3:// location (or "
+                                 "shared_filesystem=True if every node mounts this path)")
 
     # -- actors ---------------------------------------------------------------------------------
     def start(self, cache_uri: str, data_uri: str | None) -> str:

@@ -100,11 +100,11 @@ def test_corrupted_shard_on_s3(world, moto_s3):
     import shutil  # noqa: F401
     for k in ("manifest.json", "initial.safetensors", "model.safetensors"):
         cli.copy_object(Bucket=bucket, Key=f"runs/bad/{k}", CopySource=f"{bucket}/runs/c1/{k}")
-    for s in remote.manifest["shards"]:
-        body = cli.get_object(Bucket=bucket, Key=f"runs/c1/{s['path']}")["Body"].read()
-        if s["start"] == 24:
+    for s in remote.manifest.shards:
+        body = cli.get_object(Bucket=bucket, Key=f"runs/c1/{s.path}")["Body"].read()
+        if s.start == 24:
             body = body[:1000] + bytes([body[1000] ^ 0xFF]) + body[1001:]
-        cli.put_object(Bucket=bucket, Key=f"runs/bad/{s['path']}", Body=body)
+        cli.put_object(Bucket=bucket, Key=f"runs/bad/{s.path}", Body=body)
     with pytest.raises(StorageError, match=r"s3://.*/runs/bad/shards/part-00002-.*: checksum mismatch"):
         api.unlearn(f"s3://{bucket}/runs/bad", delete=[1])
     # the original is untouched and still works
