@@ -6,6 +6,11 @@ import pytest
 import torch
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+# every Ray process on loopback. Ray reads this when it is first imported (ray_constants), which
+# can happen at collection (tests/infra imports ray): set before any test module loads. Without it
+# Ray advertises the machine's interface address while its GCS listens on 127.0.0.1, and nodes
+# added on 127.0.0.1 look like another host.
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 
 
 @pytest.fixture(autouse=True)
@@ -59,9 +64,6 @@ def ray_cluster():
         # subprocess (CLI, job submission), never written to disk.
         import secrets
         os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
-    # every Ray process on loopback: without this Ray advertises the machine's interface address
-    # while its GCS listens on 127.0.0.1, and nodes cannot reach it
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     import ray
     from ray.cluster_utils import Cluster
     import socket
