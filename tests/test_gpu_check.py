@@ -88,7 +88,7 @@ def test_ray_checks_cpu_against_the_serial_backend(ray_cluster, capsys):
     assert rc == 0, [x for x in lines if not x["ok"]]
     ray_lines = {x["mode"]: x for x in lines if x["check"] == "ray"}
     assert set(ray_lines) == {"replicated", "pipeline", "data-parallel"}
-    for mode, x in ray_lines.items():
+    for x in ray_lines.values():
         assert x["failed_requests"] == 0 and x["retries"] == 0 and x["actor_devices"] == ["cpu"], x
         assert x["counters_equal"] and 0 < x["error_ratio_max"] <= 0.05, x
     assert ray_lines["replicated"]["params"] == ray_lines["pipeline"]["params"] == 0.0  # bit for bit
