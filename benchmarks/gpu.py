@@ -59,6 +59,7 @@ import sys
 import tempfile
 import time
 from contextlib import contextmanager
+from importlib.metadata import version
 
 import torch
 
@@ -393,7 +394,10 @@ def run_ray_driver(device: str, report: Report, optimizers, modes, address: str 
 def _local_ray(cuda: bool) -> str:
     """Start a Ray of our own on loopback (never one found running on this machine); its address."""
     import ray
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    from ray._private import ray_constants
+    if ray_constants.ENABLE_RAY_CLUSTER:  # read once, when Ray is imported: main() sets it before
+        raise RuntimeError("Ray was imported before RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 was set: a local Ray "
+                           "would listen on every interface; start this check as a command")
     ray.init(address="local", num_cpus=max(2, min(8, os.cpu_count() or 1)), num_gpus=1 if cuda else 0,
              include_dashboard=False, log_to_driver=False)
     return ray.get_runtime_context().gcs_address
@@ -588,6 +592,8 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    if not args.address:  # a local Ray, if one is started, keeps every process on loopback (read at import)
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     cuda = args.device == "cuda"
     report = Report()
     if args.driver:  # part 2's driver: no CUDA here, whatever the device of the actors
@@ -598,8 +604,7 @@ def main(argv: list[str] | None = None) -> int:
                      "message": f"no CUDA device (torch {torch.__version__}, torch.cuda.is_available() is False): "
                                 "nothing was checked; --device cpu runs the same checks CPU against CPU"})
         return 0
-    import ray
-    env = {"check": "environment", "device": args.device, "torch": torch.__version__, "ray": ray.__version__,
+    env = {"check": "environment", "device": args.device, "torch": torch.__version__, "ray": version("ray"),
            "cuda": torch.version.cuda, "ok": True}
     if cuda:
         props = torch.cuda.get_device_properties(0)
