@@ -63,6 +63,11 @@ _DG_FLAGS = (
     ("--growth", float, "geometric schedule: growth of the gaps (default 1.4)"),
     ("--max-gap", int, "geometric schedule: largest gap (default 40)"),
     ("--adaptive-tol", float, "adaptive schedule: prediction error that halves the gap (default 0.1)"),
+    ("--curvature", ["own", "shared", "own+path"], "curvature of the approximate steps: each request's own "
+     "L-BFGS pairs (own), the batch's pairs as one multi-secant model (shared), or own pairs plus the "
+     "cached path's secant pairs (own+path)"),
+    ("--shared-history", int, "shared curvature: explicit steps whose pairs are kept (default 4)"),
+    ("--path-pairs", int, "own+path curvature: secant pairs of the cached path added (default 4)"),
 )
 
 

@@ -19,6 +19,7 @@ from .schedule import geometric_explicit_steps, uniform_explicit_steps
 
 SCHEDULES = ("uniform", "geometric", "adaptive")
 SIGMA_RULES = ("sy/ss", "yy/sy")
+CURVATURES = ("own", "shared", "own+path")
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,16 @@ class DeltaGradConfig:
       max_curvature: optional known bound L on the Hessian: ‖B·v‖ > L‖v‖ is refused.
       first_gap, growth, max_gap: the geometric schedule.
       adaptive_tol: the adaptive schedule's tolerance on the prediction error.
+      curvature: where approximate steps take their curvature from (:mod:`.lbfgs`): ``"own"`` —
+        each request's own m pairs (Wu et al. 2020); ``"shared"`` — the pairs every request of the
+        batch measured at its last ``shared_history`` explicit steps, as one multi-secant model
+        (requests of a batch differ by a few rows, so they see nearly the same Hessian); ``"own+path"``
+        — a request's own pairs plus the last ``path_pairs`` secant pairs of the cached path itself,
+        which cost no gradient pass.
+      shared_history: K, explicit steps whose pairs the shared model keeps.
+      path_pairs: P, secant pairs of the cached path added to a request's own (``own+path``).
+      shared_rtol: singular values of the shared pairs below this fraction of the largest are
+        dropped (their directions are noise).
 
     Besides these, an approximate step is always refused when it would expand v: for a convex
     objective and η ≤ 2/L the exact gradient map is non-expansive (co-coercivity,
@@ -69,15 +80,20 @@ class DeltaGradConfig:
     growth: float = 1.4
     max_gap: int = 40
     adaptive_tol: float = 0.1
+    curvature: str = "own"
+    shared_history: int = 4
+    path_pairs: int = 4
+    shared_rtol: float = 1e-6
 
     def __post_init__(self) -> None:
-        for name in ("period", "history", "first_gap", "max_gap"):
+        for name in ("period", "history", "first_gap", "max_gap", "shared_history", "path_pairs"):
             _int(self, name, 1)
         _int(self, "burn_in", 0)
-        for name in ("curvature_eps", "curvature_guard", "growth", "adaptive_tol", "max_curvature"):
+        for name in ("curvature_eps", "curvature_guard", "growth", "adaptive_tol", "max_curvature", "shared_rtol"):
             _float(self, name)
         _choice(self, "schedule", SCHEDULES)
         _choice(self, "sigma", SIGMA_RULES)
+        _choice(self, "curvature", CURVATURES)
         if not (0 <= self.curvature_eps < 1):
             raise InputError(f"curvature_eps must be in [0, 1), got {self.curvature_eps!r}")
         if not self.curvature_guard >= 1:
@@ -88,6 +104,8 @@ class DeltaGradConfig:
             raise InputError(f"max_curvature must be > 0, got {self.max_curvature!r}")
         if not self.growth >= 1:
             raise InputError(f"growth must be >= 1, got {self.growth!r}")
+        if not (0 <= self.shared_rtol < 1):
+            raise InputError(f"shared_rtol must be in [0, 1), got {self.shared_rtol!r}")
         if self.max_gap < self.first_gap:
             raise InputError(f"max_gap must be >= first_gap ({self.first_gap}), got {self.max_gap!r}")
 
@@ -120,7 +138,8 @@ class DeltaGradConfig:
         return geometric_explicit_steps(steps, self.burn_in, self.first_gap, self.growth, self.max_gap)
 
 
-_LABELS = {"period": "period T0", "burn_in": "burn-in j0", "history": "history m"}
+_LABELS = {"period": "period T0", "burn_in": "burn-in j0", "history": "history m",
+           "shared_history": "shared_history K", "path_pairs": "path_pairs P"}
 
 
 def _int(cfg: DeltaGradConfig, name: str, low: int) -> None:

@@ -135,3 +135,141 @@ def hvp(h: Histories, V: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     nb, nv = Bv.norm(dim=1), Vd.norm(dim=1).clamp_min(1e-300)
     usable = h.ok & (nb <= h.bound * nv * (1 + 1e-6))  # False for NaN and inf too
     return Bv.to(V.dtype), nb / nv, usable
+
+
+# -- curvature beyond a request's own pairs (DeltaGradConfig.curvature) ----------------------------------
+@dataclass(frozen=True, eq=False)
+class SharedPairs(Batched):
+    """A multi-secant model of the Hessian shared by every request of a batch (``curvature="shared"``).
+
+    At an explicit step each request b measures an exact pair (s_b, y_b) = (w^I_b − w_t,
+    ∇F_b(w^I_b) − g_t): B pairs of nearly the same Hessian, since the requests' data differ by a few
+    rows (O(r/n)). With the pairs of the batch's last K explicit steps as the rows of S and Y (each
+    pair scaled to ‖s‖ = 1, so that every direction counts alike) and the thin SVD Sᵀ = UΣVᵀ
+    (singular values below ``rtol`` × the largest dropped), every request uses
+
+        H·v ≈ Yᵀ V Σ⁻¹ (Uᵀ v) + σ (v − U Uᵀ v),    σ = ⟨S, Y⟩ / ⟨S, S⟩,
+
+    the least-squares solution of H Sᵀ = Yᵀ on span(S), and σI off it. Cost per product O(r·p).
+
+    Fields (batch-level: :meth:`select` keeps them all, the pairs stay valid for any subset):
+      S, Y:   (k, p) the pairs, float64
+      events: (k,) int64 the step of the explicit step each pair came from
+      U, M:   (p, r) the basis of span(S) and Yᵀ V Σ⁻¹
+      sigma:  () float64
+      rtol:   the relative cut of the singular values
+    """
+
+    S: Tensor
+    Y: Tensor
+    events: Tensor
+    U: Tensor
+    M: Tensor
+    sigma: Tensor
+    rtol: float = 0.0
+    _shared = ("S", "Y", "events", "U", "M", "sigma")
+
+    def select(self, idx):
+        return self
+
+    @classmethod
+    def concat(cls, items):
+        """The models of several batches merged: all their pairs (e.g. when batches are joined)."""
+        return _shared_model(torch.cat([it.S for it in items]), torch.cat([it.Y for it in items]),
+                             torch.cat([it.events for it in items]), items[0].rtol)
+
+
+def _shared_model(S: Tensor, Y: Tensor, events: Tensor, rtol: float) -> SharedPairs:
+    """U, M and σ of the pairs: the SVD of Sᵀ from the eigendecomposition of the small Gram matrix
+    S Sᵀ = V Σ² Vᵀ (k × k; U = Sᵀ V Σ⁻¹), one GEMM over the pairs instead of an SVD of the p × k matrix."""
+    p = S.shape[1]
+    if S.shape[0] == 0:
+        z = torch.zeros(p, 0, dtype=torch.float64, device=S.device)
+        return SharedPairs(S, Y, events, z, z.clone(), torch.ones((), dtype=torch.float64, device=S.device), rtol)
+    lam, V = torch.linalg.eigh(S @ S.T)                             # ascending eigenvalues = σ²
+    keep = lam > (rtol ** 2) * lam[-1].clamp_min(1e-300)
+    sv, V = lam[keep].sqrt(), V[:, keep]
+    U = (S.T @ V) / sv                                              # (p, r), orthonormal columns
+    M = (Y.T @ V) / sv                                              # Yᵀ V Σ⁻¹, (p, r)
+    sigma = (S * Y).sum() / (S * S).sum()
+    return SharedPairs(S, Y, events, U, M, sigma, rtol)
+
+
+def shared_empty(p: int, device: torch.device | str = "cpu", rtol: float = 1e-6) -> SharedPairs:
+    z = torch.zeros(0, p, dtype=torch.float64, device=device)
+    return _shared_model(z, z.clone(), torch.zeros(0, dtype=torch.int64, device=device), rtol)
+
+
+def shared_add(sp: SharedPairs, s: Tensor, y: Tensor, mask: Tensor, step: int, keep_events: int) -> SharedPairs:
+    """The model with the pairs of ``mask`` (measured at explicit step ``step``) added, keeping the
+    pairs of the last ``keep_events`` explicit steps."""
+    if not bool(mask.any()):
+        return sp
+    sd, yd = s[mask].double(), y[mask].double()
+    scale = sd.norm(dim=1, keepdim=True)
+    S = torch.cat([sp.S, sd / scale])
+    Y = torch.cat([sp.Y, yd / scale])
+    events = torch.cat([sp.events, torch.full((len(sd),), step, dtype=torch.int64, device=sp.events.device)])
+    recent = torch.unique(events)[-keep_events:]
+    kept = torch.isin(events, recent)
+    return _shared_model(S[kept], Y[kept], events[kept], sp.rtol)
+
+
+def shared_hvp(sp: SharedPairs, V: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(H·v_b (B, p), ‖H·v_b‖/‖v_b‖ (B,), usable (B,)) with the shared model; unusable before any
+    pair, or when not finite."""
+    Vd = V.double()
+    Z = Vd @ sp.U                                                   # (B, r) = Uᵀ v_b
+    Hv = Z @ sp.M.T + sp.sigma * (Vd - Z @ sp.U.T)
+    nh, nv = Hv.norm(dim=1), Vd.norm(dim=1).clamp_min(1e-300)
+    ratio = nh / nv
+    usable = torch.isfinite(ratio) & (sp.U.shape[1] > 0)
+    return Hv.to(V.dtype), ratio, usable
+
+
+@dataclass(frozen=True, eq=False)
+class PathPairs(Batched):
+    """The cached path's last few points (``curvature="own+path"``): their secant pairs
+    (w_{j+1} − w_j, g_{j+1} − g_j) are pairs of the full objective, free of any gradient pass.
+
+    Fields (batch-level): W, G (n, p) the last n ≤ P + 1 cached parameters and gradients, oldest first.
+    """
+
+    W: Tensor
+    G: Tensor
+    _shared = ("W", "G")
+
+    def select(self, idx):
+        return self
+
+    def add(self, w: Tensor, g: Tensor, keep: int) -> PathPairs:
+        return PathPairs(torch.cat([self.W[-(keep - 1):] if keep > 1 else self.W[:0], w[None]]),
+                         torch.cat([self.G[-(keep - 1):] if keep > 1 else self.G[:0], g[None]]))
+
+    def pairs(self, eps: float) -> tuple[Tensor, Tensor]:
+        """The secant pairs that pass the curvature test, oldest first: (P', p) each."""
+        s, y = self.W[1:] - self.W[:-1], self.G[1:] - self.G[:-1]
+        ok = curvature_ok(s, y, eps)
+        return s[ok], y[ok]
+
+
+def path_empty(p: int, dtype: torch.dtype, device: torch.device | str = "cpu") -> PathPairs:
+    z = torch.zeros(0, p, dtype=dtype, device=device)
+    return PathPairs(z, z.clone())
+
+
+def with_path_pairs(h: Histories, S_path: Tensor, Y_path: Tensor) -> Histories:
+    """Each request's own pairs with the path's pairs before them (older), as one history."""
+    B, m, p = h.S.shape
+    P = S_path.shape[0]
+    if P == 0:
+        return h
+    L = m + P
+    S = torch.zeros(B, L, p, dtype=h.S.dtype, device=h.S.device)
+    Y = torch.zeros_like(S)
+    S[:, P:], Y[:, P:] = h.S, h.Y                      # own pairs right-aligned (valid in the last count slots)
+    pos = (m - h.count)[:, None] + torch.arange(P, device=h.S.device)[None, :]   # just before them
+    rows = torch.arange(B, device=h.S.device)[:, None]
+    S[rows, pos] = S_path.to(S.dtype).expand(B, P, p)
+    Y[rows, pos] = Y_path.to(Y.dtype).expand(B, P, p)
+    return prepare(S, Y, h.count + P, h.rule)
