@@ -6,6 +6,21 @@ import pytest
 import torch
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+# every Ray process on loopback. Ray reads this when it is first imported (ray_constants), which
+# can happen at collection (tests/infra imports ray): set before any test module loads. Without it
+# Ray advertises the machine's interface address while its GCS listens on 127.0.0.1, and nodes
+# added on 127.0.0.1 look like another host.
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+# token authentication (Ray reads the mode at import too)
+os.environ.setdefault("RAY_AUTH_MODE", "token")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+if not (os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")
+        or os.path.exists(os.path.expanduser("~/.ray/auth_token"))):
+    # ray.init generates ~/.ray/auth_token, the cluster utility does not: on a fresh machine its
+    # GCS dies for want of a token. A token for this test run only, inherited by every subprocess
+    # (CLI, job submission), never written to disk.
+    import secrets
+    os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
 
 
 @pytest.fixture(autouse=True)
@@ -50,21 +65,10 @@ def ray_cluster():
     """One Ray cluster for the whole test run: a head and two worker nodes on this machine, each
     with one unit of a custom resource standing in for a GPU, the dashboard on 127.0.0.1 (for
     job submission). Connected once; every Ray test shares it."""
-    os.environ.setdefault("RAY_AUTH_MODE", "token")
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    if not (os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")
-            or os.path.exists(os.path.expanduser("~/.ray/auth_token"))):
-        # ray.init generates ~/.ray/auth_token, the cluster utility does not: on a fresh machine
-        # its GCS dies for want of a token. A token for this test run only, inherited by every
-        # subprocess (CLI, job submission), never written to disk.
-        import secrets
-        os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
-    # every Ray process on loopback: without this Ray advertises the machine's interface address
-    # while its GCS listens on 127.0.0.1, and nodes cannot reach it
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    import socket
+
     import ray
     from ray.cluster_utils import Cluster
-    import socket
 
     from deltagrad_ray.devservers import KEY, SECRET
 
