@@ -50,7 +50,9 @@ class DeltaGradConfig:
         batch measured at its last ``shared_history`` explicit steps, as one multi-secant model
         (requests of a batch differ by a few rows, so they see nearly the same Hessian); ``"own+path"``
         — a request's own pairs plus the last ``path_pairs`` secant pairs of the cached path itself,
-        which cost no gradient pass.
+        which cost no gradient pass (gradient descent only). With SGD, pairs of different explicit
+        steps come from different mini-batches, whose Hessians differ: keep ``shared_history=1``
+        there (measured: K = 2–4 doubled the error of own pairs on the tests' SGD problems).
       shared_history: K, explicit steps whose pairs the shared model keeps.
       path_pairs: P, secant pairs of the cached path added to a request's own (``own+path``).
       shared_rtol: singular values of the shared pairs below this fraction of the largest are

@@ -408,6 +408,9 @@ class Replay:
             raise InputError(f"the trajectory was trained on {traj.n_rows} rows, the data has {len(data)}")
         if not changes:
             raise InputError("no change sets given")
+        if config.curvature == "own+path" and not traj.plan.full_batch:
+            raise InputError("curvature own+path needs a trajectory trained by gradient descent: with mini-batches the "
+                             "cached path's secant pairs mix different batches' gradients (use own or shared)")
         # the features' width: the model's (the replay's rows may be zero-width when data shards hold them)
         width = model.spec.n_features if model.spec is not None else data.n_features
         _check_changes(traj, data, changes, width)
