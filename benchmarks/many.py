@@ -81,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     exact = retrain_batched(model, traj, data, changes[:B], batch_size=B)
     batched_exact = (time.perf_counter() - t0) / len(exact)
     emit({**base, "method": "exact, batched", "timed_requests": len(exact),
-          "seconds_per_request": round(batched_exact, 4), "vs_exact_one_at_a_time": round(single_exact / batched_exact, 2)})
+          "seconds_per_request": round(batched_exact, 4),
+          "vs_exact_one_at_a_time": round(single_exact / batched_exact, 2)})
 
     peak = matmul_peak(torch.float64)
     rp = Replay(model, traj, data, changes[:B])

@@ -49,7 +49,7 @@ from .batches import BatchIndex, StepBatch
 from .config import DeltaGradConfig
 from .data import ChangeSet, Dataset, check_not_removed, make_change_set
 from .errors import InputError
-from .lbfgs import Histories, PathPairs, SharedPairs
+from .lbfgs import Histories, PathPairs, Secants, SharedPairs
 from .models import FunctionalModel, ManyRef
 from .state import Batched
 from .train import Recorder, RowGather, changed_data
@@ -110,7 +110,7 @@ class ReplayState(Batched):
     pred_sum: Tensor
     pred_n: Tensor
     failed_at: Tensor
-    secant: Histories | SharedPairs | None = None
+    secant: Histories | Secants | SharedPairs | None = None
     path: PathPairs | None = None
 
     @property
@@ -408,6 +408,7 @@ class Replay:
             raise InputError(f"the trajectory was trained on {traj.n_rows} rows, the data has {len(data)}")
         if not changes:
             raise InputError("no change sets given")
+        config = config.resolve(full_batch=traj.plan.full_batch, kind=None if model.spec is None else model.spec.kind)
         if config.curvature == "own+path" and not traj.plan.full_batch:
             raise InputError("curvature own+path needs a trajectory trained by gradient descent: with mini-batches the "
                              "cached path's secant pairs mix different batches' gradients (use own or shared)")
@@ -438,7 +439,9 @@ class Replay:
                            torch.full((B,), self.config.burn_in, dtype=torch.int64, device=dev),
                            fz.clone(), fz.clone(), zeros.clone(), torch.full((B,), -1, dtype=torch.int64, device=dev),
                            secant=lbfgs.shared_empty(t.p, dev, self.config.shared_rtol)
-                           if self.config.curvature == "shared" else None,
+                           if self.config.curvature == "shared" else
+                           lbfgs.secants_empty(B, self.config.shared_history, t.p, dev, self.config.shared_rtol)
+                           if self.config.curvature == "secant" else None,
                            path=lbfgs.path_empty(t.p, t.dtype, dev) if self.config.curvature == "own+path" else None)
 
     # -- the pieces of a step -------------------------------------------------------------------
@@ -447,6 +450,8 @@ class Replay:
         compact form, the own pairs with the path's, or the batch's shared multi-secant model."""
         if self.config.curvature == "shared":
             return lbfgs.shared_hvp(secant, V)
+        if self.config.curvature == "secant":
+            return lbfgs.secants_hvp(secant, V)
         return lbfgs.hvp(history if secant is None else secant, V)
 
     def _approximate(self, st: ReplayState, V: Tensor, lr: float) -> tuple[Tensor, Tensor]:
@@ -497,6 +502,8 @@ class Replay:
         track["history"] = lbfgs.push(hist, s, y, ok)
         if cfg.curvature == "shared":
             track["secant"] = lbfgs.shared_add(track["secant"], s, y, ok, t, cfg.shared_history)
+        elif cfg.curvature == "secant":
+            track["secant"] = lbfgs.secants_push(track["secant"], s, y, ok)
         elif cfg.curvature == "own+path":
             track["secant"] = lbfgs.with_path_pairs(track["history"], *track["path"].pairs(cfg.curvature_eps))
         ns, ny = s.double().norm(dim=1), y.double().norm(dim=1)
