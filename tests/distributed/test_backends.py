@@ -387,8 +387,9 @@ def test_data_parallel_mode_equals_serial(ray_cluster, world, tmp_path):
     serial = SerialBackend(threads=1).run(cache, None, changes, batch_size=8)
     rb = RayBackend(workers=2, mode="pipeline", resources={"accel": 1}, data_shards=2)
     rep = rb.run(cache.uri, None, changes, batch_size=8)
-    # the shards' partial gradients are summed in another order than one pass over all rows
-    assert torch.allclose(rep.params, serial.params, rtol=1e-12, atol=1e-14)
+    # the shards' partial gradients are summed in another order than one pass over all rows; the
+    # multi-secant model (the default here) can amplify that round-off ~1e6× (see test_batched.py)
+    assert torch.allclose(rep.params, serial.params, rtol=1e-9, atol=1e-12)
     assert all(a["data_bytes"] == 0 for a in rep.stats["actors"])          # no features in replay actors
     assert [s["range"] for s in rep.stats["data_shards"]] == [[0, 300], [300, 600]]
 
@@ -407,7 +408,7 @@ def test_data_parallel_mode_on_sgd_with_removed_and_added_rows(ray_cluster, tmp_
     changes = leave_one_out(ds, torch.tensor([10, 20, 5001, 5003]))
     serial = SerialBackend(threads=1).run(c1, None, changes, batch_size=2)
     rep = RayBackend(workers=1, mode="replicated", data_shards=2).run(c1.uri, None, changes, batch_size=2)
-    assert torch.allclose(rep.params, serial.params, rtol=1e-12, atol=1e-14)
+    assert torch.allclose(rep.params, serial.params, rtol=1e-9, atol=1e-12)  # as in the test above
 
 
 def test_data_shards_auto_follows_the_memory_cap(world):
