@@ -51,7 +51,8 @@ def _add_change_args(p: argparse.ArgumentParser) -> None:
 
 # the DeltaGrad settings a user tunes, as flags named after DeltaGradConfig's fields (unset: its default)
 _DG_FLAGS = (
-    ("--period", int, "T0: an explicit step every T0 steps after the burn-in (default 5)"),
+    ("--period", int, "T0: an explicit step every T0 steps after the burn-in (default 10 with the secant and shared "
+     "curvatures, else 5)"),
     ("--burn-in", int, "j0: explicit steps at the start (default 10)"),
     ("--history", int, "m: L-BFGS pairs kept per request (default 2)"),
     ("--schedule", ["uniform", "geometric", "adaptive"], "explicit steps: every T0 (uniform), growing gaps "
@@ -63,6 +64,12 @@ _DG_FLAGS = (
     ("--growth", float, "geometric schedule: growth of the gaps (default 1.4)"),
     ("--max-gap", int, "geometric schedule: largest gap (default 40)"),
     ("--adaptive-tol", float, "adaptive schedule: prediction error that halves the gap (default 0.1)"),
+    ("--curvature", ["auto", "own", "secant", "shared", "own+path"], "curvature of the approximate steps: each "
+     "request's own L-BFGS pairs (own), its own pairs of the last explicit steps as a multi-secant model "
+     "(secant), the batch's pairs as one multi-secant model (shared), own pairs plus the cached path's secant "
+     "pairs (own+path); default auto: secant for GD-trained logreg/linear, else own"),
+    ("--shared-history", int, "secant and shared curvature: explicit steps whose pairs are kept (default 4)"),
+    ("--path-pairs", int, "own+path curvature: secant pairs of the cached path added (default 4)"),
 )
 
 

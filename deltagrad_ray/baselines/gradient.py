@@ -148,7 +148,7 @@ class DeltaGrad(_TrainedMethod):
     @property
     def name(self) -> str:
         c = self.config
-        return f"deltagrad(T0={c.period})" if c.schedule == "uniform" else "deltagrad(geometric)"
+        return f"deltagrad(T0={c.period or 'auto'})" if c.schedule == "uniform" else "deltagrad(geometric)"
 
     def apply(self, state: Trained, change: ChangeSet) -> Outcome:
         if state.cache is None:

@@ -15,7 +15,8 @@ from .models import FunctionalModel as FunctionalModel, ModelSpec as ModelSpec
 from .replay import (BatchedResult as BatchedResult, LocalRows as LocalRows, Replay as Replay,
                      ReplayResult as ReplayResult, ReplayState as ReplayState, RequestError as RequestError,
                      deltagrad as deltagrad, deltagrad_batched as deltagrad_batched,
-                     deltagrad_online as deltagrad_online, relative_error as relative_error)
+                     deltagrad_online as deltagrad_online, relative_error as relative_error,
+                     retrain_batched as retrain_batched)
 from .schedule import (BatchPlan as BatchPlan, geometric_explicit_steps as geometric_explicit_steps,
                        learning_rates as learning_rates, speedup_bound as speedup_bound,
                        uniform_explicit_steps as uniform_explicit_steps)

@@ -49,7 +49,7 @@ from .batches import BatchIndex, StepBatch
 from .config import DeltaGradConfig
 from .data import ChangeSet, Dataset, check_not_removed, make_change_set
 from .errors import InputError
-from .lbfgs import Histories
+from .lbfgs import Histories, PathPairs, Secants, SharedPairs
 from .models import FunctionalModel, ManyRef
 from .state import Batched
 from .train import Recorder, RowGather, changed_data
@@ -89,6 +89,10 @@ class ReplayState(Batched):
                      with exact gradients, −1 while they are fine. A failed request is put back on
                      the cached path (``synced``), costs nothing more, and is reported as failed: the
                      other requests of its batch go on, unaffected
+      secant:        the curvature approximate steps use when it is not the own history alone
+                     (``config.curvature``): the batch's shared multi-secant model, or each request's
+                     own pairs with the path's; None for ``"own"``
+      path:          ``"own+path"``: the cached path's last points (their secant pairs)
     """
 
     W: Tensor
@@ -106,6 +110,8 @@ class ReplayState(Batched):
     pred_sum: Tensor
     pred_n: Tensor
     failed_at: Tensor
+    secant: Histories | Secants | SharedPairs | None = None
+    path: PathPairs | None = None
 
     @property
     def B(self) -> int:
@@ -343,7 +349,7 @@ class _Entries:
         return self._by_k.get(k, self._none)
 
 
-def _check_changes(traj: Trajectory, data: Dataset, changes: Sequence[ChangeSet]) -> None:
+def _check_changes(traj: Trajectory, data: Dataset, changes: Sequence[ChangeSet], width: int) -> None:
     """Each change set must name rows of this trajectory not yet removed, and add rows of the
     right width; a request that does not is refused by index (:class:`RequestError`)."""
     n, removed = traj.n_rows, traj.removed
@@ -367,8 +373,8 @@ def _check_changes(traj: Trajectory, data: Dataset, changes: Sequence[ChangeSet]
             reasons[b] = str(e)
             continue
         n_add = 0 if ch.add is None else len(ch.add)
-        if ch.add is not None and n_add and ch.add.X.shape[1:] != data.X.shape[1:]:
-            reasons[b] = f"added rows have {ch.add.X.shape[1]} features, the data has {data.n_features}"
+        if ch.add is not None and n_add and width and (ch.add.X.ndim != 2 or ch.add.X.shape[1] != width):
+            reasons[b] = f"added rows have {ch.add.X.shape[-1]} features, the data has {width}"
             continue
         if len(d) >= active + n_add:
             reasons[b] = f"the request deletes every one of the {active} remaining rows"
@@ -402,7 +408,13 @@ class Replay:
             raise InputError(f"the trajectory was trained on {traj.n_rows} rows, the data has {len(data)}")
         if not changes:
             raise InputError("no change sets given")
-        _check_changes(traj, data, changes)
+        config = config.resolve(full_batch=traj.plan.full_batch, kind=None if model.spec is None else model.spec.kind)
+        if config.curvature == "own+path" and not traj.plan.full_batch:
+            raise InputError("curvature own+path needs a trajectory trained by gradient descent: with mini-batches the "
+                             "cached path's secant pairs mix different batches' gradients (use own or shared)")
+        # the features' width: the model's (the replay's rows may be zero-width when data shards hold them)
+        width = model.spec.n_features if model.spec is not None else data.n_features
+        _check_changes(traj, data, changes, width)
         self.model, self.traj, self.data, self.config = model, traj, data, config
         self.changes = list(changes)
         self.B, self.l2 = len(changes), traj.l2
@@ -425,15 +437,29 @@ class Replay:
                            fz.clone(), zeros, zeros.clone(), zeros.clone(), zeros.clone(),
                            torch.full((B,), self.config.period, dtype=torch.int64, device=dev),
                            torch.full((B,), self.config.burn_in, dtype=torch.int64, device=dev),
-                           fz.clone(), fz.clone(), zeros.clone(), torch.full((B,), -1, dtype=torch.int64, device=dev))
+                           fz.clone(), fz.clone(), zeros.clone(), torch.full((B,), -1, dtype=torch.int64, device=dev),
+                           secant=lbfgs.shared_empty(t.p, dev, self.config.shared_rtol)
+                           if self.config.curvature == "shared" else
+                           lbfgs.secants_empty(B, self.config.shared_history, t.p, dev, self.config.shared_rtol)
+                           if self.config.curvature == "secant" else None,
+                           path=lbfgs.path_empty(t.p, t.dtype, dev) if self.config.curvature == "own+path" else None)
 
     # -- the pieces of a step -------------------------------------------------------------------
+    def _products(self, history: Histories, secant, V: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(B·v_b, ‖B·v_b‖/‖v_b‖, usable) with the curvature ``config.curvature`` names: the own
+        compact form, the own pairs with the path's, or the batch's shared multi-secant model."""
+        if self.config.curvature == "shared":
+            return lbfgs.shared_hvp(secant, V)
+        if self.config.curvature == "secant":
+            return lbfgs.secants_hvp(secant, V)
+        return lbfgs.hvp(history if secant is None else secant, V)
+
     def _approximate(self, st: ReplayState, V: Tensor, lr: float) -> tuple[Tensor, Tensor]:
         """(B·v_b, accepted) — Alg. 1, line 10, behind every guard: a usable compact form within its
         norm bound (:func:`~.lbfgs.hvp`), within κ·L̂ (and the known bound L), and non-expansive
         (η‖Bv‖² ≤ 2·vᵀBv; see :class:`~.config.DeltaGradConfig`)."""
         cfg = self.config
-        Bv, ratio, usable = lbfgs.hvp(st.history, V)
+        Bv, ratio, usable = self._products(st.history, st.secant, V)
         limit = cfg.curvature_guard * st.curvature
         if cfg.max_curvature is not None:
             limit = limit.clamp(max=cfg.max_curvature)
@@ -458,7 +484,7 @@ class Replay:
         s[idx], y[idx] = V[idx], fx - g_t
         hist = track["history"]
         # how good would the approximation have been? (before the new pair enters)
-        pred, _, usable = lbfgs.hvp(hist, s)
+        pred, _, usable = self._products(hist, track["secant"], s)
         measured = mask & usable
         e = (pred.double() - y.double()).norm(dim=1) / y.double().norm(dim=1).clamp_min(1e-300)
         e = torch.where(measured, e, torch.zeros_like(e))
@@ -474,6 +500,12 @@ class Replay:
         ok = mask & lbfgs.curvature_ok(s, y, cfg.curvature_eps)
         track["skipped_pairs"] = track["skipped_pairs"] + (mask & ~ok)
         track["history"] = lbfgs.push(hist, s, y, ok)
+        if cfg.curvature == "shared":
+            track["secant"] = lbfgs.shared_add(track["secant"], s, y, ok, t, cfg.shared_history)
+        elif cfg.curvature == "secant":
+            track["secant"] = lbfgs.secants_push(track["secant"], s, y, ok)
+        elif cfg.curvature == "own+path":
+            track["secant"] = lbfgs.with_path_pairs(track["history"], *track["path"].pairs(cfg.curvature_eps))
         ns, ny = s.double().norm(dim=1), y.double().norm(dim=1)
         track["curvature"] = torch.where(ok, torch.maximum(track["curvature"], ny / ns.clamp_min(1e-300)),
                                          track["curvature"])
@@ -485,18 +517,20 @@ class Replay:
         sb = self.index.at(t)
         ch = self.entries.at(t)
         W = st.W
+        path = None if st.path is None else st.path.add(w_t, g_t, self.config.path_pairs + 1)
         # requests still synced (w^I_t == w_t) whose batch is unchanged reuse the cached step as is
         keep = st.synced & ~ch.changed if bool(st.synced.any()) else None
         if keep is not None and bool(keep.all()):
             _record(recorders, t, W, g_t.expand_as(W))
-            return st.replace(W=W - lr * g_t, step=t + 1)
+            return st.replace(W=W - lr * g_t, step=t + 1, path=path)
         if keep is not None and not bool(keep.any()):
             keep = None
         l2, size = self.l2, sb.size
         V = W - w_t
         active = ~st.synced                        # requests off the cached path (v ≠ 0)
         track = {k: getattr(st, k) for k in ("history", "curvature", *COUNTERS, "gap", "next_explicit",
-                                             "pred_max", "pred_sum", "pred_n")}
+                                             "pred_max", "pred_sum", "pred_n", "secant")}
+        track["path"] = path
         full = g_t.expand_as(W)                    # ∇F_{B_t}(w_b): exact for synced requests (v = 0)
         scheduled = bool(self.explicit[t])
         if self.adaptive:
@@ -549,7 +583,7 @@ class Replay:
         return ReplayState(W_next, track["history"], t + 1, synced, track["curvature"], track["explicit_steps"],
                            track["approx_steps"], track["fallbacks"], track["skipped_pairs"], track["gap"],
                            track["next_explicit"], track["pred_max"], track["pred_sum"], track["pred_n"],
-                           track.get("failed_at", st.failed_at))
+                           track.get("failed_at", st.failed_at), track["secant"], path)
 
     # -- segments and whole replays ---------------------------------------------------------------
     def run_segment(self, st: ReplayState, seg: Segment,
@@ -686,6 +720,40 @@ def deltagrad_batched(model: FunctionalModel, traj: Trajectory, data: Dataset, c
     if not results:
         raise InputError("no change sets given")
     return BatchedResult.concat(results)
+
+
+def retrain_batched(model: FunctionalModel, traj: Trajectory, data: Dataset, changes: Sequence[ChangeSet], *,
+                    batch_size: int = 32, gemm_dtype: torch.dtype | None = None) -> Tensor:
+    """Exact retraining for many change sets, B models per pass over the rows: (N, p).
+
+    The ground truth done the way a careful user would batch it, with the explicit steps' own kernel
+    (one GEMM of each cached batch's rows against B parameter vectors, the changed rows corrected
+    per request) at every step, and no curvature at all: the baseline DeltaGrad's many-request
+    speed-up is measured against (``benchmarks.many``). Equal to :func:`~.train.retrain` of each
+    request up to summation order (tested).
+    """
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise InputError(f"batch size must be an integer >= 1, got {batch_size!r}")
+    out = []
+    for i in range(0, len(changes), batch_size):
+        rp = Replay(model, traj, data, changes[i:i + batch_size], gemm_dtype=gemm_dtype)
+        W, l2 = traj.initial.expand(rp.B, traj.p).clone(), traj.l2
+        for seg in traj.segments():
+            lrs = seg.lrs.tolist()
+            for j in range(seg.stop - seg.start):
+                t = seg.start + j
+                sb, ch = rp.index.at(t), rp.entries.at(t)
+                base, weights = rp.index.base(sb)
+                G = rp.rows.grad_many(W, base, weights, sb.extra, seg.params[j])
+                if ch.any:
+                    G = G + model.grad_sum_each(W, ch.X, ch.y, ch.w)
+                den = sb.size + ch.delta
+                g = torch.where(den > 0, G / den.clamp(min=1), torch.zeros_like(G)) + l2 * W
+                W = W - lrs[j] * g
+        out.append(W)
+    if not out:
+        raise InputError("no change sets given")
+    return torch.cat(out)
 
 
 def deltagrad_online(model: FunctionalModel, traj: Trajectory, data: Dataset,

@@ -188,21 +188,25 @@ def _ray():
 
 
 def ensure_ray(address: str | None = None, **init_kwargs) -> None:
-    """Connect to ``address`` (or ``RAY_ADDRESS``), or start a local Ray, unless already connected."""
+    """Connect to ``address`` (or ``RAY_ADDRESS``), or start a local Ray of this process's own, unless
+    already connected. A local Ray listens on loopback only, and never joins another Ray found on
+    the machine (``ray.init()`` without an address would)."""
+    address = address or os.environ.get("RAY_ADDRESS")
+    if not address:  # Ray reads this when first imported: set it before
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     ray = _ray()
     if ray.is_initialized():
         return
     from ..store.s3 import environment_for_workers
     env = {"env_vars": environment_for_workers()} if environment_for_workers() else None
-    address = address or os.environ.get("RAY_ADDRESS")
-    if not address:  # a local Ray: keep every process on loopback (see the tests' conftest)
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     kwargs = {"include_dashboard": False, "log_to_driver": False, **init_kwargs}
     if env:
         kwargs["runtime_env"] = env
     if address:
         kwargs.pop("num_cpus", None)
-    ray.init(address=address, **kwargs)
+        ray.init(address=address, **kwargs)
+    else:  # on loopback even if Ray was imported before the setting above
+        ray.init(address="local", _node_ip_address="127.0.0.1", **kwargs)
 
 
 def _notice(message: str) -> None:

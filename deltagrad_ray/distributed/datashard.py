@@ -54,10 +54,13 @@ class RemoteRows:
       shards: (actor handle, start, stop) of every shard, covering all rows.
       n_base: rows placed by the batch plan's permutation.
       device: the replay's device (answers arrive on the CPU and are moved there).
+      width, dtype: the features' width and dtype (to answer for no rows).
     """
 
-    def __init__(self, shards: list[tuple[object, int, int]], n_base: int, device: str = "cpu") -> None:
+    def __init__(self, shards: list[tuple[object, int, int]], n_base: int, device: str = "cpu", *,
+                 width: int, dtype: torch.dtype) -> None:
         self.shards, self.n_base, self.device = shards, n_base, device
+        self.width, self.dtype = width, dtype
 
     def features(self, rows: Tensor) -> Tensor:
         import ray
@@ -68,9 +71,7 @@ class RemoteRows:
                 parts.append(actor.features.remote((rows[m] - a).cpu()))
                 where.append(m)
         got = ray.get(parts)
-        if not got:
-            raise ValueError("no rows requested")
-        out = torch.empty(len(rows), got[0].shape[1], dtype=got[0].dtype)
+        out = torch.empty(len(rows), self.width, dtype=self.dtype)
         for m, x in zip(where, got):
             out[m.cpu()] = x
         return out.to(self.device)

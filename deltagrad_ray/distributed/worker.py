@@ -48,7 +48,7 @@ class ReplayWorker:
             actors = [ray.get_actor(name) for name in data_shards]
             ranges = ray.get([a.info.remote() for a in actors])
             self.rows = RemoteRows([(a, *r["range"]) for a, r in zip(actors, ranges)], self.cache.plan.n_base,
-                                   device)
+                                   device, width=self.cache.spec.n_features, dtype=self.cache.dtype)
         else:
             self.data = data if data is not None else self.cache.data(data_uri, device=device)
         self.traj = self.cache.trajectory(device)

@@ -37,11 +37,12 @@ def test_batched_equals_looped_single_replays(kind, optimizer, schedule):
         single = deltagrad(p.model, p.traj, p.data, ch, cfg)
         # Same arithmetic, different summation order (a GEMM over B parameter vectors vs a
         # GEMV, batched vs single 2m×2m solves): rounding differs at ~1e-16 per step, and the
-        # replay's dynamics contract such differences. Measured ≤ 5e-16; 1e-11 leaves room for
-        # other BLAS builds while still failing on any real discrepancy (the changes move the
-        # model by ~1e-3 relative).
+        # replay's dynamics contract such differences: measured ≤ 5e-16 with own pairs. The
+        # multi-secant model (the default for GD logreg/linear) inverts its pairs' Gram matrix down
+        # to singular values 1e-6 of the largest, which amplifies round-off up to ~1e6×: measured
+        # ≤ 5e-11. 1e-9 still fails on any real discrepancy (the changes move the model by ~1e-3).
         rel = float((batched.params[b] - single.params).norm() / single.params.norm())
-        assert rel <= 1e-11, f"request {b}: relative difference {rel:.2e}"
+        assert rel <= 1e-9, f"request {b}: relative difference {rel:.2e}"
         got, want = batched.diagnostics(b), single.diagnostics()
         for k in ("prediction_error_max", "prediction_error_mean"):
             assert got.pop(k) == pytest.approx(want.pop(k), rel=1e-6, abs=1e-9)

@@ -12,7 +12,8 @@ from deltagrad_ray.core import DeltaGradConfig, InputError
 # test_every_field_has_a_non_default_value)
 NON_DEFAULT = {"period": 7, "burn_in": 3, "history": 4, "schedule": "geometric", "sigma": "yy/sy",
                "curvature_eps": 1e-8, "curvature_guard": 5.0, "max_curvature": 12.5, "first_gap": 3,
-               "growth": 1.7, "max_gap": 30, "adaptive_tol": 0.2}
+               "growth": 1.7, "max_gap": 30, "adaptive_tol": 0.2, "curvature": "shared", "shared_history": 6,
+               "path_pairs": 2, "shared_rtol": 1e-4}
 
 
 def test_every_field_has_a_non_default_value():

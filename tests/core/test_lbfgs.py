@@ -110,7 +110,7 @@ def test_approximation_beyond_the_observed_curvature_falls_back_to_an_explicit_s
     # refuse the product, take an explicit step instead, and count it
     p = problem("logreg", "gd")
     change = make_change_set(p.data, delete_ids=torch.arange(40), n_classes=p.n_classes)
-    rp = Replay(p.model, p.traj, p.data, [change], DeltaGradConfig(curvature_eps=1e-12))
+    rp = Replay(p.model, p.traj, p.data, [change], DeltaGradConfig(curvature_eps=1e-12, curvature="own"))
     seg = next(p.traj.segments(0, p.traj.steps))
     st = rp.start()
     for t in range(11):  # burn-in: real pairs, L̂ measured

@@ -53,6 +53,22 @@ def test_ray_equals_serial_bit_for_bit(ray_cluster, world, mode):
     assert torch.allclose(serial.params[0], one.params, rtol=1e-12, atol=0)
 
 
+@pytest.mark.parametrize("curvature", ["shared", "own+path"])
+@pytest.mark.parametrize("mode", ["pipeline", "replicated"])
+def test_ray_equals_serial_with_curvature_beyond_own_pairs(ray_cluster, world, mode, curvature):
+    """The batch's shared model (and the path's pairs) travel with its state between stages."""
+    from deltagrad_ray.core import DeltaGradConfig
+    d, data, cache = world
+    changes = _changes(data, 14)
+    cfg = DeltaGradConfig(curvature=curvature, period=10)
+    serial = SerialBackend(threads=1).run(cache, None, changes, batch_size=5, config=cfg)
+    rep = RayBackend(workers=2, mode=mode, resources={"accel": 1}).run(cache.uri, None, changes, batch_size=5,
+                                                                       config=cfg)
+    _same(serial, rep)
+    own = SerialBackend(threads=1).run(cache, None, changes, batch_size=5, config=DeltaGradConfig(period=10))
+    assert not torch.equal(own.params, serial.params)  # the setting reached the replay
+
+
 def test_shards_are_placed_across_nodes_as_configured(ray_cluster, world):
     import ray
     d, data, cache = world
@@ -172,10 +188,10 @@ def test_a_programming_error_in_a_worker_fails_the_run_at_once(ray_cluster, worl
     changes = _changes(data, 6)
     bad_config = {"period": 5}  # a dict where a DeltaGradConfig belongs
     if backend == "serial":
-        with pytest.raises(AttributeError, match="explicit_steps"):
+        with pytest.raises(AttributeError, match="'dict' object has no attribute"):
             SerialBackend(threads=1).run(cache, None, changes, batch_size=2, config=bad_config)
     else:
-        with pytest.raises(AttributeError, match="explicit_steps"):
+        with pytest.raises(AttributeError, match="'dict' object has no attribute"):
             RayBackend(workers=2, resources={"accel": 1}).run(cache.uri, None, changes, batch_size=2,
                                                                config=bad_config)
 
@@ -365,12 +381,15 @@ def test_cli_loo_on_the_ray_backend_equals_serial(ray_cluster, world, tmp_path):
 def test_data_parallel_mode_equals_serial(ray_cluster, world, tmp_path):
     """Features split over data actors; replay actors keep ids and labels only."""
     d, data, cache = world
-    changes = _changes(data, 16)
+    extra = synthetic_classification(5, 10, 3, seed=8)
+    changes = _changes(data, 16) + [make_change_set(data, add=Dataset(extra.X, extra.y, extra.ids + 9000),
+                                                    n_classes=3)]  # additions too
     serial = SerialBackend(threads=1).run(cache, None, changes, batch_size=8)
     rb = RayBackend(workers=2, mode="pipeline", resources={"accel": 1}, data_shards=2)
     rep = rb.run(cache.uri, None, changes, batch_size=8)
-    # the shards' partial gradients are summed in another order than one pass over all rows
-    assert torch.allclose(rep.params, serial.params, rtol=1e-12, atol=1e-14)
+    # the shards' partial gradients are summed in another order than one pass over all rows; the
+    # multi-secant model (the default here) can amplify that round-off ~1e6× (see test_batched.py)
+    assert torch.allclose(rep.params, serial.params, rtol=1e-9, atol=1e-12)
     assert all(a["data_bytes"] == 0 for a in rep.stats["actors"])          # no features in replay actors
     assert [s["range"] for s in rep.stats["data_shards"]] == [[0, 300], [300, 600]]
 
@@ -389,7 +408,7 @@ def test_data_parallel_mode_on_sgd_with_removed_and_added_rows(ray_cluster, tmp_
     changes = leave_one_out(ds, torch.tensor([10, 20, 5001, 5003]))
     serial = SerialBackend(threads=1).run(c1, None, changes, batch_size=2)
     rep = RayBackend(workers=1, mode="replicated", data_shards=2).run(c1.uri, None, changes, batch_size=2)
-    assert torch.allclose(rep.params, serial.params, rtol=1e-12, atol=1e-14)
+    assert torch.allclose(rep.params, serial.params, rtol=1e-9, atol=1e-12)  # as in the test above
 
 
 def test_data_shards_auto_follows_the_memory_cap(world):
