@@ -28,11 +28,14 @@ device (and without ``--device cpu``) it prints one line saying so and exits 0.
 
 Tolerances (relative, ‖a − b‖/‖b‖ per request, the largest over requests):
 
-* float64: **1e-10** (and every counter equal). The devices sum in other orders (cuBLAS and the
+* float64: **1e-8** (and every counter equal). The devices sum in other orders (cuBLAS and the
   CPU BLAS block their reductions differently), so results differ by rounding only. Scaling the
   float32 differences below by the ratio of the two unit roundoffs (2⁻⁵³/2⁻²⁴ ≈ 2e-9) predicts
-  at most ~5e-14, so 1e-10 leaves a factor 2,000, and the replays' decisions (explicit or
-  approximate step, pair skipped) sit far from their thresholds at that level. Anything a device
+  at most ~5e-14 with the compact L-BFGS model; the multi-secant model (the default for GD logistic
+  regression) inverts its pairs down to singular values 1e-6 of the largest, which amplifies
+  round-off up to ~1e6× (measured ≤ 5e-11 between summation orders on the CPU), so 1e-8 leaves a
+  factor 200, and the replays' decisions (explicit or approximate step, pair skipped) sit far from
+  their thresholds at that level. Anything a device
   bug does — a tensor left on the wrong device, a row missed, a correction dropped — moves the
   result by the change's own effect, 7e-4 to 2e-2 of ‖θ‖ here.
 * float32: **1e-5** for logistic regression, **5e-4** for the MLP. On the CPU, the float32 result of
@@ -40,7 +43,7 @@ Tolerances (relative, ‖a − b‖/‖b‖ per request, the largest over reques
   2.4e-5 (the MLP, whose training amplifies perturbations; SGD replay); two float32 computations
   that round differently differ by about √2 times that, and the tolerances leave a factor 10 or
   more on top. Counters are reported, not required.
-* Ray: **1e-10** against the serial CPU backend, no request failed, no retry.
+* Ray: **1e-8** against the serial CPU backend (as float64 above), no request failed, no retry.
 
 Every replay is also compared with exact retraining on the device (‖θ_DG − θ_exact‖ ≤ bound ×
 ‖θ_exact − θ_full‖, the bounds of ``tests/core/test_replay.py``), so a check also fails if the
@@ -70,9 +73,9 @@ from deltagrad_ray.core import (ChangeSet, Dataset, InMemory, LocalRows, ModelSp
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # float32: see the module docstring (the MLP amplifies rounding differences 100× more than logistic regression)
-TOLERANCE = {("logreg", torch.float64): 1e-10, ("mlp", torch.float64): 1e-10,
+TOLERANCE = {("logreg", torch.float64): 1e-8, ("mlp", torch.float64): 1e-8,
              ("logreg", torch.float32): 1e-5, ("mlp", torch.float32): 5e-4}
-RAY_TOLERANCE = 1e-10
+RAY_TOLERANCE = 1e-8
 # DeltaGrad against exact retraining (tests/core/test_replay.py: 5% of the change's effect for the
 # convex model; the ReLU MLP, with no such guarantee, 15% under GD and 30% under SGD)
 ERROR_BOUND = {("logreg", "gd"): 0.05, ("logreg", "sgd"): 0.05, ("mlp", "gd"): 0.15, ("mlp", "sgd"): 0.3}
@@ -264,11 +267,6 @@ RAY_MODES = {  # mode → RayBackend settings, GPU fractions as a share of one G
 }
 
 
-# Replay actors in data-parallel mode hold no features (zero-width X), and the core's check of added
-# rows compares their width with that X: every addition is refused ("added rows have 20 features,
-# the data has 0", deltagrad_ray/core/replay.py, _check_changes). Until that is fixed, the
-# data-parallel check replays the deletions only; set True to include the additions.
-DATA_PARALLEL_ADDITIONS = False
 
 
 def _ray_world(root: pathlib.Path, optimizer: str):
@@ -308,17 +306,12 @@ def check_ray_mode(device: str, optimizer: str, mode: str, cache, changes, seria
     if "data_gpus" in spec and not cuda:
         spec["data_gpus"] = 0
     t0 = time.perf_counter()
-    keep = [i for i, c in enumerate(changes) if mode != "data-parallel" or DATA_PARALLEL_ADDITIONS or c.add is None]
-    changes = [changes[i] for i in keep]
-    expected = serial.params[keep]
-    expected_counters = {k: v[keep] for k, v in serial.counters.items()}
+    expected, expected_counters = serial.params, serial.counters
     line = {"check": "ray", "device": device, "reference": "serial backend on the cpu", "mode": mode,
             "optimizer": optimizer, "dtype": "float64", "requests": len(changes), "batch_size": 4,
             "workers": spec["workers"], "num_gpus": gpus, "tolerance": RAY_TOLERANCE}
     if "data_gpus" in spec:
         line["data_gpus"] = spec["data_gpus"]
-    if len(keep) < len(serial.params):
-        line["note"] = "deletions only: the data-parallel mode refuses additions (DATA_PARALLEL_ADDITIONS)"
     notes: list[str] = []
     rb = RayBackend(**spec, num_gpus=gpus, device=device, resource_timeout=120,
                     retry_budget_s=30, notify=notes.append)
