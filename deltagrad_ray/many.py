@@ -99,8 +99,13 @@ class ManyResult(NamedTuple):
     """Replayed models for a list of requests, in request order."""
 
     ids: Tensor              # (B,) the id each LOO request left out
-    params: Tensor           # (B, p)
+    params: Tensor | None    # (B, p), or None when they stay in the results' parts (too many to hold)
     replay: RunReport
+
+    @property
+    def models(self) -> ModelTable:
+        """The models as a table, read a chunk at a time (from memory or from the results' parts)."""
+        return self.replay.models if self.replay.models is not None else as_table(self.params)
 
 
 def _cache(cache: Cache | str | Location) -> Cache:
@@ -150,7 +155,7 @@ def loo(cache: Cache | str | Location, ids: Sequence[int] | Tensor | None = None
     rep = fan.run(c, ds, changes, data)
     if strict:
         _checked(rep, ids, "leave-one-out")
-    return ManyResult(ids, rep.params.to(c.dtype), rep)
+    return ManyResult(ids, None if rep.params is None else rep.params.to(c.dtype), rep)
 
 
 def predict_many(cache: Cache, thetas: Tensor, X: Tensor) -> Tensor:
@@ -186,7 +191,7 @@ def jackknife(cache: Cache | str | Location, test, ids=None, *,
     c = _cache(cache)
     t = _test_set(c, test)
     res = loo_result or loo(c, ids, fanout=fanout, data=data, strict=True)
-    pred, loss = streamed_jackknife(c.model, c.final, _models(res.params), t.X, t.y, memory_mb=memory_mb)
+    pred, loss = streamed_jackknife(c.model, c.final, _models(res.models), t.X, t.y, memory_mb=memory_mb)
     return {"test_ids": t.ids, "predictions": pred, "test_loss": loss, "n_loo": len(res.ids), "replay": res.replay}
 
 
@@ -207,7 +212,7 @@ def influence(cache: Cache | str | Location, test, ids=None, *,
     t = _test_set(c, test)
     res = loo_result or loo(c, ids, fanout=fanout, data=data, strict=True)
     full = streamed_test_loss(c.model, c.final[None], t.X, t.y, memory_mb=memory_mb)[0]
-    losses = streamed_test_loss(c.model, _models(res.params), t.X, t.y, memory_mb=memory_mb)
+    losses = streamed_test_loss(c.model, _models(res.models), t.X, t.y, memory_mb=memory_mb)
     return {"ids": res.ids, "influence": loo_influence(full, losses), "test_loss": float(full), "replay": res.replay}
 
 
@@ -248,7 +253,7 @@ def conformal(cache: Cache | str | Location, test, alpha: float = 0.1, *,
         changes = k_fold(ds, folds, ids=ids, seed=seed, removed=removed)
     replay = _checked((fanout or Fanout()).run(c, ds, changes, data), ids if method == "jackknife+"
                       else torch.arange(len(changes)), "leave-one-out" if method == "jackknife+" else "fold")
-    models = _models(replay.params)
+    models = replay.models if replay.models is not None else _models(replay.params)
     rows = torch.cat([ch.delete for ch in changes])            # the calibration points
     # the model that left each calibration point out: its own (jackknife+) or its fold's (CV+)
     model_of = torch.arange(len(rows)) if method == "jackknife+" else fold_assignment(ds, changes)[rows]

@@ -48,16 +48,20 @@ class RunReport(NamedTuple):
     """Results of a fan-out, in request order.
 
     Fields:
-      params:   (N, p) replayed parameters (NaN rows for failed requests)
+      params:   (N, p) replayed parameters (NaN rows for failed requests), or None when they were
+                too many to hold (more than ``max_model_mb``) and stay in the results' parts
       counters: name → (N,) int64 (explicit_steps, approx_steps, fallbacks, skipped_pairs)
       errors:   request index → reason, for requests that failed (isolated, not retried forever)
       stats:    batches, retries, seconds, backend
+      models:   the parameters as a :class:`~deltagrad_ray.stats.ModelTable` (read a chunk at a time:
+                from ``params``, or from the results' parts)
     """
 
-    params: torch.Tensor
+    params: torch.Tensor | None
     counters: dict[str, torch.Tensor]
     errors: dict[int, str]
     stats: dict[str, Any]
+    models: Any = None
 
 
 @dataclass
@@ -80,11 +84,18 @@ class _Job:
         return _Job([self.members[i] for i in keep], [self.changes[i] for i in keep], self.stage, state)
 
 
-class _Collector:
-    """Assembles results in request order, writes them to the sink as they arrive."""
+MAX_MODEL_MB = 1024.0  # parameters held in memory at most (beyond: read back from the parts when needed)
 
-    def __init__(self, n: int, p: int, sink: ResultSink | None, progress: Callable[[int], None] | None) -> None:
-        self.params = torch.full((n, p), float("nan"), dtype=torch.float64)
+
+class _Collector:
+    """Assembles results in request order, writes them to the sink as they arrive. The parameters
+    are held in memory only when they fit ``max_model_mb`` (or there is no sink to keep them)."""
+
+    def __init__(self, n: int, p: int, sink: ResultSink | None, progress: Callable[[int], None] | None,
+                 max_model_mb: float = MAX_MODEL_MB) -> None:
+        self.n = n
+        self.keep = sink is None or n * p * 8 <= max_model_mb * 2**20
+        self.params = torch.full((n if self.keep else 0, p), float("nan"), dtype=torch.float64)
         self.counters = {k: torch.zeros(n, dtype=torch.int64) for k in COUNTERS}
         self.errors: dict[int, str] = {}
         self.done = torch.zeros(n, dtype=torch.bool)
@@ -92,7 +103,8 @@ class _Collector:
 
     def restore(self, finished: dict[int, dict]) -> None:
         for i, r in finished.items():
-            self.params[i] = torch.tensor(r["params"], dtype=torch.float64)
+            if self.keep:
+                self.params[i] = torch.tensor(r["params"], dtype=torch.float64)
             for k in COUNTERS:
                 self.counters[k][i] = int(r[k])
             if r.get("error"):
@@ -102,18 +114,22 @@ class _Collector:
     def add(self, members: list[int], state: ReplayState | None, errors: dict[int, str]) -> None:
         """Requests ``members`` are finished: with their final ``state``, or failed with ``errors``."""
         idx = torch.tensor(members, dtype=torch.int64)
+        W = torch.full((len(members), self.params.shape[1]), float("nan"), dtype=torch.float64)
         if state is not None:
-            self.params[idx] = state.W.detach().cpu().double()
+            W = state.W.detach().cpu().double().clone()
             for k in COUNTERS:
                 self.counters[k][idx] = getattr(state, k).cpu()
             for j in torch.nonzero(state.failed_at >= 0).reshape(-1).tolist():
                 errors = {**errors, members[j]: failure_reason(int(state.failed_at[j]))}
         self.errors.update(errors)
-        for m in errors:
-            self.params[m] = float("nan")
+        for j, m in enumerate(members):
+            if m in errors:
+                W[j] = float("nan")
+        if self.keep:
+            self.params[idx] = W
         self.done[idx] = True
         if self.sink is not None:
-            self.sink.write(members, self.params[idx], {k: v[idx] for k, v in self.counters.items()},
+            self.sink.write(members, W, {k: v[idx] for k, v in self.counters.items()},
                             {m: errors[m] for m in members if m in errors})
         if self.progress is not None:
             self.progress(len(members))
@@ -125,7 +141,12 @@ class _Collector:
         return job.without(list(reasons))
 
     def report(self, stats: dict) -> RunReport:
-        return RunReport(self.params, self.counters, dict(sorted(self.errors.items())), stats)
+        from ..stats.tables import TensorTable
+        from .sink import SinkTable
+        models = TensorTable(self.params) if self.keep else SinkTable(self.sink.root, self.n)
+        stats = {**stats, "models_in_memory": self.keep}
+        return RunReport(self.params if self.keep else None, self.counters, dict(sorted(self.errors.items())),
+                         stats, models)
 
 
 def _batches(pending: Sequence[int], changes: Sequence[ChangeSet], batch_size: int) -> deque[_Job]:
@@ -133,10 +154,10 @@ def _batches(pending: Sequence[int], changes: Sequence[ChangeSet], batch_size: i
                  for i in range(0, len(pending), batch_size))
 
 
-def _prepare(changes, batch_size, sink, progress, p):
+def _prepare(changes, batch_size, sink, progress, p, max_model_mb=MAX_MODEL_MB):
     if not isinstance(batch_size, int) or batch_size < 1:
         raise InputError(f"batch size must be an integer >= 1, got {batch_size!r}")
-    col = _Collector(len(changes), p, sink, progress)
+    col = _Collector(len(changes), p, sink, progress, max_model_mb)
     if sink is not None:
         col.restore(sink.load())
     pending = [i for i in range(len(changes)) if not bool(col.done[i])]
@@ -152,8 +173,8 @@ class SerialBackend:
 
     name = "serial"
 
-    def __init__(self, threads: int | None = None, device: str = "cpu") -> None:
-        self.threads, self.device = threads, device
+    def __init__(self, threads: int | None = None, device: str = "cpu", max_model_mb: float = MAX_MODEL_MB) -> None:
+        self.threads, self.device, self.max_model_mb = threads, device, max_model_mb
 
     def run(self, cache_uri, data_uri: str | None, changes: Sequence[ChangeSet], *, batch_size: int = 32,
             config: DeltaGradConfig = DeltaGradConfig(), gemm_dtype=None, sink: ResultSink | None = None,
@@ -164,7 +185,7 @@ class SerialBackend:
         worker = ReplayWorker(cache_uri, data_uri, threads=self.threads, device=self.device,
                               data=None if data is None else data.to(device=self.device))
         try:
-            col, pending = _prepare(changes, batch_size, sink, progress, worker.traj.p)
+            col, pending = _prepare(changes, batch_size, sink, progress, worker.traj.p, self.max_model_mb)
             jobs = _batches(pending, changes, batch_size)
             while jobs:
                 job = jobs.popleft()
@@ -249,6 +270,8 @@ class RayBackend:
       shared_filesystem: local (``file://``) locations are readable on every node (an NFS mount):
         allow them on a cluster spanning several hosts.
       notify: where progress lines go (default: stderr).
+      max_model_mb: replayed parameters held on the driver at most; beyond, with a results sink,
+        they stay in its parts and the report reads them back a chunk at a time (``models``).
     """
 
     name = "ray"
@@ -258,7 +281,7 @@ class RayBackend:
                  max_in_flight: int | None = None, actor_memory_mb: float = 2048, device: str | None = None,
                  resource_timeout: float = 900.0, retry_budget_s: float = 900.0, data_shards: int | str = "auto",
                  data_cpus: float = 0.5, data_gpus: float | None = None, shared_filesystem: bool = False,
-                 notify: Callable[[str], None] = _notice) -> None:
+                 notify: Callable[[str], None] = _notice, max_model_mb: float = MAX_MODEL_MB) -> None:
         if mode not in ("auto", "pipeline", "replicated"):
             raise InputError(f"mode must be auto, pipeline or replicated, got {mode!r}")
         if strategy not in ("SPREAD", "PACK"):
@@ -280,7 +303,7 @@ class RayBackend:
             raise InputError(f"data_shards must be 'auto' or an integer >= 0, got {data_shards!r}")
         self.data_shards, self.data_cpus = data_shards, data_cpus
         self.data_gpus = (num_gpus if self.device.startswith("cuda") else 0.0) if data_gpus is None else data_gpus
-        self.shared_filesystem, self.notify = shared_filesystem, notify
+        self.shared_filesystem, self.notify, self.max_model_mb = shared_filesystem, notify, max_model_mb
         self.actors: list = []
         self.data_actors: list = []
         self.info: list[dict] = []
@@ -502,7 +525,7 @@ class RayBackend:
         try:
             if self.data_actors and gemm_dtype is not None:
                 raise InputError("gemm_dtype is not available with data shards (data_shards=0 to use it)")
-            col, pending = _prepare(changes, batch_size, sink, progress, self.p)
+            col, pending = _prepare(changes, batch_size, sink, progress, self.p, self.max_model_mb)
             jobs = _batches(pending, changes, batch_size)
             stages = len(self.ranges) if self.run_mode == "pipeline" else 1
             inflight: dict = {}
