@@ -14,7 +14,7 @@ import sys
 import time
 import traceback
 
-EXIT_OK, EXIT_BUG, EXIT_INPUT, EXIT_STORAGE, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+from .exits import EXIT_BUG, EXIT_INPUT, EXIT_INTERRUPTED, EXIT_OK, EXIT_STORAGE
 
 EXAMPLES = """\
 examples:
@@ -479,14 +479,58 @@ COMMANDS = {"train": cmd_train, "unlearn": cmd_unlearn, "retrain": cmd_retrain, 
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; returns its exit code (see the module docstring).
+
+    Called without ``argv`` (as the ``deltagrad-ray`` command, or ``python -m deltagrad_ray.cli``)
+    it ends the process itself with that code (:func:`deltagrad_ray.exits.end`: Ray shut down,
+    output flushed, no interpreter teardown, which could abort the process with exit 134), and
+    SIGTERM interrupts it like Ctrl-C (partial outputs removed, exit 130).
+
+    Args:
+      argv: the arguments (default: ``sys.argv[1:]``).
+
+    Returns:
+      The exit code (only when ``argv`` is given).
+    """
+    if argv is not None:
+        return _main(argv)
+    from .exits import end
+    code = EXIT_BUG
+    try:
+        _interrupt_on_sigterm()
+        code = _main(None)
+    except SystemExit as e:  # argparse: --help (0) or a usage error (2)
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else EXIT_INPUT)
+    except KeyboardInterrupt:  # outside the command (while parsing or importing)
+        print("interrupted", file=sys.stderr)
+        code = EXIT_INTERRUPTED
+    except BaseException:  # noqa: B036 - a bug outside the command: show it, still end with a code
+        traceback.print_exc()
+        code = EXIT_BUG
+    finally:
+        end(code)
+
+
+def _interrupt_on_sigterm() -> None:
+    """SIGTERM (kill, a timeout, Kubernetes) interrupts the command as Ctrl-C does."""
+    import signal
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+
+
+def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     global _JSON
     _JSON = args.json
     from .core.errors import InputError
     from .store.location import StorageError
     from .store.s3 import configure_s3
-    configure_s3(endpoint=args.endpoint_url, profile=args.profile, region=args.region)
+    _show_warnings()
     try:
+        configure_s3(endpoint=args.endpoint_url, profile=args.profile, region=args.region)
         _emit(COMMANDS[args.command](args))
         return EXIT_OK
     except InputError as e:
@@ -503,7 +547,35 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug or os.environ.get("DELTAGRAD_DEBUG"):
             traceback.print_exc()
         return EXIT_BUG
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+
+
+def _show_warnings() -> None:
+    """The library's warnings and log records for users, one ``warning: …`` line each on stderr."""
+    import logging
+    import warnings
+
+    from .api import DataWarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, DataWarning):
+            print(f"warning: {message}", file=sys.stderr)
+        else:
+            print(warnings.formatwarning(message, category, filename, lineno, line).rstrip(), file=sys.stderr)
+
+    warnings.showwarning = show
+    warnings.filterwarnings("always", category=DataWarning)  # part of the command's output
+    log = logging.getLogger("deltagrad_ray")
+    if not any(getattr(h, "_deltagrad_cli", False) for h in log.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("warning: %(message)s"))
+        handler.setLevel(logging.WARNING)
+        handler._deltagrad_cli = True
+        log.addHandler(handler)
+        log.propagate = False
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()
