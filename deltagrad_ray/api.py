@@ -218,6 +218,54 @@ def change_set(cache: Cache, data: Dataset, delete: Sequence[int] | torch.Tensor
     return make_change_set(data, delete_ids=ids, add=add, removed=removed, n_classes=cache.n_classes)
 
 
+PREDICTION_ERROR_WARN = 0.5  # mean L-BFGS prediction error at explicit steps that says "probably inaccurate"
+
+
+def unchecked_steps(config: DeltaGradConfig, steps: int) -> int:
+    """The longest run of consecutive approximate steps the schedule of ``config`` allows over ``steps``
+    (an explicit step measures the L-BFGS approximation; between two, nothing does). For ``adaptive``
+    the uniform schedule of the same period (its gaps only shorten); fallbacks only add explicit steps."""
+    cfg = config if config.schedule != "adaptive" else DeltaGradConfig.from_dict({**config.to_dict(),
+                                                                                  "schedule": "uniform"})
+    mask = cfg.explicit_steps(steps).tolist()[1:]  # step 0 needs no gradient: v = 0
+    best = run = 0
+    for explicit in mask:
+        run = 0 if explicit else run + 1
+        best = max(best, run)
+    return best
+
+
+def accuracy_warning(config: DeltaGradConfig, steps: int, prediction_errors: Sequence[float] = ()) -> str | None:
+    """Why replays with ``config`` over ``steps`` steps are probably inaccurate, or None.
+
+    Two signals: the L-BFGS prediction error measured at explicit steps (each request's mean, above
+    :data:`PREDICTION_ERROR_WARN`), and a schedule that leaves long runs of approximate steps that no
+    explicit step measures (longer than 20 steps and than a quarter of the run, or than 100 steps: the
+    defaults never do) — e.g. ``period=1000`` on 60 steps measures nothing after the burn-in.
+
+    Args:
+      config: the DeltaGrad settings.
+      steps: T.
+      prediction_errors: each replay's mean prediction error (NaN: not known).
+
+    Returns:
+      One line for the user, or None.
+    """
+    advice = ("the result may be inaccurate: try --schedule adaptive, a smaller --period or a longer --history, "
+              "and check against `retrain`")
+    errs = [float(e) for e in prediction_errors if not math.isnan(float(e))]
+    high = [e for e in errs if e > PREDICTION_ERROR_WARN]
+    if high:
+        where = "" if len(errs) == 1 else f" in {len(high)} of {len(errs)} replays (worst {max(high):.0%})"
+        return f"the L-BFGS approximation was {max(high) if len(errs) == 1 else sum(high) / len(high):.0%} " \
+               f"off at explicit steps (mean){where}; {advice}"
+    run = unchecked_steps(config, steps)
+    if run > max(20, min(steps // 4, 100)):
+        return (f"the schedule ({config.schedule}, period {config.period}) leaves {run} consecutive steps of {steps} "
+                f"approximated with no explicit step to measure them; {advice}")
+    return None
+
+
 def _finite(params: torch.Tensor, what: str) -> torch.Tensor:
     """``params`` if every value is finite; else an :class:`InputError` naming ``what``."""
     bad = ~torch.isfinite(params)
@@ -250,6 +298,26 @@ def _overlap(a: Location, b: Location) -> str | None:
     return None
 
 
+def cache_inputs(cache: str | Location, data: str | Location | None = None) -> dict[str, Location]:
+    """What a command on ``cache`` reads, by the name messages give it: the cache location as given,
+    the cache it resolves to (a models prefix gives its published version) and the training data
+    (``data``, else the location the manifest records).
+
+    Returns:
+      name → location, for :func:`check_outputs`.
+    """
+    from .erasure import resolve_cache
+    root = resolve_cache(cache)
+    c = open_cache(root)
+    given = location(cache)
+    out = {"--cache": given}
+    if _overlap(root, given) != "is":
+        out["its published cache"] = root
+    out["--data" if data is not None else "the cache's data"] = location(data if data is not None
+                                                                          else c.manifest.data.uri)
+    return out
+
+
 def check_outputs(outputs: dict[str, str | Location | None], inputs: dict[str, str | Location | None]) -> None:
     """Refuse outputs that are, lie inside, or contain a location the command reads (a cache, its
     data, a test set, an id file): an output there could destroy it, with or without overwriting.
@@ -271,7 +339,7 @@ def check_outputs(outputs: dict[str, str | Location | None], inputs: dict[str, s
             i = location(inp)
             how = _overlap(o, i)
             if how is not None:
-                where = {"is": "is", "inside": "lies inside", "contains": "contains"}[how]
+                where = {"is": "is the same location as", "inside": "lies inside", "contains": "contains"}[how]
                 raise InputError(f"{oname} {o.uri} {where} {iname} {i.uri}, which this command reads; "
                                  "write outputs elsewhere")
 

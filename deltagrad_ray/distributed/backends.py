@@ -88,6 +88,7 @@ class _Collector:
         self.counters = {k: torch.zeros(n, dtype=torch.int64) for k in COUNTERS}
         self.errors: dict[int, str] = {}
         self.done = torch.zeros(n, dtype=torch.bool)
+        self.prediction_error = torch.full((n,), float("nan"), dtype=torch.float64)  # NaN: not measured here
         self.sink, self.progress = sink, progress
 
     def restore(self, finished: dict[int, dict]) -> None:
@@ -106,6 +107,8 @@ class _Collector:
             self.params[idx] = state.W.detach().cpu().double()
             for k in COUNTERS:
                 self.counters[k][idx] = getattr(state, k).cpu()
+            self.prediction_error[idx] = torch.where(state.pred_n > 0, state.pred_sum / state.pred_n.clamp(min=1),
+                                                     0.0).cpu().double()
             for j in torch.nonzero(state.failed_at >= 0).reshape(-1).tolist():
                 errors = {**errors, members[j]: failure_reason(int(state.failed_at[j]))}
         self.errors.update(errors)
@@ -125,7 +128,9 @@ class _Collector:
         return job.without(list(reasons))
 
     def report(self, stats: dict) -> RunReport:
-        return RunReport(self.params, self.counters, dict(sorted(self.errors.items())), stats)
+        # stats["prediction_error_mean"]: (N,) each request's mean L-BFGS prediction error at its explicit steps
+        return RunReport(self.params, self.counters, dict(sorted(self.errors.items())),
+                         {**stats, "prediction_error_mean": self.prediction_error})
 
 
 def _batches(pending: Sequence[int], changes: Sequence[ChangeSet], batch_size: int) -> deque[_Job]:
