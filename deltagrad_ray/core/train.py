@@ -84,8 +84,9 @@ class _Growth:
     def check(self, t: int, w: Tensor, lr: float) -> None:
         f = self.objective(w)
         if not math.isfinite(f) or (self.f0 > 0 and f > GROWTH * self.f0):
+            grew = f"{f:.4g}" if math.isfinite(f) else "an overflow (inf or NaN)"
             raise InputError(f"training diverged by step {t}: the objective grew from {self.f0:.4g} at the start to "
-                             f"{f:.4g}; use a smaller learning rate (--lr; η was {lr:g} at this step)")
+                             f"{grew}; use a smaller learning rate (--lr; η was {lr:g} at this step)")
 
 
 def _diverged(t: int, lr: float, what: str) -> InputError:

@@ -370,7 +370,13 @@ class ParquetSource:
             arr = table.column(name).combine_chunks()
             if arr.type.list_size != self.p:
                 raise StorageError(f"{uri}: column {name} has width {arr.type.list_size}, expected {self.p}")
-            return _from_values(arr.values, k, self.p, self.storage, self.dtype)
+            v = _from_values(arr.values, k, self.p, self.storage, self.dtype)
+            if not bool(torch.isfinite(v).all()):  # caches written before CacheWriter checked its inputs
+                bad = start + int(torch.nonzero(~torch.isfinite(v).all(dim=1))[0])
+                raise InputError(f"{uri}: step {bad} holds non-finite {name} (NaN or inf: a diverged run, or values "
+                                 "beyond the storage dtype's range); train the cache again (a smaller --lr, or "
+                                 "--storage-dtype float32)")
+            return v
 
         return Segment(start, vecs("params"), vecs("grads"), torch.from_numpy(lrs))
 
