@@ -573,10 +573,10 @@ def _main(argv: list[str] | None) -> int:
     from .core.errors import InputError
     from .store.location import StorageError
     from .store.s3 import configure_s3
-    _show_warnings()
     try:
-        configure_s3(endpoint=args.endpoint_url, profile=args.profile, region=args.region)
-        _emit(COMMANDS[args.command](args))
+        with _user_warnings():
+            configure_s3(endpoint=args.endpoint_url, profile=args.profile, region=args.region)
+            _emit(COMMANDS[args.command](args))
         return EXIT_OK
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -597,29 +597,41 @@ def _main(argv: list[str] | None) -> int:
         sys.stderr.flush()
 
 
-def _show_warnings() -> None:
-    """The library's warnings and log records for users, one ``warning: …`` line each on stderr."""
-    import logging
-    import warnings
+class _user_warnings:
+    """While a command runs: the library's :class:`~deltagrad_ray.api.DataWarning` warnings and its
+    log records (``deltagrad_ray`` logger, e.g. partial files removed after a failure) as one
+    ``warning: …`` line each on stderr; both restored afterwards."""
 
-    from .api import DataWarning
+    def __enter__(self):
+        import logging
+        import warnings
 
-    def show(message, category, filename, lineno, file=None, line=None):
-        if issubclass(category, DataWarning):
-            print(f"warning: {message}", file=sys.stderr)
-        else:
-            print(warnings.formatwarning(message, category, filename, lineno, line).rstrip(), file=sys.stderr)
+        from .api import DataWarning
+        self._warnings = warnings.catch_warnings()
+        self._warnings.__enter__()
+        shown = warnings.showwarning
 
-    warnings.showwarning = show
-    warnings.filterwarnings("always", category=DataWarning)  # part of the command's output
-    log = logging.getLogger("deltagrad_ray")
-    if not any(getattr(h, "_deltagrad_cli", False) for h in log.handlers):
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("warning: %(message)s"))
-        handler.setLevel(logging.WARNING)
-        handler._deltagrad_cli = True
-        log.addHandler(handler)
-        log.propagate = False
+        def show(message, category, filename, lineno, file=None, line=None):
+            if issubclass(category, DataWarning):
+                print(f"warning: {message}", file=sys.stderr)
+            else:
+                shown(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = show
+        warnings.filterwarnings("always", category=DataWarning)  # part of the command's output
+        self._log = logging.getLogger("deltagrad_ray")
+        self._handler = logging.StreamHandler(sys.stderr)
+        self._handler.setFormatter(logging.Formatter("warning: %(message)s"))
+        self._handler.setLevel(logging.WARNING)
+        self._propagate = self._log.propagate
+        self._log.addHandler(self._handler)
+        self._log.propagate = False
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._log.removeHandler(self._handler)
+        self._log.propagate = self._propagate
+        self._warnings.__exit__(*exc)
 
 
 if __name__ == "__main__":
