@@ -86,12 +86,12 @@ class _Growth:
         if not math.isfinite(f) or (self.f0 > 0 and f > GROWTH * self.f0):
             grew = f"{f:.4g}" if math.isfinite(f) else "an overflow (inf or NaN)"
             raise InputError(f"training diverged by step {t}: the objective grew from {self.f0:.4g} at the start to "
-                             f"{grew}; use a smaller learning rate (--lr; η was {lr:g} at this step)")
+                             f"{grew}; use a smaller learning rate (lr / --lr; η was {lr:g} at this step)")
 
 
 def _diverged(t: int, lr: float, what: str) -> InputError:
     return InputError(f"training diverged at step {t}: {what} not finite (NaN or inf); use a smaller learning "
-                      f"rate (--lr; η was {lr:g} at this step), or scale the features")
+                      f"rate (lr / --lr; η was {lr:g} at this step), or scale the features")
 
 
 def run_sgd(model: FunctionalModel, data: Dataset, plan: BatchPlan, lrs: Tensor, l2: float,
