@@ -10,10 +10,13 @@ A batch that lost all its rows contributes no data gradient: its step applies on
 regulariser, w_{t+1} = w_t − η_t·λ·w_t, and every later step keeps its step number.
 
 A run that diverges stops where it does, with an :class:`~.errors.InputError` naming the step:
-every step's gradient must be finite (one reduction over p values), and training also checks, at
-steps 1, 2, 4, …, then every :data:`CHECK_EVERY` steps and at the last, that the objective on a
-fixed sample of rows has not grown :data:`GROWTH` times above its value at θ_0 (too large a
-learning rate makes GD's iterates grow geometrically: finite for a while, then inf).
+every step's gradient must be finite (its sum, one reduction over p values: NaN or inf anywhere
+make it non-finite), and training also checks, every :data:`CHECK_EVERY` steps and at the last,
+that the objective on a fixed sample of rows has not grown :data:`GROWTH` times above its value at
+θ_0 (too large a learning rate makes GD's iterates grow geometrically: finite for a while, then
+inf). Measured on 2 shared cores: the sum costs 2.6 µs a step for p = 7,850 (0.9% of the smallest
+step measured, 0.3 ms); a check costs at most about one gradient of a batch, so 1% or less of
+the gradient time.
 """
 
 from __future__ import annotations
@@ -62,7 +65,7 @@ def objective_grad(grad_sum: Tensor, size: int, w: Tensor, l2: float) -> Tensor:
     return grad_sum / size + l2 * w
 
 
-CHECK_EVERY = 50    # steps between two objective checks of a training run (and the last step)
+CHECK_EVERY = 100   # steps between two objective checks of a training run (and the last step)
 GROWTH = 1e4        # growth of the objective over its value at θ_0 that stops a run as diverged
 CHECK_ROWS = 1024   # rows of the objective check: the first rows of the data, at most a batch
 
@@ -70,8 +73,8 @@ CHECK_ROWS = 1024   # rows of the objective check: the first rows of the data, a
 class _Growth:
     """The objective F(w) = mean loss + (λ/2)‖w‖² on a fixed sample of rows, against F(θ_0).
 
-    At most one batch's rows: a check costs at most half a step (a loss, no gradient), so every
-    :data:`CHECK_EVERY` steps it stays within 1% of the run."""
+    At most one batch's rows: a check (a loss, no gradient) costs about one gradient of a batch at
+    most, so every :data:`CHECK_EVERY` steps it stays within about 1% of the run."""
 
     def __init__(self, model: FunctionalModel, X: Tensor, y: Tensor, l2: float, theta0: Tensor) -> None:
         self.model, self.X, self.y, self.l2 = model, X, y, l2
@@ -101,7 +104,8 @@ def run_sgd(model: FunctionalModel, data: Dataset, plan: BatchPlan, lrs: Tensor,
 
     Raises :class:`InputError` at the first step whose gradient is not finite (nothing of that step
     is recorded) and, with ``check_growth``, when the objective has grown :data:`GROWTH` times
-    over F(θ_0) (checked at steps 1, 2, 4, …, then every :data:`CHECK_EVERY` steps and at the last).
+    over F(θ_0) (checked every :data:`CHECK_EVERY` steps, at the last, and when the recorder refuses
+    a step, e.g. a value beyond its storage dtype's range).
     """
     index = BatchIndex(plan, data, removed)
     gather = RowGather(data.X)
@@ -127,9 +131,9 @@ def run_sgd(model: FunctionalModel, data: Dataset, plan: BatchPlan, lrs: Tensor,
             Xb, yb = gather(rows), data.y[rows]
         g = objective_grad(model.grad_sum(w, Xb, yb), sb.size, w, l2)
         lr = float(lrs[t])
-        if not bool(torch.isfinite(g).all()):
+        if not math.isfinite(float(g.sum())):  # one reduction: NaN or inf anywhere make the sum non-finite
             raise _diverged(t, lr, "the gradient is")
-        if growth is not None and t > 0 and (t % CHECK_EVERY == 0 or (t < CHECK_EVERY and t & (t - 1) == 0)):
+        if growth is not None and t > 0 and t % CHECK_EVERY == 0:
             growth.check(t, w, lr)
         if recorder is not None:
             try:

@@ -214,6 +214,8 @@ class CacheWriter:
 
     def _check(self, step: int, theta: torch.Tensor, grad: torch.Tensor) -> None:
         """Refuse a step whose vectors the storage dtype cannot hold (or that are not finite)."""
+        if self._limit is None and math.isfinite(float(theta.detach().sum() + grad.detach().sum())):
+            return  # the storage dtype holds every finite value (one reduction; NaN or inf make it non-finite)
         peaks = torch.stack([theta.detach().abs().max(), grad.detach().abs().max()]).double().cpu()
         top = float(peaks.max()) if bool(torch.isfinite(peaks).all()) else float("nan")
         if not math.isfinite(top):
