@@ -1,8 +1,10 @@
 """The ``deltagrad-ray`` command: parses arguments, calls :mod:`deltagrad_ray.api`, prints JSON.
 
-Exit codes: 0 success; 1 unexpected failure (a bug: please report it); 2 bad input (the
-message names the problem); 3 storage failure (missing, unreachable, corrupted); 130
-interrupted.
+Exit codes (README, "Exit codes"): 0 success; 1 unexpected failure (a bug: please report it); 2
+bad input (the message names the problem), a diverged run, an output over an input, a fan-out
+where every request failed; 3 storage failure (missing, unreachable, read-only, corrupted); 130
+interrupted (Ctrl-C or SIGTERM). As the ``deltagrad-ray`` command, :func:`main` ends the process
+with the code itself (:mod:`deltagrad_ray.exits`).
 """
 
 from __future__ import annotations
