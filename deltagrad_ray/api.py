@@ -101,7 +101,7 @@ def _warn_classes(y: torch.Tensor, c: int) -> None:
     warnings.warn(DataWarning(
         f"the labels give {c} classes (0 … {c - 1}, from the largest label), but {len(odd)} of them have at most "
         f"one row (class: rows {shown}); is a label wrong? Give the number of classes (--classes / n_classes) "
-        "if they are meant to be there"), stacklevel=3)
+        "if they are meant to be there"), stacklevel=4)
 
 
 def fit(data, cache: str | Location, *, model: str = "logreg", hidden: Sequence[int] = (),
@@ -183,7 +183,8 @@ def _abort(writer: CacheWriter, extra: Sequence[Location] = ()) -> None:
     """Remove what a failed or interrupted run wrote (shards, files, ``extra``), saying so on the log."""
     removed = writer.abort(extra)
     if removed:
-        log.warning(f"removed the {removed} partial file(s) the failed run had written under {writer.root.uri}")
+        log.warning(f"removed the {removed} partial file(s) the failed or interrupted run had written under "
+                    f"{writer.root.uri}")
 
 
 def _project_layout(data) -> bool:
@@ -221,7 +222,7 @@ def change_set(cache: Cache, data: Dataset, delete: Sequence[int] | torch.Tensor
 PREDICTION_ERROR_WARN = 0.5  # mean L-BFGS prediction error at explicit steps that says "probably inaccurate"
 
 
-def unchecked_steps(config: DeltaGradConfig, steps: int) -> int:
+def _unchecked_steps(config: DeltaGradConfig, steps: int) -> int:
     """The longest run of consecutive approximate steps the schedule of ``config`` allows over ``steps``
     (an explicit step measures the L-BFGS approximation; between two, nothing does). For ``adaptive``
     the uniform schedule of the same period (its gaps only shorten); fallbacks only add explicit steps."""
@@ -259,20 +260,25 @@ def accuracy_warning(config: DeltaGradConfig, steps: int, prediction_errors: Seq
         where = "" if len(errs) == 1 else f" in {len(high)} of {len(errs)} replays (worst {max(high):.0%})"
         return f"the L-BFGS approximation was {max(high) if len(errs) == 1 else sum(high) / len(high):.0%} " \
                f"off at explicit steps (mean){where}; {advice}"
-    run = unchecked_steps(config, steps)
+    run = _unchecked_steps(config, steps)
     if run > max(20, min(steps // 4, 100)):
         return (f"the schedule ({config.schedule}, period {config.period}) leaves {run} consecutive steps of {steps} "
                 f"approximated with no explicit step to measure them; {advice}")
     return None
 
 
-def _finite(params: torch.Tensor, what: str) -> torch.Tensor:
+_TRAIN_ADVICE = "it came from a diverged run: train again with a smaller learning rate (--lr)"
+
+
+def _finite(params: torch.Tensor, what: str, advice: str = _TRAIN_ADVICE) -> torch.Tensor:
     """``params`` if every value is finite; else an :class:`InputError` naming ``what``."""
     bad = ~torch.isfinite(params)
     if bool(bad.any()):
-        raise InputError(f"{what} has {int(bad.sum())} non-finite value(s) (NaN or inf) of {params.numel()}; "
-                         "it came from a diverged run: retrain with a smaller learning rate (--lr)")
+        raise InputError(f"{what} has {int(bad.sum())} non-finite value(s) (NaN or inf) of {params.numel()}; {advice}")
     return params
+
+
+_REPLAY_ADVICE = "the replay diverged: check the changed rows' features for extreme values, and `retrain`"
 
 
 def _checked_cache(c: Cache) -> Cache:
@@ -364,12 +370,12 @@ def unlearn(cache: Cache | str | Location, *, delete=None, add=None, config: Del
     cfg = config or DeltaGradConfig()
     if out is None:
         res = deltagrad(c.model, traj, ds, change, cfg)
-        _finite(res.params, "the replayed model")
+        _finite(res.params, "the replayed model", _REPLAY_ADVICE)
         return res
     writer = _derived_writer(c, out)
     try:
         res = deltagrad(c.model, traj, ds, change, cfg, recorder=writer)
-        _finite(res.params, "the replayed model")
+        _finite(res.params, "the replayed model", _REPLAY_ADVICE)
         write_derived_cache(c, writer, res, ds, change, cfg, note)
     except BaseException:  # failed or interrupted: no orphan shards in the new location
         _abort(writer)
