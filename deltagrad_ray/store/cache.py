@@ -220,8 +220,8 @@ class CacheWriter:
         top = float(peaks.max()) if bool(torch.isfinite(peaks).all()) else float("nan")
         if not math.isfinite(top):
             which = "θ" if not bool(torch.isfinite(peaks[0])) else "the gradient"
-            raise InputError(f"step {step}: {which} is not finite (NaN or inf) and cannot be stored; the run "
-                             "diverged: use a smaller learning rate (--lr); nothing was committed")
+            raise InputError(f"step {step}: {which} is not finite (NaN or inf) and cannot be stored (the run "
+                             "diverged); nothing was committed")
         if self._limit is not None and top > self._limit:
             which = "θ" if float(peaks[0]) >= float(peaks[1]) else "the gradient"
             holders = [n for n in ("float32", "bfloat16") if torch.finfo(_TORCH[n]).max >= top] or ["float64"]
