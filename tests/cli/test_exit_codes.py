@@ -88,10 +88,11 @@ def test_the_result_line_is_flushed_before_the_process_ends(cache):
 
 
 @pytest.mark.slow
-def test_an_error_path_run_30_times_under_load_always_exits_2(cache):
-    """`unlearn --delete unknown.txt` 30 times, two at a time, while another process does torch matmuls
-    on every CPU the commands leave idle (niced, to keep the test within a minute): exit 2 every time
-    (it was 134 in about 1 run of 12 to 50 on this machine)."""
+def test_an_error_path_run_20_times_under_load_always_exits_2(cache):
+    """`unlearn --delete unknown.txt` 20 times, two at a time, while another process does torch matmuls
+    on every CPU the commands leave idle (niced; 20 runs keep the test within a minute on 2 shared
+    cores): exit 2 every time (it was 134 in about 1 run of 12 to 50 on this machine; the test above
+    makes the abort certain instead)."""
     load = subprocess.Popen([sys.executable, "-c", textwrap.dedent("""
         import os, time, torch
         os.nice(10)
@@ -109,12 +110,12 @@ def test_an_error_path_run_30_times_under_load_always_exits_2(cache):
                                capture_output=True, text=True, timeout=120)
             return p.returncode, p.stderr
         with ThreadPoolExecutor(2) as pool:
-            results = list(pool.map(once, range(30)))
+            results = list(pool.map(once, range(20)))
         seconds = time.monotonic() - t0
     finally:
         load.kill()
         load.wait()
     codes = [code for code, _ in results]
-    assert codes == [2] * 30, [(c, e[-300:]) for c, e in results if c != 2]
+    assert codes == [2] * 20, [(c, e[-300:]) for c, e in results if c != 2]
     assert all(e.strip().endswith("unknown ids to delete (not in the data): 99999") for _, e in results)
-    print(f"30 runs in {seconds:.1f} s")
+    print(f"20 runs in {seconds:.1f} s")
