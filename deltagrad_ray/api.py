@@ -13,7 +13,10 @@ Example (``data.parquet`` as written by ``deltagrad-ray make-data``)::
 
 from __future__ import annotations
 
+import logging
+import math
 import os
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -28,12 +31,43 @@ from .core.train import retrain, train
 from .core.schedule import BatchPlan
 from .store.cache import Cache, CacheWriter, dtype_name, open_cache
 from .store.manifest import DataRef, ParentRef, Training
-from .store.datasets import fingerprint, read_dataset, read_ids, write_dataset
+from .store.datasets import fingerprint, id_tensor, read_dataset, read_ids, write_dataset
 from .store.inputs import as_dataset, is_location
 from .store.location import Location, location
 from .store.models import load_model
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
+log = logging.getLogger("deltagrad_ray")
+
+
+class DataWarning(UserWarning):
+    """Something in the data that is probably a mistake, though it can be trained on (the CLI
+    prints it as one ``warning: …`` line)."""
+
+
+def check_device(device: str | torch.device) -> torch.device:
+    """The torch device ``device`` names, if this machine has it; else an :class:`InputError`.
+
+    Args:
+      device: ``cpu``, ``cuda``, ``cuda:N`` (or a ``torch.device``).
+
+    Returns:
+      The ``torch.device``.
+    """
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise InputError(f"device must be cpu, cuda or cuda:N, got {device!r}") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InputError(f"device {device}: CUDA is not available on this machine (no GPU, or torch "
+                             f"{torch.__version__} was built without CUDA); use --device cpu")
+        n = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= n:
+            raise InputError(f"device {device}: this machine has {n} CUDA device(s), cuda:0 … cuda:{n - 1}")
+    elif dev.type != "cpu":
+        raise InputError(f"device must be cpu, cuda or cuda:N, got {device!r}")
+    return dev
 
 
 def _dtype(name: str | torch.dtype) -> torch.dtype:
@@ -51,7 +85,23 @@ def _n_classes(data: Dataset, kind: str, n_classes: int | None) -> int:
         return 1
     if n_classes is not None:
         return n_classes
-    return max(2, int(data.y.max()) + 1)
+    c = max(2, int(data.y.max()) + 1)
+    _warn_classes(data.y, c)
+    return c
+
+
+def _warn_classes(y: torch.Tensor, c: int) -> None:
+    """Classes counted from the largest label: warn (:class:`DataWarning`) when some of them have no
+    row, or a single one: most likely a stray label that added classes, not a class to learn."""
+    counts = torch.bincount(y.cpu().clamp(min=0), minlength=c)[:c]
+    odd = torch.nonzero(counts <= 1).reshape(-1).tolist()
+    if not odd:
+        return
+    shown = ", ".join(f"{k}: {int(counts[k])}" for k in odd[:8]) + (f", … ({len(odd)} in all)" if len(odd) > 8 else "")
+    warnings.warn(DataWarning(
+        f"the labels give {c} classes (0 … {c - 1}, from the largest label), but {len(odd)} of them have at most "
+        f"one row (class: rows {shown}); is a label wrong? Give the number of classes (--classes / n_classes) "
+        "if they are meant to be there"), stacklevel=4)
 
 
 def fit(data, cache: str | Location, *, model: str = "logreg", hidden: Sequence[int] = (),
@@ -93,6 +143,7 @@ def fit(data, cache: str | Location, *, model: str = "logreg", hidden: Sequence[
     if not isinstance(steps, int) or steps < 1:
         raise InputError(f"steps must be an integer >= 1, got {steps!r}")
     dt = _dtype(dtype)
+    check_device(device)
     root = location(cache)
     stored = not (is_location(data) and y is None and ids is None and _project_layout(data))
     if stored:  # data in memory (or another layout): converted here, stored in the cache below
@@ -102,6 +153,8 @@ def fit(data, cache: str | Location, *, model: str = "logreg", hidden: Sequence[
     else:
         src = location(data)
         raw = read_dataset(src, regression=(model == "linear"))
+    if len(raw) == 0:
+        raise InputError(f"{src.uri if not stored else 'data'}: no rows (an empty data set)")
     spec = ModelSpec(model, raw.n_features, _n_classes(raw, model, n_classes), tuple(hidden))
     validate(raw, n_features=spec.n_features, n_classes=None if model == "linear" else spec.n_classes)
     fp = fingerprint(raw)
@@ -112,14 +165,26 @@ def fit(data, cache: str | Location, *, model: str = "logreg", hidden: Sequence[
     training = Training(spec, optimizer, float(lr), tuple(int(m) for m in milestones), float(gamma), float(l2),
                         int(seed), plan, steps, dtype_name(dt))
     writer = CacheWriter(root, training, shard_steps=shard_steps, shard_bytes=shard_bytes, storage=storage_dtype)
-    if stored:
-        write_dataset(raw, src)
-    traj = train(fm, ds, steps=steps, lrs=lrs, l2=l2, batch_size=batch_size if optimizer == "sgd" else None,
-                 seed=seed, recorder=writer)
-    assert traj.plan == plan, "the recorded plan is the one the manifest states"
-    writer.commit(data=DataRef(_portable_uri(src), fp, len(raw), raw.n_features, dtype_name(raw.X.dtype)),
-                  n_rows=len(ds), model=fm, initial=traj.initial, final=traj.final)
+    try:
+        if stored:
+            write_dataset(raw, src)
+        traj = train(fm, ds, steps=steps, lrs=lrs, l2=l2, batch_size=batch_size if optimizer == "sgd" else None,
+                     seed=seed, recorder=writer)
+        assert traj.plan == plan, "the recorded plan is the one the manifest states"
+        writer.commit(data=DataRef(_portable_uri(src), fp, len(raw), raw.n_features, dtype_name(raw.X.dtype)),
+                      n_rows=len(ds), model=fm, initial=traj.initial, final=traj.final)
+    except BaseException:  # failed or interrupted: nothing of the run stays behind
+        _abort(writer, [src] if stored else [])
+        raise
     return open_cache(root)
+
+
+def _abort(writer: CacheWriter, extra: Sequence[Location] = ()) -> None:
+    """Remove what a failed or interrupted run wrote (shards, files, ``extra``), saying so on the log."""
+    removed = writer.abort(extra)
+    if removed:
+        log.warning(f"removed the {removed} partial file(s) the failed or interrupted run had written under "
+                    f"{writer.root.uri}")
 
 
 def _project_layout(data) -> bool:
@@ -146,10 +211,143 @@ def change_set(cache: Cache, data: Dataset, delete: Sequence[int] | torch.Tensor
     ids = None
     if delete is not None:
         ids = read_ids(delete) if isinstance(delete, (str, os.PathLike, Location)) else \
-            torch.as_tensor(delete, dtype=torch.int64)
+            id_tensor(delete, "ids to delete")
+        if len(ids) == 0:  # as leave-one-out refuses it: an empty request is not an erasure
+            raise InputError("no ids given")
     if add is not None and not isinstance(add, Dataset):
         add = read_dataset(add, regression=cache.spec.task == "regression")
     return make_change_set(data, delete_ids=ids, add=add, removed=removed, n_classes=cache.n_classes)
+
+
+PREDICTION_ERROR_WARN = 0.5  # mean L-BFGS prediction error at explicit steps that says "probably inaccurate"
+
+
+def _unchecked_steps(config: DeltaGradConfig, steps: int) -> int:
+    """The longest run of consecutive approximate steps the schedule of ``config`` allows over ``steps``
+    (an explicit step measures the L-BFGS approximation; between two, nothing does). For ``adaptive``
+    the uniform schedule of the same period (its gaps only shorten); fallbacks only add explicit steps."""
+    cfg = config if config.schedule != "adaptive" else DeltaGradConfig.from_dict({**config.to_dict(),
+                                                                                  "schedule": "uniform"})
+    mask = cfg.explicit_steps(steps).tolist()[1:]  # step 0 needs no gradient: v = 0
+    best = run = 0
+    for explicit in mask:
+        run = 0 if explicit else run + 1
+        best = max(best, run)
+    return best
+
+
+def accuracy_warning(config: DeltaGradConfig, steps: int, prediction_errors: Sequence[float] = ()) -> str | None:
+    """Why replays with ``config`` over ``steps`` steps are probably inaccurate, or None.
+
+    Two signals: the L-BFGS prediction error measured at explicit steps (each request's mean, above
+    :data:`PREDICTION_ERROR_WARN`), and a schedule that leaves long runs of approximate steps that no
+    explicit step measures (longer than 20 steps and than a quarter of the run, or than 100 steps: the
+    defaults never do) — e.g. ``period=1000`` on 60 steps measures nothing after the burn-in.
+
+    Args:
+      config: the DeltaGrad settings.
+      steps: T.
+      prediction_errors: each replay's mean prediction error (NaN: not known).
+
+    Returns:
+      One line for the user, or None.
+    """
+    advice = ("the result may be inaccurate: try --schedule adaptive, a smaller --period or a longer --history, "
+              "and check against `retrain`")
+    errs = [float(e) for e in prediction_errors if not math.isnan(float(e))]
+    high = [e for e in errs if e > PREDICTION_ERROR_WARN]
+    if high:
+        where = "" if len(errs) == 1 else f" in {len(high)} of {len(errs)} replays (worst {max(high):.0%})"
+        return f"the L-BFGS approximation was {max(high) if len(errs) == 1 else sum(high) / len(high):.0%} " \
+               f"off at explicit steps (mean){where}; {advice}"
+    run = _unchecked_steps(config, steps)
+    if run > max(20, min(steps // 4, 100)):
+        return (f"the schedule ({config.schedule}, period {config.period}) leaves {run} consecutive steps of {steps} "
+                f"approximated with no explicit step to measure them; {advice}")
+    return None
+
+
+_TRAIN_ADVICE = "it came from a diverged run: train again with a smaller learning rate (--lr)"
+
+
+def _finite(params: torch.Tensor, what: str, advice: str = _TRAIN_ADVICE) -> torch.Tensor:
+    """``params`` if every value is finite; else an :class:`InputError` naming ``what``."""
+    bad = ~torch.isfinite(params)
+    if bool(bad.any()):
+        raise InputError(f"{what} has {int(bad.sum())} non-finite value(s) (NaN or inf) of {params.numel()}; {advice}")
+    return params
+
+
+_REPLAY_ADVICE = "the replay diverged: check the changed rows' features for extreme values, and `retrain`"
+
+
+def _checked_cache(c: Cache) -> Cache:
+    """The cache, if its θ_0 and θ_T are finite (caches written before training checked for divergence
+    may hold a NaN model)."""
+    _finite(c.final, f"the model of the cache {c.uri}")
+    _finite(c.initial, f"θ_0 of the cache {c.uri}")
+    return c
+
+
+def _overlap(a: Location, b: Location) -> str | None:
+    """How ``a`` and ``b`` overlap: ``"is"``, ``"inside"`` (a lies inside b), ``"contains"``, or None
+    (local paths with symbolic links resolved; S3 by endpoint, bucket and key)."""
+    if a.is_local != b.is_local or (not a.is_local and a.endpoint != b.endpoint):
+        return None
+    pa_, pb = (os.path.realpath(x.path) if x.is_local else x.path.rstrip("/") for x in (a, b))
+    if pa_ == pb:
+        return "is"
+    if pa_.startswith(pb.rstrip("/") + "/"):
+        return "inside"
+    if pb.startswith(pa_.rstrip("/") + "/"):
+        return "contains"
+    return None
+
+
+def cache_inputs(cache: str | Location, data: str | Location | None = None) -> dict[str, Location]:
+    """What a command on ``cache`` reads, by the name messages give it: the cache location as given,
+    the cache it resolves to (a models prefix gives its published version) and the training data
+    (``data``, else the location the manifest records).
+
+    Returns:
+      name → location, for :func:`check_outputs`.
+    """
+    from .erasure import resolve_cache
+    root = resolve_cache(cache)
+    c = open_cache(root)
+    given = location(cache)
+    out = {"--cache": given}
+    if _overlap(root, given) != "is":
+        out["its published cache"] = root
+    out["--data" if data is not None else "the cache's data"] = location(data if data is not None
+                                                                          else c.manifest.data.uri)
+    return out
+
+
+def check_outputs(outputs: dict[str, str | Location | None], inputs: dict[str, str | Location | None]) -> None:
+    """Refuse outputs that are, lie inside, or contain a location the command reads (a cache, its
+    data, a test set, an id file): an output there could destroy it, with or without overwriting.
+
+    Args:
+      outputs: name (as shown, e.g. ``--out``) → location; None entries are skipped.
+      inputs: name → location read.
+
+    Raises:
+      InputError: naming the output and the input it would land on.
+    """
+    for oname, out in outputs.items():
+        if out is None:
+            continue
+        o = location(out)
+        for iname, inp in inputs.items():
+            if inp is None:
+                continue
+            i = location(inp)
+            how = _overlap(o, i)
+            if how is not None:
+                where = {"is": "is the same location as", "inside": "lies inside", "contains": "contains"}[how]
+                raise InputError(f"{oname} {o.uri} {where} {iname} {i.uri}, which this command reads; "
+                                 "write outputs elsewhere")
 
 
 def unlearn(cache: Cache | str | Location, *, delete=None, add=None, config: DeltaGradConfig | None = None,
@@ -163,20 +361,36 @@ def unlearn(cache: Cache | str | Location, *, delete=None, add=None, config: Del
 
     Returns a :class:`ReplayResult` (``params``, ``explicit_steps``, ``fallbacks``, …).
     """
-    c = _as_cache(cache)
+    check_device(device)
+    c = _checked_cache(_as_cache(cache))
+    out = None if out_cache is None else _new_cache_location(c, out_cache, data)
     ds = c.data(data, device=device)
     traj = c.trajectory(device)
     change = change_set(c, ds, delete, add, traj.removed)
     cfg = config or DeltaGradConfig()
-    if out_cache is None:
-        return deltagrad(c.model, traj, ds, change, cfg)
-    out = location(out_cache)
-    if out.path.rstrip("/") == c.root.path.rstrip("/") and out.fs is c.root.fs:
-        raise InputError(f"{out.uri}: the new cache must go to a new location, not over the cache it comes from")
+    if out is None:
+        res = deltagrad(c.model, traj, ds, change, cfg)
+        _finite(res.params, "the replayed model", _REPLAY_ADVICE)
+        return res
     writer = _derived_writer(c, out)
-    res = deltagrad(c.model, traj, ds, change, cfg, recorder=writer)
-    write_derived_cache(c, writer, res, ds, change, cfg, note)
+    try:
+        res = deltagrad(c.model, traj, ds, change, cfg, recorder=writer)
+        _finite(res.params, "the replayed model", _REPLAY_ADVICE)
+        write_derived_cache(c, writer, res, ds, change, cfg, note)
+    except BaseException:  # failed or interrupted: no orphan shards in the new location
+        _abort(writer)
+        raise
     return res
+
+
+def _new_cache_location(parent: Cache, out_cache: str | Location, data: str | Location | None) -> Location:
+    """Where a derived cache goes: a new location, not over or inside the cache or its data."""
+    out = location(out_cache)
+    if _overlap(out, parent.root) is not None:
+        raise InputError(f"{out.uri}: the new cache must go to a new location, not over or inside the cache it "
+                         "comes from")
+    check_outputs({"the new cache": out}, {"the data": data if data is not None else parent.manifest.data.uri})
+    return out
 
 
 def _derived_writer(parent: Cache, out: Location) -> CacheWriter:
@@ -225,21 +439,28 @@ def retrain_exact(cache: Cache | str | Location, *, delete=None, add=None, data:
     With ``out_cache``, the retrained path is recorded as a new cache there (as :func:`unlearn`
     does for DeltaGrad), e.g. to publish an exactly retrained version.
     """
-    c = _as_cache(cache)
+    check_device(device)
+    c = _checked_cache(_as_cache(cache))
+    out = None if out_cache is None else _new_cache_location(c, out_cache, data)
     ds = c.data(data, device=device)
     traj = c.trajectory(device)
     change = change_set(c, ds, delete, add, traj.removed)
-    if out_cache is None:
+    if out is None:
         return retrain(c.model, traj, ds, change)
     from .core.train import changed_data
     from .core.trajectory import Trajectory
-    writer = _derived_writer(c, location(out_cache))
-    final = retrain(c.model, traj, ds, change, recorder=writer)
-    new_data, removed = changed_data(traj, ds, change)
-    path = Trajectory(traj.plan, traj.l2, traj.lrs, traj.initial, final, len(new_data), removed,
-                      writer.finish(traj.lrs))
-    res = ReplayResult(final, traj.steps, traj.steps, 0, 0, 0, path)
-    write_derived_cache(c, writer, res, ds, change, DeltaGradConfig(), {**(note or {}), "method": "exact-retrain"})
+    writer = _derived_writer(c, out)
+    try:
+        final = retrain(c.model, traj, ds, change, recorder=writer)
+        new_data, removed = changed_data(traj, ds, change)
+        path = Trajectory(traj.plan, traj.l2, traj.lrs, traj.initial, final, len(new_data), removed,
+                          writer.finish(traj.lrs))
+        res = ReplayResult(final, traj.steps, traj.steps, 0, 0, 0, path)
+        write_derived_cache(c, writer, res, ds, change, DeltaGradConfig(),
+                            {**(note or {}), "method": "exact-retrain"})
+    except BaseException:  # failed or interrupted: no orphan shards in the new location
+        _abort(writer)
+        raise
     return final
 
 
@@ -271,7 +492,13 @@ def training_curve(cache: Cache | str | Location, points: int = 50, rows: int = 
 def evaluate(model: str | Location, data: str | Location) -> dict:
     """Accuracy and mean loss (classification) or MSE and loss (regression) of a model file on data."""
     fm, theta, _ = load_model(model)
+    _finite(theta, f"the model {location(model).uri}")
     ds = read_dataset(data, regression=fm.task == "regression")
     validate(ds, n_features=fm.spec.n_features if fm.spec else None, n_classes=fm.n_classes, what=str(data))
     ds = ds.to(dtype=theta.dtype)
-    return {"n": len(ds), **fm.evaluate(theta, ds.X, ds.y)}
+    out = fm.evaluate(theta, ds.X, ds.y)
+    bad = [k for k, v in out.items() if isinstance(v, float) and not math.isfinite(v)]
+    if bad:
+        raise InputError(f"the model {location(model).uri} gives a non-finite {bad[0]} on {location(data).uri} "
+                         "(its parameters are too large for these features: a diverged run?)")
+    return {"n": len(ds), **out}

@@ -1,8 +1,10 @@
 """The ``deltagrad-ray`` command: parses arguments, calls :mod:`deltagrad_ray.api`, prints JSON.
 
-Exit codes: 0 success; 1 unexpected failure (a bug: please report it); 2 bad input (the
-message names the problem); 3 storage failure (missing, unreachable, corrupted); 130
-interrupted.
+Exit codes (README, "Exit codes"): 0 success; 1 unexpected failure (a bug: please report it); 2
+bad input (the message names the problem), a diverged run, an output over an input, a fan-out
+where every request failed; 3 storage failure (missing, unreachable, read-only, corrupted); 130
+interrupted (Ctrl-C or SIGTERM). As the ``deltagrad-ray`` command, :func:`main` ends the process
+with the code itself (:mod:`deltagrad_ray.exits`).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import sys
 import time
 import traceback
 
-EXIT_OK, EXIT_BUG, EXIT_INPUT, EXIT_STORAGE, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+from .exits import EXIT_BUG, EXIT_INPUT, EXIT_INTERRUPTED, EXIT_OK, EXIT_STORAGE
 
 EXAMPLES = """\
 examples:
@@ -246,8 +248,18 @@ def _check_out(path: str, overwrite: bool) -> None:
         raise StorageError(f"{path}: already exists; pass --overwrite or choose another --out")
 
 
+def _check_io(a: argparse.Namespace, outputs: dict[str, str | None], **inputs: str | None) -> None:
+    """Outputs never land on, inside or around what the command reads (the cache, its data, the
+    test set, id files), with or without --overwrite: refused before anything is computed."""
+    from . import api
+    reads = dict(api.cache_inputs(a.cache, getattr(a, "data", None)))
+    reads.update({f"--{k.replace('_', '-')}": v for k, v in inputs.items()})
+    api.check_outputs(outputs, reads)
+
+
 def cmd_train(a: argparse.Namespace) -> dict:
     from . import api
+    api.check_outputs({"--cache": a.cache}, {"--data": a.data})
     t0 = time.perf_counter()
     cache = api.fit(a.data, a.cache, model=a.model, hidden=a.hidden, optimizer=a.optimizer, steps=a.steps,
                     lr=a.lr, milestones=a.lr_milestones, gamma=a.lr_gamma,
@@ -266,6 +278,7 @@ def _change_summary(a: argparse.Namespace) -> dict:
 def cmd_unlearn(a: argparse.Namespace) -> dict:
     from . import api
     from .store.models import save_model
+    _check_io(a, {"--out": a.out, "--out-cache": a.out_cache}, delete=a.delete, add=a.add)
     _check_out(a.out, a.overwrite)
     cfg = _deltagrad_config(a)
     cache = api.open_cache(a.cache)
@@ -282,24 +295,45 @@ def cmd_unlearn(a: argparse.Namespace) -> dict:
             "config": cfg.to_dict(),
             **_change_summary(a), **res.diagnostics()}
     save_model(a.out, cache.model, res.params, metadata=meta, overwrite=a.overwrite)
-    _warn_accuracy(res.prediction_error_mean)
+    _warn_accuracy(cfg, res.steps, [res.prediction_error_mean])
     out = {"command": "unlearn", "out": a.out, "seconds": round(seconds, 3), **res.diagnostics()}
     if a.out_cache:
         out["out_cache"] = a.out_cache
     return out
 
 
-def _warn_accuracy(prediction_error: float) -> None:
-    """One stderr line when the explicit steps saw the L-BFGS model predict poorly."""
-    if prediction_error > 0.5:
-        print(f"warning: the L-BFGS approximation was {prediction_error:.0%} off at explicit steps (mean); the "
-              "result may be inaccurate: try --schedule adaptive, a smaller --period or a longer --history, and "
-              "check against `retrain`", file=sys.stderr)
+def _warn_accuracy(cfg, steps: int, prediction_errors) -> None:
+    """One stderr line when the explicit steps saw the L-BFGS model predict poorly, or the schedule
+    left long stretches unmeasured (every command that replays)."""
+    from .api import accuracy_warning
+    why = accuracy_warning(cfg, steps, [float(e) for e in prediction_errors])
+    if why:
+        print(f"warning: {why}", file=sys.stderr)
+
+
+def _warn_replays(a: argparse.Namespace, fan, report, ids=None) -> None:
+    """After a fan-out: a run where every request failed is an error (exit 2, the first reasons);
+    some failed: one warning line; then the accuracy warning of the replays that succeeded."""
+    from .api import open_cache
+    from .core.errors import InputError
+    from .erasure import resolve_cache
+    n, errors = int(report.params.shape[0]), report.errors
+    shown = "; ".join(f"{'id ' + str(int(ids[i])) if ids is not None else 'request ' + str(i)}: {e}"
+                      for i, e in list(errors.items())[:2])
+    if errors and len(errors) == n:
+        raise InputError(f"all {n} replays failed, e.g. {shown}")
+    if errors:
+        print(f"warning: {len(errors)} of {n} replays failed (NaN params and the reason in the 'error' column "
+              f"of --out), e.g. {shown}", file=sys.stderr)
+    pred = report.stats.get("prediction_error_mean")
+    ok = [float(pred[i]) for i in range(n) if i not in errors] if pred is not None else []
+    _warn_accuracy(fan.config, open_cache(resolve_cache(a.cache)).steps, ok)
 
 
 def cmd_retrain(a: argparse.Namespace) -> dict:
     from . import api
     from .store.models import save_model
+    _check_io(a, {"--out": a.out}, delete=a.delete, add=a.add)
     _check_out(a.out, a.overwrite)
     cache = api.open_cache(a.cache)
     t0 = time.perf_counter()
@@ -353,6 +387,11 @@ def _done(fanout, out: str) -> None:
         os.rmdir(parts.path)
 
 
+def _check_many_io(a: argparse.Namespace) -> None:
+    """--out and its incremental parts never over the cache, its data, the test set or the ids."""
+    _check_io(a, {"--out": a.out, "--out's parts": a.out + ".parts"}, test=getattr(a, "test", None), ids=a.ids)
+
+
 def _ids_arg(a: argparse.Namespace):
     from .store.datasets import read_ids
     return read_ids(a.ids) if a.ids else None
@@ -367,10 +406,12 @@ def _replay_summary(r) -> dict:
 def cmd_loo(a: argparse.Namespace) -> dict:
     from . import many
     from .results import write_table
+    _check_many_io(a)
     _check_out(a.out, a.overwrite)
     fan, progress = _fanout(a)
     t0 = time.perf_counter()
     res = many.loo(a.cache, _ids_arg(a), fanout=fan, data=a.data)
+    _warn_replays(a, fan, res.replay, res.ids)
     c = res.replay.counters
     write_table(a.out, {"id": res.ids, "params": res.params, "explicit_steps": c["explicit_steps"],
                         "approx_steps": c["approx_steps"], "fallbacks": c["fallbacks"],
@@ -384,10 +425,12 @@ def cmd_loo(a: argparse.Namespace) -> dict:
 def cmd_jackknife(a: argparse.Namespace) -> dict:
     from . import many
     from .results import write_table
+    _check_many_io(a)
     _check_out(a.out, a.overwrite)
     fan, progress = _fanout(a)
     t0 = time.perf_counter()
     r = many.jackknife(a.cache, a.test, _ids_arg(a), fanout=fan, data=a.data, memory_mb=a.memory_mb)
+    _warn_replays(a, fan, r["replay"])
     p, loss = r["predictions"], r["test_loss"]
     meta = {"test_loss": {k: float(getattr(loss, k)) for k in ("estimate", "bias", "bias_corrected", "se")},
             "n_loo": r["n_loo"]}
@@ -401,10 +444,12 @@ def cmd_jackknife(a: argparse.Namespace) -> dict:
 def cmd_influence(a: argparse.Namespace) -> dict:
     from . import many
     from .results import write_table
+    _check_many_io(a)
     _check_out(a.out, a.overwrite)
     fan, progress = _fanout(a)
     t0 = time.perf_counter()
     r = many.influence(a.cache, a.test, _ids_arg(a), fanout=fan, data=a.data, memory_mb=a.memory_mb)
+    _warn_replays(a, fan, r["replay"])
     write_table(a.out, {"id": r["ids"], "influence": r["influence"]}, metadata={"test_loss": r["test_loss"]},
                 overwrite=a.overwrite)
     _done(fan, a.out)
@@ -415,11 +460,13 @@ def cmd_influence(a: argparse.Namespace) -> dict:
 def cmd_conformal(a: argparse.Namespace) -> dict:
     from . import many
     from .results import write_table
+    _check_many_io(a)
     _check_out(a.out, a.overwrite)
     fan, progress = _fanout(a)
     t0 = time.perf_counter()
     r = many.conformal(a.cache, a.test, a.alpha, method=a.method, folds=a.folds, ids=_ids_arg(a), seed=a.seed,
                        fanout=fan, data=a.data, memory_mb=a.memory_mb)
+    _warn_replays(a, fan, r["replay"])
     cols = {"id": r["ids"], "prediction": r["prediction"]}
     if "sets" in r:
         cols["set"] = [torch_nonzero_list(row) for row in r["sets"]]
@@ -486,15 +533,59 @@ COMMANDS = {"train": cmd_train, "unlearn": cmd_unlearn, "retrain": cmd_retrain, 
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; returns its exit code (see the module docstring).
+
+    Called without ``argv`` (as the ``deltagrad-ray`` command, or ``python -m deltagrad_ray.cli``)
+    it ends the process itself with that code (:func:`deltagrad_ray.exits.end`: Ray shut down,
+    output flushed, no interpreter teardown, which could abort the process with exit 134), and
+    SIGTERM interrupts it like Ctrl-C (partial outputs removed, exit 130).
+
+    Args:
+      argv: the arguments (default: ``sys.argv[1:]``).
+
+    Returns:
+      The exit code (only when ``argv`` is given).
+    """
+    if argv is not None:
+        return _main(argv)
+    from .exits import end
+    code = EXIT_BUG
+    try:
+        _interrupt_on_sigterm()
+        code = _main(None)
+    except SystemExit as e:  # argparse: --help (0) or a usage error (2)
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else EXIT_INPUT)
+    except KeyboardInterrupt:  # outside the command (while parsing or importing)
+        print("interrupted", file=sys.stderr)
+        code = EXIT_INTERRUPTED
+    except BaseException:  # noqa: B036 - a bug outside the command: show it, still end with a code
+        traceback.print_exc()
+        code = EXIT_BUG
+    finally:
+        end(code)
+
+
+def _interrupt_on_sigterm() -> None:
+    """SIGTERM (kill, a timeout, Kubernetes) interrupts the command as Ctrl-C does."""
+    import signal
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+
+
+def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     global _JSON
     _JSON = args.json
     from .core.errors import InputError
     from .store.location import StorageError
     from .store.s3 import configure_s3
-    configure_s3(endpoint=args.endpoint_url, profile=args.profile, region=args.region)
     try:
-        _emit(COMMANDS[args.command](args))
+        with _user_warnings():
+            configure_s3(endpoint=args.endpoint_url, profile=args.profile, region=args.region)
+            _emit(COMMANDS[args.command](args))
         return EXIT_OK
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -510,7 +601,47 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug or os.environ.get("DELTAGRAD_DEBUG"):
             traceback.print_exc()
         return EXIT_BUG
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+
+
+class _user_warnings:
+    """While a command runs: the library's :class:`~deltagrad_ray.api.DataWarning` warnings and its
+    log records (``deltagrad_ray`` logger, e.g. partial files removed after a failure) as one
+    ``warning: …`` line each on stderr; both restored afterwards."""
+
+    def __enter__(self):
+        import logging
+        import warnings
+
+        from .api import DataWarning
+        self._warnings = warnings.catch_warnings()
+        self._warnings.__enter__()
+        shown = warnings.showwarning
+
+        def show(message, category, filename, lineno, file=None, line=None):
+            if issubclass(category, DataWarning):
+                print(f"warning: {message}", file=sys.stderr)
+            else:
+                shown(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = show
+        warnings.filterwarnings("always", category=DataWarning)  # part of the command's output
+        self._log = logging.getLogger("deltagrad_ray")
+        self._handler = logging.StreamHandler(sys.stderr)
+        self._handler.setFormatter(logging.Formatter("warning: %(message)s"))
+        self._handler.setLevel(logging.WARNING)
+        self._propagate = self._log.propagate
+        self._log.addHandler(self._handler)
+        self._log.propagate = False
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._log.removeHandler(self._handler)
+        self._log.propagate = self._propagate
+        self._warnings.__exit__(*exc)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -115,13 +115,15 @@ def _cache(cache: Cache | str | Location) -> Cache:
 
 
 def _test_set(cache: Cache, test: Dataset | str | Location, labels: bool = True) -> Dataset:
-    """The test rows, validated against the cache's model; labels needed only when ``labels``."""
+    """The test rows, validated against the cache's model; labels needed only when ``labels``, and
+    checked whenever the test set has them (a label outside the model's classes, or −1, is refused
+    by every command alike: the coverage would otherwise index past the classes)."""
     if isinstance(test, Dataset) or (is_location(test) and _project_layout(test)):
         ds = test if isinstance(test, Dataset) else read_dataset(test, regression=cache.spec.task == "regression",
                                                                  labels_optional=not labels)
     else:  # arrays, (X, y) tuples, DataFrames, pyarrow Tables, Ray Data, other Parquet layouts
         ds = as_dataset(test, task=cache.spec.task, n_classes=cache.n_classes, labels=labels, what="test set")
-    if labels:
+    if labels or _has_labels(test):
         validate(ds, n_features=cache.spec.n_features, n_classes=cache.n_classes, what="test set")
     else:  # only the features matter
         validate(Dataset(ds.X, ds.X.new_zeros(len(ds)), ds.ids), n_features=cache.spec.n_features, what="test set")

@@ -8,10 +8,20 @@ runs the identical sequence of operations and reproduces the recorded run bit fo
 
 A batch that lost all its rows contributes no data gradient: its step applies only the
 regulariser, w_{t+1} = w_t − η_t·λ·w_t, and every later step keeps its step number.
+
+A run that diverges stops where it does, with an :class:`~.errors.InputError` naming the step:
+every step's gradient must be finite (its sum, one reduction over p values: NaN or inf anywhere
+make it non-finite), and training also checks, every :data:`CHECK_EVERY` steps and at the last,
+that the objective on a fixed sample of rows has not grown :data:`GROWTH` times above its value at
+θ_0 (too large a learning rate makes GD's iterates grow geometrically: finite for a while, then
+inf). Measured on 2 shared cores: the sum costs 2.6 µs a step for p = 7,850 (0.9% of the smallest
+step measured, 0.3 ms); a check costs at most about one gradient of a batch, so 1% or less of
+the gradient time.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Protocol
 
 import torch
@@ -55,15 +65,58 @@ def objective_grad(grad_sum: Tensor, size: int, w: Tensor, l2: float) -> Tensor:
     return grad_sum / size + l2 * w
 
 
+CHECK_EVERY = 100   # steps between two objective checks of a training run (and the last step)
+GROWTH = 1e4        # growth of the objective over its value at θ_0 that stops a run as diverged
+CHECK_ROWS = 1024   # rows of the objective check: the first rows of the data, at most a batch
+
+
+class _Growth:
+    """The objective F(w) = mean loss + (λ/2)‖w‖² on a fixed sample of rows, against F(θ_0).
+
+    At most one batch's rows: a check (a loss, no gradient) costs about one gradient of a batch at
+    most, so every :data:`CHECK_EVERY` steps it stays within about 1% of the run."""
+
+    def __init__(self, model: FunctionalModel, X: Tensor, y: Tensor, l2: float, theta0: Tensor) -> None:
+        self.model, self.X, self.y, self.l2 = model, X, y, l2
+        self.f0 = self.objective(theta0)
+
+    def objective(self, w: Tensor) -> float:
+        with torch.no_grad():
+            return float(self.model.loss_sum(w, self.X, self.y) / max(1, len(self.X)) + self.l2 / 2 * (w @ w))
+
+    def check(self, t: int, w: Tensor, lr: float) -> None:
+        f = self.objective(w)
+        if not math.isfinite(f) or (self.f0 > 0 and f > GROWTH * self.f0):
+            grew = f"{f:.4g}" if math.isfinite(f) else "an overflow (inf or NaN)"
+            raise InputError(f"training diverged by step {t}: the objective grew from {self.f0:.4g} at the start to "
+                             f"{grew}; use a smaller learning rate (lr / --lr; η was {lr:g} at this step)")
+
+
+def _diverged(t: int, lr: float, what: str) -> InputError:
+    return InputError(f"training diverged at step {t}: {what} not finite (NaN or inf); use a smaller learning "
+                      f"rate (lr / --lr; η was {lr:g} at this step), or scale the features")
+
+
 def run_sgd(model: FunctionalModel, data: Dataset, plan: BatchPlan, lrs: Tensor, l2: float,
             theta0: Tensor, removed: Tensor | None = None,
-            recorder: Recorder | None = None) -> Tensor:
-    """The training loop (GD when ``plan.full_batch``). Returns θ_T; records into ``recorder``."""
+            recorder: Recorder | None = None, *, check_growth: bool = False) -> Tensor:
+    """The training loop (GD when ``plan.full_batch``). Returns θ_T; records into ``recorder``.
+
+    Raises :class:`InputError` at the first step whose gradient is not finite (nothing of that step
+    is recorded) and, with ``check_growth``, when the objective has grown :data:`GROWTH` times
+    over F(θ_0) (checked every :data:`CHECK_EVERY` steps, at the last, and when the recorder refuses
+    a step, e.g. a value beyond its storage dtype's range).
+    """
     index = BatchIndex(plan, data, removed)
     gather = RowGather(data.X)
     w = theta0.clone()
     const: tuple[Tensor, Tensor] | None = None
-    for t in range(int(lrs.shape[0])):
+    T = int(lrs.shape[0])
+    growth = None
+    if check_growth and T:
+        n = min(CHECK_ROWS, len(data), len(data) if plan.full_batch else int(plan.batch_size))
+        growth = _Growth(model, data.X[:n], data.y[:n], l2, theta0)
+    for t in range(T):
         sb: StepBatch = index.at(t)
         if plan.full_batch:
             if const is None:  # the same rows every step: gather them at most once
@@ -77,9 +130,23 @@ def run_sgd(model: FunctionalModel, data: Dataset, plan: BatchPlan, lrs: Tensor,
             rows = active_rows(index, sb)
             Xb, yb = gather(rows), data.y[rows]
         g = objective_grad(model.grad_sum(w, Xb, yb), sb.size, w, l2)
+        lr = float(lrs[t])
+        if not math.isfinite(float(g.sum())):  # one reduction: NaN or inf anywhere make the sum non-finite
+            raise _diverged(t, lr, "the gradient is")
+        if growth is not None and t > 0 and t % CHECK_EVERY == 0:
+            growth.check(t, w, lr)
         if recorder is not None:
-            recorder.record(t, w, g)
-        w = w - float(lrs[t]) * g
+            try:
+                recorder.record(t, w, g)
+            except InputError:  # e.g. beyond the storage dtype's range: say so if the run is diverging
+                if growth is not None:
+                    growth.check(t, w, lr)
+                raise
+        w = w - lr * g
+    if T and not bool(torch.isfinite(w).all()):
+        raise _diverged(T - 1, float(lrs[T - 1]), "the parameters after the last step are")
+    if growth is not None:
+        growth.check(T, w, float(lrs[T - 1]))
     return w
 
 
@@ -100,6 +167,10 @@ def train(model: FunctionalModel, data: Dataset, *, steps: int, lrs: Tensor, l2:
     Returns:
       The :class:`Trajectory`.
 
+    Raises:
+      InputError: the run diverged (a non-finite gradient, or the objective grown by orders of
+        magnitude); the message names the step.
+
     Example:
       >>> from deltagrad_ray.core import ModelSpec, learning_rates, synthetic_classification
       >>> data = synthetic_classification(200, 5, 3, seed=0)
@@ -115,7 +186,7 @@ def train(model: FunctionalModel, data: Dataset, *, steps: int, lrs: Tensor, l2:
     plan = BatchPlan(len(data), batch_size, seed)
     theta0 = model.init_params(seed, dtype=data.X.dtype, device=data.X.device)
     rec = recorder or MemoryRecorder(steps, model.p, data.X.dtype, data.X.device)
-    final = run_sgd(model, data, plan, lrs, l2, theta0, None, rec)
+    final = run_sgd(model, data, plan, lrs, l2, theta0, None, rec, check_growth=True)
     return Trajectory(plan, float(l2), lrs.to(torch.float64).cpu(), theta0, final, len(data), None,
                       rec.finish(lrs))
 

@@ -99,6 +99,7 @@ class _Collector:
         self.counters = {k: torch.zeros(n, dtype=torch.int64) for k in COUNTERS}
         self.errors: dict[int, str] = {}
         self.done = torch.zeros(n, dtype=torch.bool)
+        self.prediction_error = torch.full((n,), float("nan"), dtype=torch.float64)  # NaN: not measured here
         self.sink, self.progress = sink, progress
 
     def restore(self, finished: dict[int, dict]) -> None:
@@ -119,6 +120,8 @@ class _Collector:
             W = state.W.detach().cpu().double().clone()
             for k in COUNTERS:
                 self.counters[k][idx] = getattr(state, k).cpu()
+            self.prediction_error[idx] = torch.where(state.pred_n > 0, state.pred_sum / state.pred_n.clamp(min=1),
+                                                     0.0).cpu().double()
             for j in torch.nonzero(state.failed_at >= 0).reshape(-1).tolist():
                 errors = {**errors, members[j]: failure_reason(int(state.failed_at[j]))}
         self.errors.update(errors)
@@ -144,7 +147,8 @@ class _Collector:
         from ..stats.tables import TensorTable
         from .sink import SinkTable
         models = TensorTable(self.params) if self.keep else SinkTable(self.sink.root, self.n)
-        stats = {**stats, "models_in_memory": self.keep}
+        # stats["prediction_error_mean"]: (N,) each request's mean L-BFGS prediction error at its explicit steps
+        stats = {**stats, "models_in_memory": self.keep, "prediction_error_mean": self.prediction_error}
         return RunReport(self.params if self.keep else None, self.counters, dict(sorted(self.errors.items())),
                          stats, models)
 

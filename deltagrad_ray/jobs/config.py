@@ -136,10 +136,40 @@ def fanout(ray: dict, deltagrad: dict | None = None, parts: str | None = None):
 def main(description: str, schema: dict, run: Callable[[dict], dict], argv: list[str] | None = None,
          options: Sequence[tuple[str, str, type, str]] = ()) -> int:
     """``python -m pipelines.<name> --config FILE``: run, print one JSON summary line, exit 0 /
-    1 (bug) / 2 (bad input or config) / 3 (storage).
+    1 (bug) / 2 (bad input or config) / 3 (storage) / 130 (interrupted: Ctrl-C or SIGTERM).
 
     ``options``: extra flags ``(flag, config path "a.b", type, help)`` that override the config.
+
+    Called without ``argv`` (a pipeline's entry point) it ends the process itself with the code
+    (:func:`deltagrad_ray.exits.end`: Ray shut down, output flushed, no interpreter teardown, which
+    could abort the process with exit 134); with ``argv`` it returns the code.
     """
+    if argv is not None:
+        return _main(description, schema, run, argv, options)
+    from ..exits import end
+    code = 1
+    try:
+        import signal
+
+        def interrupt(signum, frame):
+            raise KeyboardInterrupt
+
+        signal.signal(signal.SIGTERM, interrupt)
+        code = _main(description, schema, run, None, options)
+    except SystemExit as e:  # argparse: --help (0) or a usage error (2)
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        code = 130
+    except BaseException:  # noqa: B036 - a bug outside the job: show it, still end with a code
+        traceback.print_exc()
+        code = 1
+    finally:
+        end(code)
+
+
+def _main(description: str, schema: dict, run: Callable[[dict], dict], argv: list[str] | None,
+          options: Sequence[tuple[str, str, type, str]]) -> int:
     ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--config", required=True, help="YAML or JSON config file")
     for flag, _, kind, helptext in options:
@@ -165,6 +195,9 @@ def main(description: str, schema: dict, run: Callable[[dict], dict], argv: list
     except StorageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
     except Exception as e:  # a bug: say so, with the traceback (jobs keep their logs)
         traceback.print_exc()
         print(f"error: unexpected {type(e).__name__}: {e}", file=sys.stderr)

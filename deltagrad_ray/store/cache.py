@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import hashlib
+import math
 import uuid
 import warnings
 from collections.abc import Iterator
@@ -155,7 +156,13 @@ class CacheWriter:
     recorded replay) runs.
 
     Holds at most one shard in memory; :meth:`commit` writes the model files and, last, the
-    manifest. Refuses to start if a committed cache already exists at ``root``.
+    manifest. Refuses to start if a committed cache already exists at ``root``. A run that fails
+    or is interrupted calls :meth:`abort`, which removes what the writer wrote: no orphan shards.
+
+    Every recorded vector is checked before it is stored: a value that is not finite, or beyond
+    the range of the storage dtype (float16 holds up to 65504; stored, it would become inf), is
+    refused at that step with the largest value seen and the dtypes that would hold it, before
+    anything is committed.
 
     Args:
       root: the cache location.
@@ -199,10 +206,35 @@ class CacheWriter:
         # encoding of one shard overlaps the upload (or fsync) of another
         self._pool = ThreadPoolExecutor(max_workers=self.WRITERS, thread_name_prefix="shard-writer")
         self._pending: list = []
+        self._written: list[Location] = []  # every file written, for abort()
+        # the largest magnitude the storage dtype holds, when it is below the training dtype's
+        # (float16: 65504): larger values would be stored as inf
+        big, own = torch.finfo(self.storage).max, torch.finfo(self.dtype).max
+        self._limit = big if big < own else None
+
+    def _check(self, step: int, theta: torch.Tensor, grad: torch.Tensor) -> None:
+        """Refuse a step whose vectors the storage dtype cannot hold (or that are not finite)."""
+        if self._limit is None and math.isfinite(float(theta.detach().sum() + grad.detach().sum())):
+            return  # the storage dtype holds every finite value (one reduction; NaN or inf make it non-finite)
+        peaks = torch.stack([theta.detach().abs().max(), grad.detach().abs().max()]).double().cpu()
+        top = float(peaks.max()) if bool(torch.isfinite(peaks).all()) else float("nan")
+        if not math.isfinite(top):
+            which = "θ" if not bool(torch.isfinite(peaks[0])) else "the gradient"
+            raise InputError(f"step {step}: {which} is not finite (NaN or inf) and cannot be stored (the run "
+                             "diverged); nothing was committed")
+        if self._limit is not None and top > self._limit:
+            which = "θ" if float(peaks[0]) >= float(peaks[1]) else "the gradient"
+            holders = [n for n in ("float32", "bfloat16") if torch.finfo(_TORCH[n]).max >= top] or ["float64"]
+            raise InputError(f"step {step}: {which} holds {top:.4g}, beyond the range of the storage dtype "
+                             f"{dtype_name(self.storage)} (largest {self._limit:.6g}; it would be stored as inf); "
+                             f"store the cache as {' or '.join(holders)} (--storage-dtype) "
+                             "— or, if values this large are unexpected, the run is diverging: use a smaller "
+                             "learning rate (--lr); nothing was committed")
 
     def record(self, step: int, theta: torch.Tensor, grad: torch.Tensor) -> None:
         if step != self._start + self._count:
             raise ValueError(f"steps must be recorded in order: got {step}, expected {self._start + self._count}")
+        self._check(step, theta, grad)
         self._params[self._count] = theta.detach()
         self._grads[self._count] = grad.detach()
         self._count += 1
@@ -213,6 +245,7 @@ class CacheWriter:
         raw = shard_bytes(a, params, grads, self.lrs[a:a + len(params)], self.row_group_steps, self.digest)
         rel = f"shards/part-{index:05d}-{self.run_id}.parquet"
         self.root.join(rel).write_bytes(raw)
+        self._written.append(self.root.join(rel))
         return ShardRef(rel, a, a + len(params), raw.size, sha256(raw))
 
     def _wait(self, keep: int) -> None:
@@ -254,12 +287,45 @@ class CacheWriter:
                           "model.safetensors": model_bytes(model, final, {"cache_run_id": self.run_id}),
                           **(extra_files or {})}.items():
             self.root.join(name).write_bytes(raw)
+            self._written.append(self.root.join(name))
             files[name] = FileRef(len(raw), sha256(raw))
         manifest = Manifest(self.training, data, n_rows, parent, tuple(changes), self.run_id,
                             _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), self.shard_steps,
                             self.row_group_steps, dtype_name(self.storage), tuple(self.shards), files)
         self.root.join(MANIFEST).write_text(manifest.to_json())
+        self._written.clear()  # committed: nothing to abort any more
         return manifest
+
+    def abort(self, extra: tuple[Location, ...] | list[Location] = ()) -> int:
+        """Remove what this writer wrote (shards, model files) and ``extra`` locations, once the
+        writes in flight have ended: a failed or interrupted run leaves no orphan shards behind (its
+        location holds no manifest, so it never was a cache). Removal is best effort (a storage
+        that fails now keeps what it cannot delete).
+
+        Returns:
+          The number of files removed.
+        """
+        for job, _ in self._pending:
+            job.cancel()
+        self._pool.shutdown(wait=True)
+        self._pending.clear()
+        removed = 0
+        for loc in [*self._written, *extra]:
+            try:
+                if loc.exists():
+                    loc.delete()
+                    removed += 1
+            except StorageError:
+                pass
+        self._written.clear()
+        if self.root.is_local:  # the folders the run made, when nothing else is in them
+            import os
+            for sub in ("shards", "data", ""):
+                try:
+                    os.rmdir(self.root.join(sub).path if sub else self.root.path)
+                except OSError:
+                    pass
+        return removed
 
 
 class ParquetSource:
@@ -306,7 +372,13 @@ class ParquetSource:
             arr = table.column(name).combine_chunks()
             if arr.type.list_size != self.p:
                 raise StorageError(f"{uri}: column {name} has width {arr.type.list_size}, expected {self.p}")
-            return _from_values(arr.values, k, self.p, self.storage, self.dtype)
+            v = _from_values(arr.values, k, self.p, self.storage, self.dtype)
+            if not bool(torch.isfinite(v).all()):  # caches written before CacheWriter checked its inputs
+                bad = start + int(torch.nonzero(~torch.isfinite(v).all(dim=1))[0])
+                raise InputError(f"{uri}: step {bad} holds non-finite {name} (NaN or inf: a diverged run, or values "
+                                 "beyond the storage dtype's range); train the cache again (a smaller --lr, or "
+                                 "--storage-dtype float32)")
+            return v
 
         return Segment(start, vecs("params"), vecs("grads"), torch.from_numpy(lrs))
 

@@ -9,6 +9,7 @@ per line, or a Parquet file with an ``id`` column.
 from __future__ import annotations
 
 import hashlib
+import re
 
 import numpy as np
 import pyarrow as pa
@@ -35,7 +36,11 @@ def _read_table(loc: Location) -> pa.Table:
     tables = []
     for part in _parquet_parts(loc):
         try:
-            tables.append(pq.read_table(pa.BufferReader(part.read_bytes())))
+            # an Arrow-owned buffer, not Python bytes: pyarrow's worker threads release the scan's
+            # source after read_table returns, and a Python-owned one needs the GIL to be freed, which
+            # a thread cannot take once the interpreter is finalizing: it then aborts the process
+            # ("terminate called without an active exception", exit 134; see deltagrad_ray/exits.py)
+            tables.append(pq.read_table(pa.BufferReader(part.read_buffer())))
         except (pa.ArrowInvalid, OSError) as e:
             raise StorageError(f"{part.uri}: not a readable Parquet file ({e})") from None
     try:
@@ -71,6 +76,8 @@ def read_dataset(uri: str | Location, *, regression: bool | None = None, labels_
     """
     loc = location(uri)
     table = _read_table(loc)
+    if table.num_rows == 0:
+        raise InputError(f"{loc.uri}: no rows (an empty data set)")
     if labels_optional and "label" not in table.column_names:
         zeros = np.zeros(table.num_rows, dtype=np.float64 if regression else np.int64)
         table = table.append_column("label", pa.array(zeros))
@@ -206,26 +213,72 @@ def _hash_array(h, a: np.ndarray) -> None:
     h.update(a.data)
 
 
+_INT64 = (-(2**63), 2**63 - 1)
+_ID = re.compile(r"[+-]?[0-9]+")
+
+
+def id_tensor(values, what: str = "ids") -> torch.Tensor:
+    """Ids given in memory (a list, an array, a tensor) as an int64 tensor, checked: integers only
+    (no floats, no booleans), each within int64.
+
+    Args:
+      values: the ids.
+      what: how they are named in messages.
+
+    Returns:
+      (n,) int64 tensor.
+    """
+    if isinstance(values, torch.Tensor):
+        if values.is_floating_point() or values.is_complex() or values.dtype == torch.bool:
+            raise InputError(f"{what} must be integers, got a tensor of {values.dtype}")
+        return values.to(torch.int64).reshape(-1)
+    arr = np.asarray(values)
+    if arr.dtype.kind == "u" and arr.size and int(arr.max()) > _INT64[1]:
+        raise InputError(f"{what}: id {int(arr.max())} is beyond int64 (ids are int64)")
+    if arr.dtype.kind in "iu":
+        return torch.from_numpy(arr.astype(np.int64).reshape(-1))
+    if arr.size == 0:
+        return torch.zeros(0, dtype=torch.int64)
+    out = []
+    for v in arr.reshape(-1).tolist():
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise InputError(f"{what} must be integers, got {v!r}")
+        if not _INT64[0] <= v <= _INT64[1]:
+            raise InputError(f"{what}: id {v} is beyond int64 (ids are int64)")
+        out.append(v)
+    return torch.tensor(out, dtype=torch.int64)
+
+
 def read_ids(uri: str | Location) -> torch.Tensor:
-    """Ids from a text file (one per line; blank lines and # comments ignored) or a Parquet
-    file with an ``id`` column."""
+    """Ids from a text file (one per line: an optional sign and ASCII digits; blank lines and #
+    comments ignored) or a Parquet file with an ``id`` column. Every id must fit int64, and the
+    file must hold at least one (an empty request is refused, not taken as "change nothing")."""
     loc = location(uri)
-    raw = loc.read_bytes()
-    if raw[:4] == b"PAR1":
-        table = pq.read_table(pa.BufferReader(raw))
+    raw = loc.read_buffer()  # Arrow-owned (see _read_table)
+    if raw.slice(0, min(4, raw.size)).to_pybytes() == b"PAR1":
+        try:
+            table = pq.read_table(pa.BufferReader(raw))
+        except (pa.ArrowInvalid, OSError) as e:
+            raise StorageError(f"{loc.uri}: not a readable Parquet file ({e})") from None
         if "id" not in table.column_names:
             raise InputError(f"{loc.uri}: Parquet id list needs an 'id' column, has {table.column_names}")
         col = table.column("id")
         if col.null_count or col.to_numpy().dtype.kind not in "iu":
             raise InputError(f"{loc.uri}: column 'id' must be non-null integers, got {col.type}")
-        return torch.from_numpy(col.to_numpy().astype(np.int64))
-    ids = []
-    for lineno, line in enumerate(raw.decode("utf-8", errors="replace").splitlines(), 1):
-        s = line.split("#", 1)[0].strip()
-        if not s:
-            continue
-        try:
-            ids.append(int(s))
-        except ValueError:
-            raise InputError(f"{loc.uri}, line {lineno}: {s!r} is not an integer id") from None
-    return torch.tensor(ids, dtype=torch.int64)
+        ids = id_tensor(col.to_numpy(), f"{loc.uri}")
+    else:
+        values = []
+        for lineno, line in enumerate(raw.to_pybytes().decode("utf-8", errors="replace").splitlines(), 1):
+            s = line.split("#", 1)[0].strip()
+            if not s:
+                continue
+            if not _ID.fullmatch(s):  # int() would also take "1_4" (as 14), " ١٤" and other forms
+                raise InputError(f"{loc.uri}, line {lineno}: {s!r} is not an integer id")
+            v = int(s)
+            if not _INT64[0] <= v <= _INT64[1]:
+                raise InputError(f"{loc.uri}, line {lineno}: id {s} is beyond int64 (ids are int64)")
+            values.append(v)
+        ids = torch.tensor(values, dtype=torch.int64)
+    if len(ids) == 0:
+        raise InputError(f"{loc.uri}: no ids in this file (an empty id list)")
+    return ids

@@ -30,7 +30,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from urllib.parse import urlparse
+from urllib.parse import unquote, urlparse
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -268,6 +268,12 @@ class Location:
         tmp = os.path.join(parent, f".{os.path.basename(self.path)}.{uuid.uuid4().hex}.tmp")
         try:
             os.makedirs(parent, exist_ok=True)
+        except (FileExistsError, NotADirectoryError):  # a file where a folder of the path should be
+            raise StorageError(f"{self.uri}: cannot write (a part of its folder path is a file, not a folder)") \
+                from None
+        except OSError as e:
+            raise StorageError(f"{self.uri}: cannot write ({e.strerror or e})") from e
+        try:
             with open(tmp, "wb") as f:
                 f.write(data)
                 f.flush()
@@ -405,7 +411,10 @@ def location(uri: str | os.PathLike | Location) -> Location:
     if parsed.scheme == "s3":
         return s3_location(uri)
     if parsed.scheme == "file":
-        path = parsed.path
+        if parsed.netloc not in ("", "localhost"):
+            raise InputError(f"{uri!r}: a file URI names an absolute local path (file:///path/to/x); for a "
+                             "relative path leave out file://")
+        path = unquote(parsed.path)  # file:///my%20data/x.parquet is "/my data/x.parquet"
     elif parsed.scheme == "" or (len(parsed.scheme) == 1 and os.name == "nt"):
         path = uri
     else:
