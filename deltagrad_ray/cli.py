@@ -164,6 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--data", help="the training data (default: the location recorded in the cache)")
         p.add_argument("--out", required=True, help="results (Parquet)")
         p.add_argument("--overwrite", action="store_true")
+        p.add_argument("--max-model-mb", type=float, default=1024,
+                       help="replayed models held in memory at most; beyond, they stay in --out's parts and are "
+                            "read back a chunk at a time")
         _add_deltagrad_args(p)
         if name != "loo":
             p.add_argument("--memory-mb", type=float, default=256,
@@ -295,18 +298,20 @@ def cmd_unlearn(a: argparse.Namespace) -> dict:
             "config": cfg.to_dict(),
             **_change_summary(a), **res.diagnostics()}
     save_model(a.out, cache.model, res.params, metadata=meta, overwrite=a.overwrite)
-    _warn_accuracy(cfg, res.steps, [res.prediction_error_mean])
+    _warn_accuracy(cfg, cache, [res.prediction_error_mean])
     out = {"command": "unlearn", "out": a.out, "seconds": round(seconds, 3), **res.diagnostics()}
     if a.out_cache:
         out["out_cache"] = a.out_cache
     return out
 
 
-def _warn_accuracy(cfg, steps: int, prediction_errors) -> None:
+def _warn_accuracy(cfg, cache, prediction_errors) -> None:
     """One stderr line when the explicit steps saw the L-BFGS model predict poorly, or the schedule
-    left long stretches unmeasured (every command that replays)."""
+    left long stretches unmeasured (every command that replays); ``cfg`` as the replay resolved it
+    for ``cache``'s trajectory."""
     from .api import accuracy_warning
-    why = accuracy_warning(cfg, steps, [float(e) for e in prediction_errors])
+    cfg = cfg.resolve(full_batch=cache.plan.full_batch, kind=cache.spec.kind)
+    why = accuracy_warning(cfg, cache.steps, [float(e) for e in prediction_errors])
     if why:
         print(f"warning: {why}", file=sys.stderr)
 
@@ -317,7 +322,7 @@ def _warn_replays(a: argparse.Namespace, fan, report, ids=None) -> None:
     from .api import open_cache
     from .core.errors import InputError
     from .erasure import resolve_cache
-    n, errors = int(report.params.shape[0]), report.errors
+    n, errors = len(report.counters["explicit_steps"]), report.errors
     shown = "; ".join(f"{'id ' + str(int(ids[i])) if ids is not None else 'request ' + str(i)}: {e}"
                       for i, e in list(errors.items())[:2])
     if errors and len(errors) == n:
@@ -327,7 +332,7 @@ def _warn_replays(a: argparse.Namespace, fan, report, ids=None) -> None:
               f"of --out), e.g. {shown}", file=sys.stderr)
     pred = report.stats.get("prediction_error_mean")
     ok = [float(pred[i]) for i in range(n) if i not in errors] if pred is not None else []
-    _warn_accuracy(fan.config, open_cache(resolve_cache(a.cache)).steps, ok)
+    _warn_accuracy(fan.config, open_cache(resolve_cache(a.cache)), ok)
 
 
 def cmd_retrain(a: argparse.Namespace) -> dict:
@@ -369,7 +374,8 @@ def _fanout(a: argparse.Namespace):
     cfg = _deltagrad_config(a)
     gemm = getattr(torch, a.gemm_dtype) if a.gemm_dtype else None
     be = backend(a.backend, address=a.address, workers=a.workers, mode=a.mode, num_cpus=a.num_cpus,
-                 num_gpus=a.num_gpus, device="cuda" if a.num_gpus else "cpu", data_shards=a.data_shards)
+                 num_gpus=a.num_gpus, device="cuda" if a.num_gpus else "cpu", data_shards=a.data_shards,
+                 max_model_mb=a.max_model_mb)
     progress = bar(a.command)
     return Fanout(backend=be, batch_size=a.batch_size, config=cfg, gemm_dtype=gemm, parts=a.out + ".parts",
                   progress=progress), progress
@@ -399,7 +405,7 @@ def _ids_arg(a: argparse.Namespace):
 
 def _replay_summary(r) -> dict:
     c = r.counters
-    return {"requests": int(r.params.shape[0]), "explicit_steps_mean": float(c["explicit_steps"].double().mean()),
+    return {"requests": len(c["explicit_steps"]), "explicit_steps_mean": float(c["explicit_steps"].double().mean()),
             "fallbacks": int(c["fallbacks"].sum()), "failed": len(r.errors), "backend": r.stats.get("backend")}
 
 
@@ -413,7 +419,9 @@ def cmd_loo(a: argparse.Namespace) -> dict:
     res = many.loo(a.cache, _ids_arg(a), fanout=fan, data=a.data)
     _warn_replays(a, fan, res.replay, res.ids)
     c = res.replay.counters
-    write_table(a.out, {"id": res.ids, "params": res.params, "explicit_steps": c["explicit_steps"],
+    # models beyond --max-model-mb are streamed from the parts into --out a row group at a time
+    params = res.params if res.params is not None else res.models
+    write_table(a.out, {"id": res.ids, "params": params, "explicit_steps": c["explicit_steps"],
                         "approx_steps": c["approx_steps"], "fallbacks": c["fallbacks"],
                         "error": [res.replay.errors.get(i) for i in range(len(res.ids))]},
                 overwrite=a.overwrite)

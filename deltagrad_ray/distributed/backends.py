@@ -93,6 +93,9 @@ class _Collector:
 
     def __init__(self, n: int, p: int, sink: ResultSink | None, progress: Callable[[int], None] | None,
                  max_model_mb: float = MAX_MODEL_MB) -> None:
+        if not (isinstance(max_model_mb, (int, float)) and not isinstance(max_model_mb, bool)
+                and max_model_mb >= 0 and not math.isnan(max_model_mb)):
+            raise InputError(f"max_model_mb must be a number >= 0 (MB of models held in memory), got {max_model_mb!r}")
         self.n = n
         self.keep = sink is None or n * p * 8 <= max_model_mb * 2**20
         self.params = torch.full((n if self.keep else 0, p), float("nan"), dtype=torch.float64)
@@ -626,7 +629,8 @@ def _short(resources: dict) -> str:
 def backend(name: str, **kwargs):
     """``serial`` or ``ray`` (kwargs go to :class:`RayBackend`)."""
     if name == "serial":
-        return SerialBackend(threads=kwargs.get("threads"), device=kwargs.get("device") or "cpu")
+        return SerialBackend(threads=kwargs.get("threads"), device=kwargs.get("device") or "cpu",
+                             max_model_mb=kwargs.get("max_model_mb", MAX_MODEL_MB))
     if name == "ray":
         return RayBackend(**{k: v for k, v in kwargs.items() if k != "threads"})
     raise InputError(f"backend must be serial or ray, got {name!r}")

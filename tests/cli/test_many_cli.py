@@ -33,6 +33,35 @@ def test_loo_writes_one_row_per_id(bc):
     assert table.column("params").type.list_size == 62 and out["requests"] == 10
 
 
+def test_loo_models_beyond_max_model_mb_are_streamed_into_out(bc):
+    """--max-model-mb 0: no model is held on the driver; --out is written from the parts a row group at a
+    time (16 KB chunks: several row groups) and holds the same models as the in-memory run."""
+    ok("loo", "--cache", "c", "--ids", "ids.txt", "--batch-size", "3", "--out", "held.parquet", cwd=bc)
+    out = ok("loo", "--cache", "c", "--ids", "ids.txt", "--batch-size", "3", "--max-model-mb", "0",
+             "--out", "streamed.parquet", cwd=bc)
+    held, _ = read_table(bc / "held.parquet")
+    streamed, _ = read_table(bc / "streamed.parquet")
+    assert out["requests"] == 10 and not (bc / "streamed.parquet.parts").exists()
+    assert streamed.column("id").to_pylist() == held.column("id").to_pylist()
+    assert streamed.column("params").to_pylist() == held.column("params").to_pylist()
+    assert streamed.column("explicit_steps").to_pylist() == held.column("explicit_steps").to_pylist()
+
+
+def test_streamed_table_is_written_in_row_groups(tmp_path):
+    import pyarrow.parquet as pq
+
+    from deltagrad_ray.results import write_table
+    from deltagrad_ray.stats import TensorTable
+    params = torch.randn(50, 40, dtype=torch.float64)
+    write_table(tmp_path / "t.parquet", {"id": torch.arange(50), "params": TensorTable(params),
+                                         "error": [None] * 50}, chunk_bytes=40 * 8 * 7, metadata={"k": 1})
+    f = pq.ParquetFile(tmp_path / "t.parquet")
+    assert f.metadata.num_row_groups == 8  # 7 rows each, the last 1
+    table, meta = read_table(tmp_path / "t.parquet")
+    assert meta == {"k": 1} and table.column("id").to_pylist() == list(range(50))
+    assert torch.tensor(table.column("params").to_pylist(), dtype=torch.float64).equal(params)
+
+
 def test_conformal_sets_in_test_order(bc):
     ok("conformal", "--cache", "c", "--test", "test.parquet", "--alpha", "0.1", "--out", "conf.parquet", cwd=bc)
     table, meta = read_table(bc / "conf.parquet")
