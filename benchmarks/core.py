@@ -2,6 +2,7 @@
 
     python -m benchmarks.core            # 60,000 × 784, 10 classes, T = 120
     python -m benchmarks.core --quick    # 12,000 × 784, T = 60, under a minute
+    python -m benchmarks.core --cli      # also: one request end to end through the CLI (fixed costs)
 
 One JSON line per configuration. Retraining and DeltaGrad run in the same process, one after
 the other, on the same data and the same gradient kernel (FunctionalModel.grad_sum); the
@@ -13,7 +14,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
 import sys
+import tempfile
 import time
 
 import torch
@@ -42,7 +46,8 @@ def _best_of(fn, repeats: int):
 
 
 def run(n: int, d: int, c: int, steps: int, batch_size: int | None, periods: list[int], delete_frac: float,
-        seed: int, schedules: list[str], dtype: torch.dtype, repeats: int) -> list[dict]:
+        seed: int, schedules: list[str], dtype: torch.dtype, repeats: int,
+        curvatures: tuple[str, ...] = ("own",)) -> list[dict]:
     data = synthetic_classification(n, d, c, seed=seed, dtype=dtype)
     model = ModelSpec("logreg", d, c).build()
     t0 = time.perf_counter()
@@ -76,16 +81,18 @@ def run(n: int, d: int, c: int, steps: int, batch_size: int | None, periods: lis
         + model.grad_sum_each(w[None], ch.X, ch.y, ch.w)[0], len(keep), w, traj.l2))
 
     out = []
-    configs = [("uniform", T0) for T0 in periods] + [("geometric", None) for s in schedules if s == "geometric"]
-    for schedule, T0 in configs:
-        cfg = (DeltaGradConfig(period=T0, burn_in=10, history=2) if schedule == "uniform"
-               else DeltaGradConfig(schedule="geometric", burn_in=5, first_gap=2, growth=1.4, max_gap=40))
+    configs = ([("uniform", T0, cv) for cv in curvatures for T0 in periods]
+               + [("geometric", None, "own") for s in schedules if s == "geometric"])
+    for schedule, T0, curvature in configs:
+        cfg = (DeltaGradConfig(period=T0, burn_in=10, history=2, curvature=curvature) if schedule == "uniform"
+               else DeltaGradConfig(schedule="geometric", burn_in=5, first_gap=2, growth=1.4, max_gap=40,
+                                    curvature=curvature))
         res, dg_s = _best_of(lambda cfg=cfg: deltagrad(model, traj, data, change, cfg), repeats)
         dist = float((res.params - exact).norm())
         out.append({
             "benchmark": "core", "n": n, "d": d, "classes": c, "dtype": str(dtype).replace("torch.", ""),
             "optimizer": "gd" if batch_size is None else "sgd", "batch_size": batch_size, "steps": steps,
-            "deleted": r, "schedule": schedule, "T0": T0, "j0": cfg.burn_in, "m": cfg.history,
+            "deleted": r, "schedule": schedule, "curvature": curvature, "T0": T0, "j0": cfg.burn_in, "m": cfg.history,
             "train_s": round(train_s, 3), "retrain_s": round(retrain_s, 3), "deltagrad_s": round(dg_s, 3),
             "speedup": round(retrain_s / dg_s, 3),
             "bound": round(steps / (cfg.burn_in + (steps - cfg.burn_in) / T0), 3) if T0 else None,
@@ -100,21 +107,80 @@ def run(n: int, d: int, c: int, steps: int, batch_size: int | None, periods: lis
     return out
 
 
+def _wall(cmd: list[str], cwd: str, repeats: int) -> tuple[float, dict]:
+    """Best wall time of a command (a fresh process each time) and its last JSON line."""
+    best, out = float("inf"), {}
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        p = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
+        best = min(best, time.perf_counter() - t0)
+        if p.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed: {p.stderr.strip()[-500:]}")
+        out = json.loads(p.stdout.strip().splitlines()[-1])
+    return best, out
+
+
+def cli_costs(n: int, d: int, c: int, steps: int, delete_frac: float, seed: int, dtype: torch.dtype,
+              repeats: int) -> dict:
+    """One request end to end: ``deltagrad-ray retrain`` vs ``deltagrad-ray unlearn`` (default settings),
+    each a fresh process, beside the fixed costs every such process pays (imports, opening the
+    cache, loading and verifying the data) and the compute both commands report."""
+    from deltagrad_ray.api import open_cache
+    from deltagrad_ray.store import write_dataset
+    data = synthetic_classification(n, d, c, seed=seed, dtype=dtype)
+    ids = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 1))[:int(round(delete_frac * n))]
+    cli = [sys.executable, "-m", "deltagrad_ray.cli", "--json"]
+    with tempfile.TemporaryDirectory(prefix="deltagrad-bench-") as tmp:
+        write_dataset(data, os.path.join(tmp, "train.parquet"))
+        with open(os.path.join(tmp, "gone.txt"), "w") as f:
+            f.write("\n".join(str(int(i)) for i in data.ids[ids]))
+        train_s, _ = _wall(cli + ["train", "--data", "train.parquet", "--model", "logreg", "--steps", str(steps),
+                                  "--lr", "0.1", "--l2", "0.005", "--dtype", str(dtype).replace("torch.", ""),
+                                  "--cache", "c"], tmp, 1)
+        import_s, _ = _wall([sys.executable, "-c", "import deltagrad_ray.cli, torch"], tmp, repeats)
+        t0 = time.perf_counter()
+        cache = open_cache(os.path.join(tmp, "c"))
+        open_s = time.perf_counter() - t0
+        _, load_s = _best_of(lambda: cache.data(), repeats)
+        common = ["--cache", "c", "--delete", "gone.txt", "--overwrite"]
+        retrain_wall, rt = _wall(cli + ["retrain", *common, "--out", "exact.safetensors"], tmp, repeats)
+        unlearn_wall, ul = _wall(cli + ["unlearn", *common, "--out", "dg.safetensors"], tmp, repeats)
+    in_process = rt["seconds"] / ul["seconds"]
+    end_to_end = retrain_wall / unlearn_wall
+    return {"benchmark": "core-cli", "n": n, "d": d, "classes": c, "steps": steps, "deleted": len(ids),
+            "train_cli_s": round(train_s, 3), "import_s": round(import_s, 3), "cache_open_s": round(open_s, 3),
+            "data_load_s": round(load_s, 3),
+            "retrain_cli_s": round(retrain_wall, 3), "retrain_compute_s": rt["seconds"],
+            "unlearn_cli_s": round(unlearn_wall, 3), "unlearn_compute_s": ul["seconds"],
+            "fixed_s_retrain": round(retrain_wall - rt["seconds"], 3),
+            "fixed_s_unlearn": round(unlearn_wall - ul["seconds"], 3),
+            "speedup_in_process": round(in_process, 3), "speedup_end_to_end": round(end_to_end, 3),
+            "end_to_end_vs_in_process": round(end_to_end / in_process, 3)}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small shapes, under a minute")
     ap.add_argument("--dtype", choices=["float64", "float32"], default="float64")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     ap.add_argument("--repeats", type=int, default=3, help="timings are the best of this many runs")
+    ap.add_argument("--cli", action="store_true", help="also time one request end to end through the CLI")
+    ap.add_argument("--only-cli", action="store_true", help="only the CLI measurement")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     n, steps = (12_000, 60) if args.quick else (60_000, 120)
     periods = [5, 10, 20]
-    run(n, 784, 10, steps, None, periods, 0.01, 0, ["geometric"], dtype, args.repeats)
-    run(n, 784, 10, steps, 16_384 if not args.quick else 4_096, periods, 0.01, 0, ["geometric"], dtype,
-        args.repeats)
+    if not args.only_cli:
+        # GD: the authors' curvature (own), the multi-secant default (secant) and own + the path's pairs;
+        # SGD: own (the default there; own+path is GD-only)
+        run(n, 784, 10, steps, None, periods, 0.01, 0, ["geometric"], dtype, args.repeats,
+            curvatures=("own", "secant", "own+path"))
+        run(n, 784, 10, steps, 16_384 if not args.quick else 4_096, periods, 0.01, 0, ["geometric"], dtype,
+            args.repeats)
+    if args.cli or args.only_cli:
+        print(json.dumps(cli_costs(n, 784, 10, steps, 0.01, 0, dtype, args.repeats)), flush=True)
     return 0
 
 

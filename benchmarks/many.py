@@ -1,4 +1,4 @@
-"""Many LOO requests: DeltaGrad (own, shared and own+path curvature) against exact retraining done
+"""Many LOO requests: DeltaGrad (own, own+path, secant and shared curvature) against exact retraining done
 one request at a time *and* batched the same way (B models per GEMM pass, the same kernel).
 
     python -m benchmarks.many            # 60,000 × 784 logistic regression, GD, T = 120
@@ -50,6 +50,7 @@ def matmul_peak(dtype: torch.dtype, size: int = 4096, repeats: int = 5) -> float
 CONFIGS = [  # (curvature, T0, j0, extra settings)
     ("own", 5, 10, {}), ("own", 10, 10, {}), ("own", 20, 10, {}),
     ("own+path", 5, 10, {}), ("own+path", 10, 10, {}), ("own+path", 20, 10, {}),
+    ("secant", 5, 10, {}), ("secant", 10, 10, {}), ("secant", 20, 10, {}), ("secant", 40, 10, {}),
     ("shared", 5, 10, {}), ("shared", 10, 10, {}), ("shared", 20, 10, {}), ("shared", 40, 10, {}),
     ("shared", 20, 4, {}), ("shared", 40, 4, {}), ("shared", 60, 2, {}),
 ]

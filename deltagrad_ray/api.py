@@ -32,7 +32,7 @@ from .core.schedule import BatchPlan
 from .store.cache import Cache, CacheWriter, dtype_name, open_cache
 from .store.manifest import DataRef, ParentRef, Training
 from .store.datasets import fingerprint, id_tensor, read_dataset, read_ids, write_dataset
-from .store.inputs import as_dataset, is_location
+from .store.inputs import as_dataset, in_project_layout, is_location
 from .store.location import Location, location
 from .store.models import load_model
 
@@ -145,7 +145,7 @@ def fit(data, cache: str | Location, *, model: str = "logreg", hidden: Sequence[
     dt = _dtype(dtype)
     check_device(device)
     root = location(cache)
-    stored = not (is_location(data) and y is None and ids is None and _project_layout(data))
+    stored = not (is_location(data) and y is None and ids is None and in_project_layout(data))
     if stored:  # data in memory (or another layout): converted here, stored in the cache below
         task = "regression" if model == "linear" else "classification"
         raw = as_dataset(data, y, ids=ids, task=task, n_classes=n_classes)
@@ -185,12 +185,6 @@ def _abort(writer: CacheWriter, extra: Sequence[Location] = ()) -> None:
     if removed:
         log.warning(f"removed the {removed} partial file(s) the failed or interrupted run had written under "
                     f"{writer.root.uri}")
-
-
-def _project_layout(data) -> bool:
-    """Whether a data location holds the project's layout (id, label, features), read in place."""
-    from .store.datasets import column_names
-    return {"id", "label", "features"} <= set(column_names(data))
 
 
 def _portable_uri(loc: Location) -> str:

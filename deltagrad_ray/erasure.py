@@ -100,12 +100,12 @@ def _create(loc: Location, obj) -> bool:
 # -- requests and the ledger ---------------------------------------------------------------------------
 
 def _rows_of(loc: Location) -> list[dict]:
-    raw = loc.read_bytes()
     if loc.name.endswith(".parquet"):
-        try:
-            return pq.read_table(pa.BufferReader(raw)).to_pylist()
+        try:  # an Arrow buffer, not Python bytes: Arrow's threads must not own Python objects (exits.py)
+            return pq.read_table(pa.BufferReader(loc.read_buffer())).to_pylist()
         except (pa.ArrowInvalid, OSError) as e:
             raise InputError(f"{loc.uri}: not a readable Parquet file ({e})") from None
+    raw = loc.read_bytes()
     rows = []
     for lineno, line in enumerate(raw.decode("utf-8", errors="replace").splitlines(), 1):
         if not line.strip():

@@ -26,7 +26,7 @@ from .stats import (DEFAULT_MEMORY_MB, Calibration, ModelTable, as_table, check_
                     streamed_intervals, streamed_jackknife, streamed_sets, streamed_test_loss)
 from .store.cache import Cache, labels_only, open_cache
 from .store.datasets import read_dataset
-from .store.inputs import as_dataset, has_labels, is_location
+from .store.inputs import as_dataset, has_labels, in_project_layout, is_location
 from .store.location import Location
 
 @dataclass
@@ -118,7 +118,7 @@ def _test_set(cache: Cache, test: Dataset | str | Location, labels: bool = True)
     """The test rows, validated against the cache's model; labels needed only when ``labels``, and
     checked whenever the test set has them (a label outside the model's classes, or −1, is refused
     by every command alike: the coverage would otherwise index past the classes)."""
-    if isinstance(test, Dataset) or (is_location(test) and _project_layout(test)):
+    if isinstance(test, Dataset) or (is_location(test) and in_project_layout(test, labels=False)):
         ds = test if isinstance(test, Dataset) else read_dataset(test, regression=cache.spec.task == "regression",
                                                                  labels_optional=not labels)
     else:  # arrays, (X, y) tuples, DataFrames, pyarrow Tables, Ray Data, other Parquet layouts
@@ -133,11 +133,6 @@ def _test_set(cache: Cache, test: Dataset | str | Location, labels: bool = True)
 def _left_out(ds: Dataset, changes: list[ChangeSet]) -> Tensor:
     """The ids the change sets delete, in request order."""
     return ds.ids[torch.cat([ch.delete for ch in changes]).cpu()]
-
-
-def _project_layout(test) -> bool:
-    from .store.datasets import column_names
-    return {"id", "features"} <= set(column_names(test))
 
 
 def loo(cache: Cache | str | Location, ids: Sequence[int] | Tensor | None = None, *, fanout: Fanout | None = None,

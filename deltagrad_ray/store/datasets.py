@@ -97,7 +97,8 @@ def read_labels(uri: str | Location) -> tuple[torch.Tensor, torch.Tensor]:
 def column_names(uri: str | Location) -> list[str]:
     """The columns of a data set (from its first Parquet part's footer)."""
     part = _parquet_parts(location(uri))[0]
-    return pq.read_schema(pa.BufferReader(part.read_buffer())).names
+    with part.open_random_access() as fh:  # the footer only, not the file
+        return pq.ParquetFile(fh).schema_arrow.names
 
 
 def _require(names: list[str], uri: str, columns: tuple[str, ...]) -> None:

@@ -68,6 +68,13 @@ def is_table(data: Any) -> bool:
     return isinstance(data, (pa.Table, Dataset)) or is_location(data) or is_ray_dataset(data)
 
 
+def in_project_layout(data: Any, *, labels: bool = True) -> bool:
+    """Whether a data location holds the project's layout (id, features, and label when ``labels``),
+    so it is read in place rather than converted (only the first part's footer is read)."""
+    from .datasets import column_names
+    return {"id", "features", *(("label",) if labels else ())} <= set(column_names(data))
+
+
 def has_labels(data: Any) -> bool:
     """Whether ``data`` carries labels: a (X, y) tuple, a Dataset, or a table with a ``label`` column."""
     if isinstance(data, Dataset):
