@@ -31,7 +31,8 @@ from .core.train import retrain, train
 from .core.schedule import BatchPlan
 from .store.cache import Cache, CacheWriter, dtype_name, open_cache
 from .store.manifest import DataRef, ParentRef, Training
-from .store.datasets import fingerprint, id_tensor, read_dataset, read_ids, write_dataset
+from .store.datasets import (FEATURE_COPY, fingerprint, id_tensor, read_dataset, read_ids, write_dataset,
+                             write_feature_copy)
 from .store.inputs import as_dataset, in_project_layout, is_location
 from .store.location import Location, location
 from .store.models import load_model
@@ -109,7 +110,7 @@ def fit(data, cache: str | Location, *, model: str = "logreg", hidden: Sequence[
         gamma: float = 0.1, batch_size: int | None = None, l2: float = 0.0, seed: int = 0,
         dtype: str | torch.dtype = "float64", n_classes: int | None = None, device: str = "cpu",
         shard_steps: int | None = None, shard_bytes: int | None = None, storage_dtype: str | None = None,
-        y=None, ids=None) -> Cache:
+        y=None, ids=None, mmap_features: bool = False) -> Cache:
     """Train a model on ``data`` and record its trajectory as a cache at ``cache``.
 
     Args:
@@ -130,6 +131,9 @@ def fit(data, cache: str | Location, *, model: str = "logreg", hidden: Sequence[
       shard_steps, shard_bytes: cache shard size in steps or bytes (default: ~64 MB shards).
       storage_dtype: precision of the stored vectors (``float16``/``bfloat16`` halve the bytes;
         default: the training dtype).
+      mmap_features: also write the features as a memory-mappable ``features.npy`` inside the
+        (local) cache, which later commands map instead of decoding Parquet (n × d × 8 bytes more
+        on disk; the copy is verified against the data's fingerprint at every load).
 
     Returns:
       The committed :class:`Cache`.
@@ -145,6 +149,8 @@ def fit(data, cache: str | Location, *, model: str = "logreg", hidden: Sequence[
     dt = _dtype(dtype)
     check_device(device)
     root = location(cache)
+    if mmap_features and not root.is_local:
+        raise InputError(f"{root.uri}: --mmap-features needs a local cache (S3 objects cannot be memory-mapped)")
     stored = not (is_location(data) and y is None and ids is None and in_project_layout(data))
     if stored:  # data in memory (or another layout): converted here, stored in the cache below
         task = "regression" if model == "linear" else "classification"
@@ -171,10 +177,12 @@ def fit(data, cache: str | Location, *, model: str = "logreg", hidden: Sequence[
         traj = train(fm, ds, steps=steps, lrs=lrs, l2=l2, batch_size=batch_size if optimizer == "sgd" else None,
                      seed=seed, recorder=writer)
         assert traj.plan == plan, "the recorded plan is the one the manifest states"
+        if mmap_features:
+            write_feature_copy(raw.X, root.join(FEATURE_COPY))
         writer.commit(data=DataRef(_portable_uri(src), fp, len(raw), raw.n_features, dtype_name(raw.X.dtype)),
                       n_rows=len(ds), model=fm, initial=traj.initial, final=traj.final)
     except BaseException:  # failed or interrupted: nothing of the run stays behind
-        _abort(writer, [src] if stored else [])
+        _abort(writer, ([src] if stored else []) + ([root.join(FEATURE_COPY)] if mmap_features else []))
         raise
     return open_cache(root)
 

@@ -124,6 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-mb", type=float, default=None, help="cache shard size in MB (instead of --shard-steps)")
     p.add_argument("--storage-dtype", choices=["float64", "float32", "float16", "bfloat16"], default=None,
                    help="precision of the cached vectors (default: --dtype)")
+    p.add_argument("--mmap-features", action="store_true",
+                   help="also store the features as a memory-mappable copy in the (local) cache, so later commands "
+                        "map them instead of decoding Parquet (n × d × 8 bytes more on disk)")
     p.add_argument("--cache", required=True, help="where to write the cache (must not exist)")
 
     for name, helptext in (("unlearn", "DeltaGrad: the model after deleting or adding rows"),
@@ -268,7 +271,8 @@ def cmd_train(a: argparse.Namespace) -> dict:
                     lr=a.lr, milestones=a.lr_milestones, gamma=a.lr_gamma,
                     batch_size=a.batch_size, l2=a.l2, seed=a.seed, dtype=a.dtype, n_classes=a.classes,
                     device=a.device, shard_steps=a.shard_steps,
-                    shard_bytes=int(a.shard_mb * 2**20) if a.shard_mb else None, storage_dtype=a.storage_dtype)
+                    shard_bytes=int(a.shard_mb * 2**20) if a.shard_mb else None, storage_dtype=a.storage_dtype,
+                    mmap_features=a.mmap_features)
     m = cache.manifest
     return {"command": "train", "cache": cache.uri, "seconds": round(time.perf_counter() - t0, 3),
             "steps": cache.steps, "p": cache.model.p, "shards": len(m.shards), "bytes": m.shard_bytes}

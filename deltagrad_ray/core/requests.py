@@ -23,7 +23,14 @@ def _rows(data: Dataset, ids: Tensor | Sequence[int] | None, removed: Tensor | N
     if ids is None:
         rows = torch.arange(len(data)) if removed is None else torch.nonzero(~removed.cpu()).reshape(-1)
     else:
-        ids = torch.as_tensor(ids, dtype=torch.int64).reshape(-1)
+        try:
+            given = torch.as_tensor(ids).reshape(-1)
+        except (RuntimeError, OverflowError, TypeError, ValueError) as e:
+            raise InputError(f"ids must be integers in the int64 range ({e})") from None
+        if given.is_complex() or given.dtype == torch.bool or (
+                given.is_floating_point() and not bool((given == given.round()).all())):
+            raise InputError(f"ids must be integers, got {given.dtype} values such as {given[:3].tolist()}")
+        ids = given.to(torch.int64)
         rows = rows_of_ids(data.ids, ids, what="ids")
     if len(rows) == 0:
         raise InputError("no ids given")

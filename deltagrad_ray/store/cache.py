@@ -38,7 +38,8 @@ from ..core.data import Dataset, concat
 from ..core.errors import InputError
 from ..core.models import FunctionalModel
 from ..core.trajectory import Segment, Trajectory
-from .datasets import dataset_from_table, fingerprint, read_dataset, read_rows, table_bytes
+from .datasets import (FEATURE_COPY, dataset_from_table, fingerprint, read_dataset, read_dataset_mapped, read_rows,
+                       table_bytes)
 from .location import Location, StorageError, location
 from .manifest import DIGEST_KEY, DataRef, FileRef, Manifest, ParentRef, ShardRef, Training
 from .models import model_bytes, parse_model
@@ -534,8 +535,10 @@ class Cache:
         other data would silently produce a wrong model.
         """
         src = self._data_location(uri)
-        data = read_dataset(src, regression=self.spec.task == "regression")
-        self._check_fingerprint(src, fingerprint(data))
+        data = self._mapped(src) if uri is None else None
+        if data is None:
+            data = read_dataset(src, regression=self.spec.task == "regression")
+            self._check_fingerprint(src, fingerprint(data))
         extra = self.added_rows()
         if extra is not None:
             data = concat(data.to(dtype=extra.X.dtype), extra)
@@ -559,6 +562,24 @@ class Cache:
             data = concat(data.to(dtype=extra.X.dtype), extra.rows(torch.arange(max(start, n_file) - n_file,
                                                                                 stop - n_file)))
         return data.to(dtype=self.dtype, device=device)
+
+    def _mapped(self, src: Location) -> Dataset | None:
+        """The training rows with the features mapped from the cache's local feature copy
+        (``train --mmap-features``), verified like a Parquet read; None without a usable copy (a
+        copy that does not match the recorded fingerprint is ignored, with a warning)."""
+        copy = self.root.join(FEATURE_COPY)
+        if not (copy.is_local and copy.exists()):
+            return None
+        try:
+            data = read_dataset_mapped(src, copy, regression=self.spec.task == "regression")
+        except (InputError, ValueError, OSError) as e:
+            warnings.warn(f"{copy.uri}: feature copy not used ({e}); reading {src.uri}", stacklevel=3)
+            return None
+        if fingerprint(data) != self.manifest.data.fingerprint:
+            warnings.warn(f"{copy.uri}: the feature copy does not match the data the cache was trained on; "
+                          f"reading {src.uri}", stacklevel=3)
+            return None
+        return data
 
     def _data_location(self, uri: str | Location | None) -> Location:
         return location(uri if uri is not None else self.manifest.data.uri)

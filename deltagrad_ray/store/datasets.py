@@ -9,6 +9,7 @@ per line, or a Parquet file with an ``id`` column.
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 
 import numpy as np
@@ -50,19 +51,26 @@ def _read_table(loc: Location) -> pa.Table:
 
 
 def _features(col: pa.ChunkedArray, uri: str) -> np.ndarray:
-    arr = col.combine_chunks()
-    if isinstance(arr.type, pa.FixedShapeTensorType):
-        return arr.to_numpy_ndarray().reshape(len(arr), -1)
-    if not pa.types.is_fixed_size_list(arr.type):
+    """The features as a writable (n, d) C-contiguous array: one copy out of Arrow's chunks (Arrow's
+    memory is read-only, and torch tensors over it would be too)."""
+    if isinstance(col.type, pa.FixedShapeTensorType):
+        return np.array(col.combine_chunks().to_numpy_ndarray().reshape(len(col), -1), copy=True, order="C")
+    if not pa.types.is_fixed_size_list(col.type):
         raise InputError(f"{uri}: column 'features' must be a fixed-size list or fixed-shape tensor "
-                         f"of floats, got {arr.type}")
-    if arr.null_count:
-        raise InputError(f"{uri}: column 'features' has {arr.null_count} null rows")
-    values = arr.values
-    if not pa.types.is_floating(values.type):
-        raise InputError(f"{uri}: features must be floats, got {values.type}")
-    width = arr.type.list_size
-    return values.to_numpy(zero_copy_only=False).reshape(len(arr), width)
+                         f"of floats, got {col.type}")
+    if col.null_count:
+        raise InputError(f"{uri}: column 'features' has {col.null_count} null rows")
+    value_type = col.type.value_type
+    if not pa.types.is_floating(value_type):
+        raise InputError(f"{uri}: features must be floats, got {value_type}")
+    width = col.type.list_size
+    out = np.empty((len(col), width), dtype=value_type.to_pandas_dtype())
+    row = 0
+    for chunk in col.chunks:  # a chunk's values: its slice of the child array (offset-aware flatten)
+        k = len(chunk)
+        out[row:row + k] = chunk.flatten().to_numpy(zero_copy_only=False).reshape(k, width)
+        row += k
+    return out
 
 
 def read_dataset(uri: str | Location, *, regression: bool | None = None, labels_optional: bool = False) -> Dataset:
@@ -92,6 +100,42 @@ def read_labels(uri: str | Location) -> tuple[torch.Tensor, torch.Tensor]:
         ids.append(t.column("id").to_numpy().astype(np.int64))
         labels.append(t.column("label").to_numpy())
     return torch.from_numpy(np.concatenate(ids)), torch.from_numpy(np.concatenate(labels))
+
+
+FEATURE_COPY = "features.npy"  # inside a local cache: the training features, memory-mappable
+
+
+def write_feature_copy(X: torch.Tensor, loc: Location) -> None:
+    """The features as one ``.npy`` file at a local ``loc`` (written to a temporary name, then
+    renamed), which :func:`read_dataset_mapped` maps instead of decoding Parquet."""
+    if not loc.is_local:
+        raise InputError(f"{loc.uri}: a memory-mappable feature copy needs a local cache (S3 objects cannot be mapped)")
+    os.makedirs(os.path.dirname(loc.path), exist_ok=True)
+    tmp = f"{loc.path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            np.save(f, np.ascontiguousarray(X.detach().cpu().numpy()), allow_pickle=False)
+        os.replace(tmp, loc.path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def read_dataset_mapped(uri: str | Location, copy: Location, *, regression: bool | None = None) -> Dataset:
+    """The data set at ``uri`` with its features mapped from the ``.npy`` copy (no Parquet decoding,
+    no copy: pages are read when touched, private to this process). Only ids and labels are read
+    from ``uri``; the caller verifies the result's fingerprint (a stale copy does not match)."""
+    X = np.load(copy.path, mmap_mode="c", allow_pickle=False)
+    ids, labels = [], []
+    for part in _parquet_parts(location(uri)):
+        t = pq.ParquetFile(pa.BufferReader(part.read_buffer())).read(columns=["id", "label"])
+        ids.append(t.column("id").combine_chunks())
+        labels.append(t.column("label").combine_chunks())
+    table = pa.table({"id": pa.concat_arrays(ids), "label": pa.concat_arrays(labels)})
+    ids_t, y = _ids_labels(table, location(uri).uri, regression)
+    if X.ndim != 2 or X.shape[0] != len(ids_t):
+        raise InputError(f"{copy.uri}: features of shape {X.shape}, expected ({len(ids_t)}, d)")
+    return Dataset(torch.from_numpy(X), y, ids_t)
 
 
 def column_names(uri: str | Location) -> list[str]:
@@ -136,7 +180,7 @@ def dataset_from_table(table: pa.Table, uri: str, regression: bool | None = None
     _require(table.column_names, uri, ("id", "label", "features"))
     ids, y = _ids_labels(table, uri, regression)
     X = _features(table.column("features"), uri)
-    return Dataset(torch.from_numpy(np.array(X, copy=True, order="C")), y, ids)
+    return Dataset(torch.from_numpy(X), y, ids)
 
 
 def read_rows(uri: str | Location, start: int, stop: int, *, regression: bool) -> tuple[Dataset, int, str]:
@@ -161,7 +205,7 @@ def read_rows(uri: str | Location, start: int, stop: int, *, regression: bool) -
     for f in files:
         _require(f.schema_arrow.names, loc.uri, ("features",))
         for g in range(f.num_row_groups):
-            X = np.ascontiguousarray(_features(f.read_row_group(g, columns=["features"]).column("features"), loc.uri))
+            X = _features(f.read_row_group(g, columns=["features"]).column("features"), loc.uri)
             if width is None:
                 width = X.shape[1]
                 h.update(f"{X.dtype.str}{(n, width)}".encode())   # the header _hash_array writes for all of X

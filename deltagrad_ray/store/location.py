@@ -155,8 +155,12 @@ class Location:
         return _call(self, "read", read)
 
     def read_buffer(self) -> pa.Buffer:
-        """The whole object as an Arrow buffer (one copy, from Arrow's memory pool)."""
+        """The whole object as an Arrow buffer: a local file memory-mapped (no copy; files here are
+        replaced by rename, never rewritten in place), an S3 object read into Arrow's memory pool."""
         def read() -> pa.Buffer:
+            if self.is_local:
+                with pa.memory_map(self.path) as f:
+                    return f.read_buffer()
             with self.fs.open_input_file(self.path) as f:
                 return f.read_buffer()
         return _call(self, "read", read)

@@ -87,6 +87,9 @@ def test_leave_one_out_and_k_fold_and_subsets():
     (lambda d: k_fold(d, 8001), r"K must be an integer with 2 <= K <= 8000 \(the number of ids\), got 8001"),
     (lambda d: leave_one_out(d, torch.tensor([3, 123456])), r"unknown ids \(not in the data\): 123456"),
     (lambda d: random_subsets(d, 0, 3), r"subset size must be an integer in \[1, 7999\]"),
+    (lambda d: leave_one_out(d, [3, 2**70]), r"ids must be integers in the int64 range"),
+    (lambda d: leave_one_out(d, [3.0, 4.5]), r"ids must be integers, got torch.float32 values such as \[3.0, 4.5"),
+    (lambda d: leave_one_out(d, []), r"no ids given"),
 ])
 def test_generator_bad_input(call, msg):
     with pytest.raises(InputError, match=msg):
