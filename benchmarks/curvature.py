@@ -48,7 +48,7 @@ def problems(quick: bool):
                                                                 l2=0.005)
     d = synthetic_classification(8000, 10, 4, seed=1)
     m = ModelSpec("logreg", 10, 4).build()
-    yield "synthetic logreg 8000×10, SGD |B| = 800", m, d, train(m, d, steps=150, lrs=learning_rates(150, 0.5),
+    yield "synthetic logreg 8000×10, SGD, batch 800", m, d, train(m, d, steps=150, lrs=learning_rates(150, 0.5),
                                                                   l2=0.01, batch_size=800, seed=0)
     d = synthetic_classification(4000, 10, 3, seed=1)
     m = ModelSpec("mlp", 10, 3, hidden=(16,)).build()

@@ -59,7 +59,8 @@ class DeltaGradConfig:
         (README, "Curvature"): on six GD problems ``secant`` at T0 = 10 was more accurate than ``own``
         at T0 = 5 on every one (median error ≤ 0.005 on all), so that the default does 1.6× fewer
         explicit steps at a better accuracy; with SGD (pairs of different mini-batches) and on a ReLU
-        MLP it was 1.3–1.5× worse than own pairs, which ``auto`` keeps there. With SGD, pairs of
+        MLP it was no better than own pairs (1.1× worse at T0 = 5, and hundreds of guard fallbacks on the
+        MLP), which ``auto`` keeps there (``python -m benchmarks.curvature``). With SGD, pairs of
         different explicit steps come from different mini-batches: keep ``shared_history=1`` for
         ``shared`` there (K = 2–4 doubled the error of own pairs on the tests' SGD problems).
       shared_history: K, explicit steps whose pairs the ``secant`` and ``shared`` models keep.
