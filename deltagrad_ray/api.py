@@ -31,7 +31,7 @@ from .core.train import retrain, train
 from .core.schedule import BatchPlan
 from .store.cache import Cache, CacheWriter, dtype_name, open_cache
 from .store.manifest import DataRef, ParentRef, Training
-from .store.datasets import (FEATURE_COPY, fingerprint, id_tensor, read_dataset, read_ids, write_dataset,
+from .store.datasets import (feature_copy, fingerprint, id_tensor, read_dataset, read_ids, write_dataset,
                              write_feature_copy)
 from .store.inputs import as_dataset, in_project_layout, is_location
 from .store.location import Location, location
@@ -149,8 +149,7 @@ def fit(data, cache: str | Location, *, model: str = "logreg", hidden: Sequence[
     dt = _dtype(dtype)
     check_device(device)
     root = location(cache)
-    if mmap_features and not root.is_local:
-        raise InputError(f"{root.uri}: --mmap-features needs a local cache (S3 objects cannot be memory-mapped)")
+    copy = feature_copy(root) if mmap_features else None  # refused before training for a cache on S3
     stored = not (is_location(data) and y is None and ids is None and in_project_layout(data))
     if stored:  # data in memory (or another layout): converted here, stored in the cache below
         task = "regression" if model == "linear" else "classification"
@@ -177,12 +176,12 @@ def fit(data, cache: str | Location, *, model: str = "logreg", hidden: Sequence[
         traj = train(fm, ds, steps=steps, lrs=lrs, l2=l2, batch_size=batch_size if optimizer == "sgd" else None,
                      seed=seed, recorder=writer)
         assert traj.plan == plan, "the recorded plan is the one the manifest states"
-        if mmap_features:
-            write_feature_copy(raw.X, root.join(FEATURE_COPY))
+        if copy is not None:
+            write_feature_copy(raw.X, copy)
         writer.commit(data=DataRef(_portable_uri(src), fp, len(raw), raw.n_features, dtype_name(raw.X.dtype)),
                       n_rows=len(ds), model=fm, initial=traj.initial, final=traj.final)
     except BaseException:  # failed or interrupted: nothing of the run stays behind
-        _abort(writer, ([src] if stored else []) + ([root.join(FEATURE_COPY)] if mmap_features else []))
+        _abort(writer, ([src] if stored else []) + ([copy] if copy is not None else []))
         raise
     return open_cache(root)
 

@@ -52,11 +52,11 @@ import uuid
 from dataclasses import asdict, dataclass, field, fields
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from .core.config import DeltaGradConfig
 from .core.errors import InputError
 from .store.cache import MANIFEST, Cache, open_cache
+from .store.datasets import parquet_table
 from .store.location import Conflict, Location, StorageError, location
 
 DONE_DIR = "_done"
@@ -102,7 +102,7 @@ def _create(loc: Location, obj) -> bool:
 def _rows_of(loc: Location) -> list[dict]:
     if loc.name.endswith(".parquet"):
         try:  # an Arrow buffer, not Python bytes: Arrow's threads must not own Python objects (exits.py)
-            return pq.read_table(pa.BufferReader(loc.read_buffer())).to_pylist()
+            return parquet_table(loc.read_buffer()).to_pylist()
         except (pa.ArrowInvalid, OSError) as e:
             raise InputError(f"{loc.uri}: not a readable Parquet file ({e})") from None
     raw = loc.read_bytes()

@@ -123,7 +123,7 @@ def _test_set(cache: Cache, test: Dataset | str | Location, labels: bool = True)
                                                                  labels_optional=not labels)
     else:  # arrays, (X, y) tuples, DataFrames, pyarrow Tables, Ray Data, other Parquet layouts
         ds = as_dataset(test, task=cache.spec.task, n_classes=cache.n_classes, labels=labels, what="test set")
-    if labels or _has_labels(test):
+    if labels or has_labels(test):
         validate(ds, n_features=cache.spec.n_features, n_classes=cache.n_classes, what="test set")
     else:  # only the features matter
         validate(Dataset(ds.X, ds.X.new_zeros(len(ds)), ds.ids), n_features=cache.spec.n_features, what="test set")
@@ -240,7 +240,7 @@ def conformal(cache: Cache | str | Location, test, alpha: float = 0.1, *,
         raise InputError(f"method must be jackknife+ or cv+, got {method!r}")
     c = _cache(cache)
     t = _test_set(c, test, labels=False)
-    labelled = _has_labels(test)
+    labelled = has_labels(test)
     ds = c.data(data)
     removed = c.removed_mask()
     if method == "jackknife+":
@@ -273,9 +273,3 @@ def conformal(cache: Cache | str | Location, test, alpha: float = 0.1, *,
             out["coverage"] = float(sets[torch.arange(len(t)), t.y].double().mean())
     out["y"] = t.y if labelled else None
     return out
-
-
-def _has_labels(test) -> bool:
-    if isinstance(test, Dataset):
-        return True
-    return has_labels(test)

@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from .store.datasets import table_bytes
+from .store.datasets import parquet_table, table_bytes
 from .store.location import Location, location
 
 
@@ -37,7 +37,7 @@ def write_table(uri: str | Location, columns: dict, *, metadata: dict | None = N
     a local temporary file, so memory stays at one chunk whatever the table's size.
     """
     from .stats.tables import ModelTable
-    streamed = [k for k, v in columns.items() if isinstance(v, ModelTable) and not isinstance(v, torch.Tensor)]
+    streamed = [k for k, v in columns.items() if isinstance(v, ModelTable)]
     meta = {"deltagrad_ray": json.dumps(metadata, sort_keys=True)} if metadata else None
     loc = location(uri)
     if not streamed:
@@ -69,6 +69,6 @@ def write_table(uri: str | Location, columns: dict, *, metadata: dict | None = N
 
 def read_table(uri: str | Location) -> tuple[pa.Table, dict]:
     loc = location(uri)
-    table = pq.read_table(pa.BufferReader(loc.read_buffer()))
+    table = parquet_table(loc.read_buffer())
     meta = (table.schema.metadata or {}).get(b"deltagrad_ray")
     return table, (json.loads(meta) if meta else {})

@@ -19,6 +19,8 @@ import pyarrow.parquet as pq
 import torch
 
 from ..core.errors import InputError
+from ..stats.tables import check_chunk
+from ..store.datasets import parquet_table
 from ..store.location import Location, location
 
 
@@ -49,7 +51,7 @@ class ResultSink:
         for part in self.root.list():
             if not part.name.startswith("part-"):
                 continue
-            t = pq.read_table(pa.BufferReader(part.read_buffer())).to_pydict()
+            t = parquet_table(part.read_buffer()).to_pydict()
             for i, r in enumerate(t["request"]):
                 out[int(r)] = {k: t[k][i] for k in t if k != "request"}
         return out
@@ -148,8 +150,7 @@ class SinkTable:
 
     def chunks(self, size: int) -> Iterator[tuple[int, torch.Tensor]]:
         """``(start, θ[start:start + size])`` for start = 0, size, …, as float64."""
-        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-            raise InputError(f"chunk size must be an integer >= 1, got {size!r}")
+        check_chunk(size)
         cache: dict[int, torch.Tensor] = {}
         n = len(self)
         for start in range(0, n, size):

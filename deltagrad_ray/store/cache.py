@@ -38,8 +38,8 @@ from ..core.data import Dataset, concat
 from ..core.errors import InputError
 from ..core.models import FunctionalModel
 from ..core.trajectory import Segment, Trajectory
-from .datasets import (FEATURE_COPY, dataset_from_table, fingerprint, read_dataset, read_dataset_mapped, read_rows,
-                       table_bytes)
+from .datasets import (FEATURE_COPY, dataset_from_table, fingerprint, parquet_table, read_dataset, read_dataset_mapped,
+                       read_rows, table_bytes)
 from .location import Location, StorageError, location
 from .manifest import DIGEST_KEY, DataRef, FileRef, Manifest, ParentRef, ShardRef, Training
 from .models import model_bytes, parse_model
@@ -388,7 +388,7 @@ class ParquetSource:
         loc = self.root.join(ref.path)
         raw = read_verified(loc, ref.sha256, ref.bytes)
         try:
-            table = pq.read_table(pa.BufferReader(raw))
+            table = parquet_table(raw)
         except (pa.ArrowInvalid, OSError) as e:
             raise StorageError(f"{loc.uri}: not a readable shard ({e})") from None
         return self._decode(table, loc.uri, ref.start, ref.stop)
@@ -498,7 +498,7 @@ class Cache:
         raw = self._row_file("removed.parquet")
         if raw is None:
             return None
-        rows = torch.from_numpy(pq.read_table(pa.BufferReader(raw)).column("row").to_numpy().astype(np.int64))
+        rows = torch.from_numpy(parquet_table(raw).column("row").to_numpy().astype(np.int64))
         mask = torch.zeros(self.n_rows, dtype=torch.bool)
         mask[rows] = True
         return mask
@@ -595,7 +595,7 @@ class Cache:
         raw = self._row_file("added.parquet")
         if raw is None:
             return None
-        return dataset_from_table(pq.read_table(pa.BufferReader(raw)), self.root.join("added.parquet").uri,
+        return dataset_from_table(parquet_table(raw), self.root.join("added.parquet").uri,
                                   self.spec.task == "regression")
 
     def _check_covers(self, rows: int) -> None:

@@ -33,7 +33,14 @@ def _parquet_parts(loc: Location) -> list[Location]:
     return parts
 
 
-def _read_table(loc: Location) -> pa.Table:
+def parquet_table(buf: pa.Buffer, columns: list[str] | None = None) -> pa.Table:
+    """One Parquet file held in an Arrow buffer, as a table (through ``ParquetFile``, not
+    ``read_table``: one file needs no pyarrow.dataset, whose import costs 0.25 s at start-up)."""
+    return pq.ParquetFile(pa.BufferReader(buf)).read(columns=columns)
+
+
+def _read_table(loc: Location, columns: list[str] | None = None) -> pa.Table:
+    """Every Parquet part of ``loc`` (only ``columns``, if given) as one table."""
     tables = []
     for part in _parquet_parts(loc):
         try:
@@ -41,7 +48,7 @@ def _read_table(loc: Location) -> pa.Table:
             # source after read_table returns, and a Python-owned one needs the GIL to be freed, which
             # a thread cannot take once the interpreter is finalizing: it then aborts the process
             # ("terminate called without an active exception", exit 134; see deltagrad_ray/exits.py)
-            tables.append(pq.read_table(pa.BufferReader(part.read_buffer())))
+            tables.append(parquet_table(part.read_buffer(), columns))
         except (pa.ArrowInvalid, OSError) as e:
             raise StorageError(f"{part.uri}: not a readable Parquet file ({e})") from None
     try:
@@ -94,22 +101,23 @@ def read_dataset(uri: str | Location, *, regression: bool | None = None, labels_
 
 def read_labels(uri: str | Location) -> tuple[torch.Tensor, torch.Tensor]:
     """(ids, labels) of a data set, without reading its features (labels as stored: int or float)."""
-    ids, labels = [], []
-    for part in _parquet_parts(location(uri)):
-        t = pq.read_table(pa.BufferReader(part.read_buffer()), columns=["id", "label"])
-        ids.append(t.column("id").to_numpy().astype(np.int64))
-        labels.append(t.column("label").to_numpy())
-    return torch.from_numpy(np.concatenate(ids)), torch.from_numpy(np.concatenate(labels))
+    t = _read_table(location(uri), ["id", "label"])
+    return torch.from_numpy(t.column("id").to_numpy().astype(np.int64)), torch.from_numpy(t.column("label").to_numpy())
 
 
 FEATURE_COPY = "features.npy"  # inside a local cache: the training features, memory-mappable
 
 
+def feature_copy(cache_root: Location) -> Location:
+    """Where a cache's memory-mappable feature copy goes; refused for a cache that is not local."""
+    if not cache_root.is_local:
+        raise InputError(f"{cache_root.uri}: --mmap-features needs a local cache (S3 objects cannot be memory-mapped)")
+    return cache_root.join(FEATURE_COPY)
+
+
 def write_feature_copy(X: torch.Tensor, loc: Location) -> None:
-    """The features as one ``.npy`` file at a local ``loc`` (written to a temporary name, then
-    renamed), which :func:`read_dataset_mapped` maps instead of decoding Parquet."""
-    if not loc.is_local:
-        raise InputError(f"{loc.uri}: a memory-mappable feature copy needs a local cache (S3 objects cannot be mapped)")
+    """The features as one ``.npy`` file at a local ``loc`` (:func:`feature_copy`; written to a
+    temporary name, then renamed), which :func:`read_dataset_mapped` maps instead of decoding Parquet."""
     os.makedirs(os.path.dirname(loc.path), exist_ok=True)
     tmp = f"{loc.path}.tmp-{os.getpid()}"
     try:
@@ -126,13 +134,8 @@ def read_dataset_mapped(uri: str | Location, copy: Location, *, regression: bool
     no copy: pages are read when touched, private to this process). Only ids and labels are read
     from ``uri``; the caller verifies the result's fingerprint (a stale copy does not match)."""
     X = np.load(copy.path, mmap_mode="c", allow_pickle=False)
-    ids, labels = [], []
-    for part in _parquet_parts(location(uri)):
-        t = pq.ParquetFile(pa.BufferReader(part.read_buffer())).read(columns=["id", "label"])
-        ids.append(t.column("id").combine_chunks())
-        labels.append(t.column("label").combine_chunks())
-    table = pa.table({"id": pa.concat_arrays(ids), "label": pa.concat_arrays(labels)})
-    ids_t, y = _ids_labels(table, location(uri).uri, regression)
+    loc = location(uri)
+    ids_t, y = _ids_labels(_read_table(loc, ["id", "label"]), loc.uri, regression)
     if X.ndim != 2 or X.shape[0] != len(ids_t):
         raise InputError(f"{copy.uri}: features of shape {X.shape}, expected ({len(ids_t)}, d)")
     return Dataset(torch.from_numpy(X), y, ids_t)
@@ -302,7 +305,7 @@ def read_ids(uri: str | Location) -> torch.Tensor:
     raw = loc.read_buffer()  # Arrow-owned (see _read_table)
     if raw.slice(0, min(4, raw.size)).to_pybytes() == b"PAR1":
         try:
-            table = pq.read_table(pa.BufferReader(raw))
+            table = parquet_table(raw)
         except (pa.ArrowInvalid, OSError) as e:
             raise StorageError(f"{loc.uri}: not a readable Parquet file ({e})") from None
         if "id" not in table.column_names:
