@@ -102,7 +102,9 @@ def read_dataset(uri: str | Location, *, regression: bool | None = None, labels_
 def read_labels(uri: str | Location) -> tuple[torch.Tensor, torch.Tensor]:
     """(ids, labels) of a data set, without reading its features (labels as stored: int or float)."""
     t = _read_table(location(uri), ["id", "label"])
-    return torch.from_numpy(t.column("id").to_numpy().astype(np.int64)), torch.from_numpy(t.column("label").to_numpy())
+    # copies: Arrow's memory is read-only, and tensors over it would be too
+    ids, labels = t.column("id").to_numpy().astype(np.int64), np.array(t.column("label").to_numpy())
+    return torch.from_numpy(ids), torch.from_numpy(labels)
 
 
 FEATURE_COPY = "features.npy"  # inside a local cache: the training features, memory-mappable
