@@ -85,8 +85,24 @@ def weed_binary() -> str:
     return exe
 
 
-def start_seaweedfs(timeout: float = 30.0):
-    """`weed mini` on loopback only, every port chosen here, with credentials set."""
+def start_seaweedfs(timeout: float = 30.0, attempts: int = 3):
+    """`weed mini` on loopback only, every port chosen here, with credentials set.
+
+    The ports are free when chosen, but another process may take one before the server binds it:
+    a server that exits at start is started again on other ports (``attempts`` in all)."""
+    for attempt in range(attempts):
+        try:
+            return _start_seaweedfs(timeout)
+        except _ExitedAtStart:
+            if attempt == attempts - 1:
+                raise
+
+
+class _ExitedAtStart(RuntimeError):
+    pass
+
+
+def _start_seaweedfs(timeout: float):
     base = _free_base()
     data_dir = tempfile.mkdtemp(prefix="seaweed-")
     s3_port = base + 3
@@ -101,7 +117,7 @@ def start_seaweedfs(timeout: float = 30.0):
     deadline = time.time() + timeout
     while time.time() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"weed mini exited with {proc.returncode}; see {data_dir}/weed.log")
+            raise _ExitedAtStart(f"weed mini exited with {proc.returncode}; see {data_dir}/weed.log")
         if server.ready():
             return proc, server, data_dir
         time.sleep(0.3)

@@ -6,6 +6,14 @@ import pytest
 import torch
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+# nothing of the caller's environment decides what the tests touch: no cluster to join, no S3
+# endpoint, profile or credentials of theirs, no fault hook or debug switch of this project (the
+# tests set what they need, for themselves and for the processes they start)
+for _name in list(os.environ):
+    if _name.startswith(("AWS_", "DELTAGRAD_")) or _name in ("RAY_ADDRESS", "RAY_NAMESPACE"):
+        del os.environ[_name]
+# ... nor their AWS config and credentials files (boto3, pyarrow and this project read them)
+os.environ["AWS_CONFIG_FILE"] = os.environ["AWS_SHARED_CREDENTIALS_FILE"] = os.devnull
 # every Ray process on loopback. Ray reads this when it is first imported (ray_constants), which
 # can happen at collection (tests/infra imports ray): set before any test module loads. Without it
 # Ray advertises the machine's interface address while its GCS listens on 127.0.0.1, and nodes

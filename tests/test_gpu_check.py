@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from benchmarks import gpu
+from tests.processes import ACROSS
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -91,7 +92,8 @@ def test_ray_checks_cpu_against_the_serial_backend(ray_cluster, capsys):
     for x in ray_lines.values():
         assert x["failed_requests"] == 0 and x["retries"] == 0 and x["actor_devices"] == ["cpu"], x
         assert x["counters_equal"] and 0 < x["error_ratio_max"] <= 0.05, x
-    assert ray_lines["replicated"]["params"] == ray_lines["pipeline"]["params"] == 0.0  # bit for bit
+    # Ray actors are other processes: to round-off (tests/processes.py)
+    assert ray_lines["replicated"]["params"] <= ACROSS and ray_lines["pipeline"]["params"] <= ACROSS
     assert ray_lines["data-parallel"]["params"] <= 1e-10  # partial gradients summed in another order
     assert ray_lines["replicated"]["requests"] == 13 and len(ray_lines["data-parallel"]["data_bundles"]) == 2
 
@@ -100,5 +102,5 @@ def test_ray_checks_cpu_against_the_serial_backend(ray_cluster, capsys):
     lines = _lines(capsys.readouterr().out)
     assert rc == 0, lines
     (child,) = [x for x in lines if x["check"] == "ray"]
-    assert child["ok"] and child["params"] == 0.0
+    assert child["ok"] and child["params"] <= ACROSS
     assert child["driver_cuda_visible_devices"] == "" and child["driver_cuda_initialized"] is False

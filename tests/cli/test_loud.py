@@ -9,7 +9,6 @@ import os
 import pathlib
 import signal
 import subprocess
-import sys
 import time
 
 import pyarrow as pa
@@ -22,6 +21,7 @@ from deltagrad_ray.core import Dataset, InputError, synthetic_classification, sy
 from deltagrad_ray.store import open_cache, save_model, write_dataset
 
 from .test_cli import ok, run
+from ..processes import python
 
 
 def tree_digest(path: pathlib.Path) -> str:
@@ -325,7 +325,8 @@ def _interrupt_when(proc: subprocess.Popen, ready, sig: int, timeout: float = 12
 
 def _popen(*args: str, cwd) -> subprocess.Popen:
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    return subprocess.Popen([sys.executable, "-m", "deltagrad_ray.cli", *args], cwd=cwd, env=env,
+    # SIGINT at its default in the child, however the suite was started (tests/processes.py)
+    return subprocess.Popen(python("-m", "deltagrad_ray.cli", *args), cwd=cwd, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 

@@ -10,6 +10,7 @@ from deltagrad_ray.results import read_table
 from deltagrad_ray.store import write_dataset
 
 from .test_cli import ok, run
+from ..processes import assert_same_across_processes
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +44,9 @@ def test_loo_models_beyond_max_model_mb_are_streamed_into_out(bc):
     streamed, _ = read_table(bc / "streamed.parquet")
     assert out["requests"] == 10 and not (bc / "streamed.parquet.parts").exists()
     assert streamed.column("id").to_pylist() == held.column("id").to_pylist()
-    assert streamed.column("params").to_pylist() == held.column("params").to_pylist()
+    # two command runs, two processes: to round-off (tests/processes.py)
+    assert_same_across_processes(torch.tensor(streamed.column("params").to_pylist()),
+                                 torch.tensor(held.column("params").to_pylist()))
     assert streamed.column("explicit_steps").to_pylist() == held.column("explicit_steps").to_pylist()
 
 

@@ -71,16 +71,25 @@ def test_a_live_lease_keeps_others_out_and_names_its_holder(tmp_path):
     Lease(tmp_path, LeaseSettings(ttl_s=30)).acquire().release()  # released: free for anyone
 
 
+def _expires_at(tmp_path) -> float:
+    return erasure.read_lease(tmp_path)["expires_at"]
+
+
 def test_renewal_keeps_the_lease_past_its_ttl_and_an_expired_one_is_taken_over(tmp_path):
-    held = Lease(tmp_path, LeaseSettings(ttl_s=1.2, holder="a")).acquire()
-    time.sleep(2.0)                                  # renewed every 0.4 s
+    # no wall-clock bound: the test waits for events (a renewal, the expiry), however slow the machine
+    held = Lease(tmp_path, LeaseSettings(ttl_s=3, holder="a")).acquire()
+    first = _expires_at(tmp_path)
+    deadline = time.monotonic() + 120
+    while _expires_at(tmp_path) <= first:            # renewed every ttl/3: the expiry moves past the first
+        assert time.monotonic() < deadline, "the lease was never renewed"
+        time.sleep(0.05)
     with pytest.raises(LeaseBusy):
-        Lease(tmp_path, LeaseSettings(ttl_s=1.2)).acquire()
+        Lease(tmp_path, LeaseSettings(ttl_s=3)).acquire()
     held._stop.set()                                 # the holder stalls: no more renewals, no release
     held._thread.join()
-    t0 = time.time()
-    taker = Lease(tmp_path, LeaseSettings(ttl_s=30, wait_s=10, holder="b")).acquire()
-    assert time.time() - t0 < 5                      # waited for the expiry, then took it by CAS
+    last = _expires_at(tmp_path)
+    taker = Lease(tmp_path, LeaseSettings(ttl_s=30, wait_s=120, holder="b")).acquire()
+    assert time.time() >= last                       # waited for the expiry, then took it by CAS
     assert erasure.read_lease(tmp_path)["holder"] == "b"
     with pytest.raises(LeaseLost, match="the lease expired"):
         held.check()
