@@ -34,8 +34,9 @@ from .store.manifest import DataRef, ParentRef, Training
 from .store.datasets import (feature_copy, fingerprint, id_tensor, read_dataset, read_ids, write_dataset,
                              write_feature_copy)
 from .store.inputs import as_dataset, in_project_layout, is_location
-from .store.location import Location, location
+from .store.location import Location, location, overlap
 from .store.models import load_model
+from .store.registry import open_resolved, resolve_cache
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
 log = logging.getLogger("deltagrad_ray")
@@ -200,7 +201,8 @@ def _portable_uri(loc: Location) -> str:
 
 
 def _as_cache(cache: Cache | str | Location) -> Cache:
-    return cache if isinstance(cache, Cache) else open_cache(cache)
+    """An open cache: ``cache`` itself, or the published version of a models prefix."""
+    return open_resolved(cache)
 
 
 def change_set(cache: Cache, data: Dataset, delete: Sequence[int] | torch.Tensor | str | None = None,
@@ -290,21 +292,6 @@ def _checked_cache(c: Cache) -> Cache:
     return c
 
 
-def _overlap(a: Location, b: Location) -> str | None:
-    """How ``a`` and ``b`` overlap: ``"is"``, ``"inside"`` (a lies inside b), ``"contains"``, or None
-    (local paths with symbolic links resolved; S3 by endpoint, bucket and key)."""
-    if a.is_local != b.is_local or (not a.is_local and a.endpoint != b.endpoint):
-        return None
-    pa_, pb = (os.path.realpath(x.path) if x.is_local else x.path.rstrip("/") for x in (a, b))
-    if pa_ == pb:
-        return "is"
-    if pa_.startswith(pb.rstrip("/") + "/"):
-        return "inside"
-    if pb.startswith(pa_.rstrip("/") + "/"):
-        return "contains"
-    return None
-
-
 def cache_inputs(cache: str | Location, data: str | Location | None = None) -> dict[str, Location]:
     """What a command on ``cache`` reads, by the name messages give it: the cache location as given,
     the cache it resolves to (a models prefix gives its published version) and the training data
@@ -313,12 +300,11 @@ def cache_inputs(cache: str | Location, data: str | Location | None = None) -> d
     Returns:
       name → location, for :func:`check_outputs`.
     """
-    from .erasure import resolve_cache
     root = resolve_cache(cache)
     c = open_cache(root)
     given = location(cache)
     out = {"--cache": given}
-    if _overlap(root, given) != "is":
+    if overlap(root, given) != "is":
         out["its published cache"] = root
     out["--data" if data is not None else "the cache's data"] = location(data if data is not None
                                                                           else c.manifest.data.uri)
@@ -344,7 +330,7 @@ def check_outputs(outputs: dict[str, str | Location | None], inputs: dict[str, s
             if inp is None:
                 continue
             i = location(inp)
-            how = _overlap(o, i)
+            how = overlap(o, i)
             if how is not None:
                 where = {"is": "is the same location as", "inside": "lies inside", "contains": "contains"}[how]
                 raise InputError(f"{oname} {o.uri} {where} {iname} {i.uri}, which this command reads; "
@@ -387,7 +373,7 @@ def unlearn(cache: Cache | str | Location, *, delete=None, add=None, config: Del
 def _new_cache_location(parent: Cache, out_cache: str | Location, data: str | Location | None) -> Location:
     """Where a derived cache goes: a new location, not over or inside the cache or its data."""
     out = location(out_cache)
-    if _overlap(out, parent.root) is not None:
+    if overlap(out, parent.root) is not None:
         raise InputError(f"{out.uri}: the new cache must go to a new location, not over or inside the cache it "
                          "comes from")
     check_outputs({"the new cache": out}, {"the data": data if data is not None else parent.manifest.data.uri})

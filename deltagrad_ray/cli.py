@@ -206,24 +206,55 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_erasure_args(sub) -> None:
-    """``erasure status | abandon | publish``: the operator's view of a bulk-erasure output."""
-    p = sub.add_parser("erasure", help="bulk erasure: status of an output, abandon an open plan, publish version 0",
-                       description="The operator's view of a bulk-erasure output prefix (see README, Bulk erasure).")
+    """``erasure status | trace | abandon | repair | prune | publish``: the operator's view of bulk erasure."""
+    p = sub.add_parser("erasure", help="bulk erasure: status, receipts (trace), abandon, repair, prune, publish",
+                       description="The operator's view of bulk erasure (see README, Bulk erasure). --config names "
+                                   "the job's config (every model of its fleet); --output one model's prefix.")
     esub = p.add_subparsers(dest="erasure_command", required=True, metavar="ACTION")
-    q = esub.add_parser("status", help="published version and lineage, open plans, lease holder, pending requests")
-    q.add_argument("--output", required=True, help="the erasure output prefix (holds LATEST.json)")
-    q.add_argument("--requests", help="the requests prefix (default: as the latest plan recorded)")
-    q.add_argument("--ledger", help="the ledger prefix (default: as the latest plan recorded)")
+
+    def which(q, many: bool = True) -> None:
+        g = q.add_mutually_exclusive_group(required=True)
+        g.add_argument("--config", help="the bulk_erasure job's config (YAML/JSON): every model of its fleet")
+        g.add_argument("--output", action="append" if many else None,
+                       help="a model's output prefix (holds LATEST.json)" + ("; repeat for several" if many else ""))
+        q.add_argument("--requests", help="the requests inbox (default: the config's)")
+
+    q = esub.add_parser("status", help="per model: published version and lineage, open plans, lease, pending "
+                                       "requests, last failure")
+    which(q)
+    q = esub.add_parser("trace", help="the receipt of one id (or request): held, erased in which version, still "
+                                      "held anywhere, until when")
+    which(q)
+    g = q.add_mutually_exclusive_group(required=True)
+    g.add_argument("--data-id", type=int, help="the training row's id")
+    g.add_argument("--request-id", help="the request's id (its data ids from the inbox and the plans)")
     q = esub.add_parser("abandon", help="abandon an open plan: its requests pend again (recorded in the audit)")
     q.add_argument("run_id", metavar="RUN_ID", help="the run whose plan to abandon (see `erasure status`)")
-    q.add_argument("--output", required=True, help="the erasure output prefix")
-    q.add_argument("--requests", help="the requests prefix (default: as the plan recorded)")
-    q.add_argument("--ledger", help="the ledger prefix (default: as the plan recorded)")
+    q.add_argument("--output", required=True, help="the model's output prefix")
     q.add_argument("--reason", default="abandoned by an operator", help="recorded in the audit")
-    q.add_argument("--wait", type=float, default=0.0, help="seconds to wait for the lease (default 0)")
+    q.add_argument("--wait", type=_seconds, default=0.0, help="seconds to wait for the lease (default 0)")
+    q = esub.add_parser("repair", help="point LATEST.json back at the newest version of the lineage (versions/)")
+    q.add_argument("--output", required=True, help="the model's output prefix")
+    q.add_argument("--wait", type=_seconds, default=0.0, help="seconds to wait for the lease (default 0)")
+    q = esub.add_parser("prune", help="delete superseded versions' caches past retention (recorded in the audit)")
+    which(q)
+    q.add_argument("--days", type=_seconds, default=None,
+                   help="retention in days (default: the config's retention.superseded_days)")
+    q.add_argument("--dry-run", action="store_true", help="say what would be deleted; delete nothing")
     q = esub.add_parser("publish", help="publish a trained cache as version 0 of an output prefix")
     q.add_argument("--cache", required=True, help="the trained cache")
     q.add_argument("--output", required=True, help="the models prefix (must have no published version)")
+
+
+def _seconds(text: str) -> float:
+    import math
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if not math.isfinite(v) or v < 0:
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
+    return v
 
 
 _JSON = False
@@ -325,7 +356,7 @@ def _warn_replays(a: argparse.Namespace, fan, report, ids=None) -> None:
     some failed: one warning line; then the accuracy warning of the replays that succeeded."""
     from .api import open_cache
     from .core.errors import InputError
-    from .erasure import resolve_cache
+    from .store.registry import resolve_cache
     n, errors = len(report.counters["explicit_steps"]), report.errors
     shown = "; ".join(f"{'id ' + str(int(ids[i])) if ids is not None else 'request ' + str(i)}: {e}"
                       for i, e in list(errors.items())[:2])
@@ -511,32 +542,119 @@ def cmd_demo(a: argparse.Namespace) -> dict:
     return run_demo(out, n=a.n, d=a.d, steps=a.steps, emit=_emit)
 
 
+def _fleet(a: argparse.Namespace):
+    """(targets, inbox, retention) of ``--config`` or ``--output``."""
+    from .erasure import Target
+    from .store.location import location
+    if getattr(a, "config", None):
+        from .jobs.bulk_erasure import SCHEMA, fleet_of
+        from .jobs.config import configure, load
+        cfg = load(a.config, SCHEMA)
+        configure(cfg)
+        fleet = fleet_of(cfg)
+        return list(fleet.models), a.requests or fleet.requests, fleet.settings.retention
+    outs = a.output if isinstance(a.output, list) else [a.output]
+    return [Target(location(o).name or "model", location(o).portable_uri) for o in outs], a.requests, None
+
+
 def cmd_erasure(a: argparse.Namespace) -> dict:
     from . import erasure
-    if a.erasure_command == "publish":
+    from .core.errors import InputError
+    from .store.location import StorageError
+    cmd = a.erasure_command
+    if cmd == "publish":
         rec = erasure.publish_initial(a.cache, a.output)
-        return {"command": "erasure publish", "output": a.output, "version": rec["version"], "cache": a.cache}
-    if a.erasure_command == "abandon":
-        from .store.location import StorageError
+        return {"command": "erasure publish", "output": a.output, "version": rec.version, "cache": a.cache}
+    if cmd in ("abandon", "repair"):
         try:
-            audit = erasure.abandon(a.run_id, a.output, reason=a.reason, requests=a.requests, ledger=a.ledger,
-                                    lease=erasure.LeaseSettings(wait_s=a.wait))
+            if cmd == "repair":
+                out = erasure.repair(a.output, lease=erasure.LeaseSettings(wait_s=a.wait))
+                return {"command": "erasure repair", "output": a.output, **out}
+            audit = erasure.abandon(a.run_id, a.output, reason=a.reason, lease=erasure.LeaseSettings(wait_s=a.wait))
         except erasure.LeaseBusy as e:
             raise StorageError(f"{e}; retry later or with --wait SECONDS") from None
         return {"command": "erasure abandon", "run_id": a.run_id, "output": a.output,
                 "returned_to_pending": audit["requests"]["returned_to_pending"], "reason": a.reason}
-    st = erasure.status(a.output, a.requests, a.ledger)
+    targets, inbox, retention = _fleet(a)
+    if cmd == "prune":
+        from .erasure.retention import RetentionSettings, prune_outputs
+        settings = RetentionSettings(a.days) if a.days is not None else retention
+        if settings is None:
+            raise InputError("no retention given: pass --days D or set retention.superseded_days in the config")
+        res = prune_outputs([t.output for t in targets], settings, dry_run=a.dry_run)
+        for t, (uri, r) in zip(targets, res.items()):
+            _emit({"command": "erasure prune", "model": t.name, "output": uri, **_pruned(r)})
+        bad = [r["error"] for r in res.values() if "error" in r]
+        if bad:
+            raise StorageError(bad[0])
+        return {"command": "erasure prune", "models": len(targets), "dry_run": a.dry_run}
+    if cmd == "trace":
+        rec = erasure.trace(targets, data_id=a.data_id, request_id=a.request_id, inbox=inbox, retention=retention)
+        if _JSON:
+            return {"command": "erasure trace", **rec}
+        for r in rec["models"]:
+            _emit({"command": "erasure trace", **_receipt(r)})
+        errors = [r["error"] for r in rec["models"] if "error" in r]
+        if errors:
+            raise StorageError(errors[0])
+        return {"command": "erasure trace", "data_ids": rec["data_ids"], "models": len(targets),
+                "gone_everywhere": "yes" if rec["gone_everywhere"] else "no"}
+    rows = erasure.status(targets, inbox)
     if _JSON:
-        return {"command": "erasure status", **st}
+        for st in rows:
+            _emit({"command": "erasure status", **st})
+    else:
+        for st in rows:
+            _emit(_status_line(st))
+    errors = [st["error"] for st in rows if "error" in st]
+    if errors:
+        raise StorageError(errors[0])
+    return {"command": "erasure status", "models": len(rows)}
+
+
+def _pruned(r: dict) -> dict:
+    if "error" in r:
+        return {"error": r["error"]}
+    return {"deleted": ", ".join(f"version {d['version']}" if "version" in d else f"run {d['run_id']}"
+                                 for d in r["deleted"]) or "nothing",
+            "kept": ", ".join(f"version {k['version']} until {k['until']}" for k in r["kept"]) or "none",
+            "outside_prefix": ", ".join(f"version {o['version']} at {o['cache']}" for o in r["outside"]) or "none"}
+
+
+def _receipt(r: dict) -> dict:
+    out = {"model": r["model"], "data_id": r["data_id"]}
+    if "error" in r:
+        return {**out, "error": r["error"]}
+    if not r.get("held"):
+        return {**out, "held": "no" if r.get("held") is False else r.get("note", "unknown")}
+    e = r.get("erased")
+    out["held"] = "yes"
+    out["erased"] = "no" if e is None else (f"in version {e['version']} ({e['method']}, run {e['run_id']}, "
+                                            f"{e['published']}, request {', '.join(map(str, e['requests'])) or '—'})")
+    out["latest_holds"] = "yes" if r.get("latest_holds") else "no"
+    out["survives_in"] = ", ".join(f"version {v['version']}" + (f" (until {v['until']})" if v.get("until") else "")
+                                   for v in r.get("versions", []) if v.get("holds")) or "no version"
+    tdh = r.get("training_data_holds")
+    out["training_data_holds"] = "yes" if tdh is True else "no" if tdh is False else tdh
+    return out
+
+
+def _status_line(st: dict) -> dict:
+    out = {"command": "erasure status", "model": st["model"], "output": st["output"]}
+    if "error" in st:
+        return {**out, "error": st["error"]}
     pub, lease = st["published"], st["lease"]
-    return {"command": "erasure status", "output": st["output"],
+    fail = st.get("last_failure")
+    return {**out,
             "published": "none" if pub is None else f"version {pub['version']} (run {pub['run_id']}, {pub['method']})",
             "lineage": " <- ".join(str(v["version"]) for v in st["lineage"]) or "none",
             "open_plans": ", ".join(f"{p['run_id']} (version {p['version']}, {p['requests']} requests, {p['state']})"
                                     for p in st["open_plans"]) or "none",
             "lease": "never taken" if lease is None else (f"held by {lease['holder']} until {lease['expires']}"
                                                          if lease["live"] else f"free (last {lease['holder']})"),
-            "pending": "unknown (give --requests)" if st["pending"] is None else st["pending"]}
+            "pending": "unknown (give --requests)" if st["pending"] is None else st["pending"],
+            "last_failure": "none" if fail is None else f"{fail['at']}: {fail['kind']}: {fail['message']}",
+            "ignored_ledger_entries": len(st.get("ignored_ledger_entries", []))}
 
 
 COMMANDS = {"train": cmd_train, "unlearn": cmd_unlearn, "retrain": cmd_retrain, "evaluate": cmd_evaluate,

@@ -16,6 +16,8 @@ import sys
 from typing import NoReturn
 
 EXIT_OK, EXIT_BUG, EXIT_INPUT, EXIT_STORAGE, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+# a fleet job where some models failed and the others finished (their requests pend for the failed ones)
+EXIT_PARTIAL = 4
 
 
 def end(code: int) -> NoReturn:

@@ -24,7 +24,7 @@ from .distributed.backends import RunReport, SerialBackend
 from .distributed.sink import ResultSink
 from .stats import (DEFAULT_MEMORY_MB, Calibration, ModelTable, as_table, check_memory_mb, loo_influence, predict,
                     streamed_intervals, streamed_jackknife, streamed_sets, streamed_test_loss)
-from .store.cache import Cache, labels_only, open_cache
+from .store.cache import Cache, labels_only
 from .store.datasets import read_dataset
 from .store.inputs import as_dataset, has_labels, in_project_layout, is_location
 from .store.location import Location
@@ -110,8 +110,8 @@ class ManyResult(NamedTuple):
 
 def _cache(cache: Cache | str | Location) -> Cache:
     """An open cache; a models prefix (bulk erasure's output) gives its published version."""
-    from .erasure import resolve_cache
-    return cache if isinstance(cache, Cache) else open_cache(resolve_cache(cache))
+    from .store.registry import open_resolved
+    return open_resolved(cache)
 
 
 def _test_set(cache: Cache, test: Dataset | str | Location, labels: bool = True) -> Dataset:

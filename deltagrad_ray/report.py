@@ -57,7 +57,20 @@ class Report:
 def _fmt(v) -> str:
     if isinstance(v, float):
         return f"{v:.4g}"
-    return str(v)
+    return md(str(v))
+
+
+_MD_SPECIAL = str.maketrans({c: "\\" + c for c in "\\`*_{}[]()#+!|~"} | {"<": "&lt;", ">": "&gt;", "&": "&amp;"})
+
+
+def md(text: str, limit: int = 200) -> str:
+    """``text`` (something a user wrote: a request id, a file name, a reason quoting them) as literal
+    Markdown: special characters escaped, HTML defused, line breaks and control characters as spaces,
+    at most ``limit`` characters. Table cells are escaped this way always."""
+    flat = "".join(" " if (ord(c) < 32 or ord(c) == 127) else c for c in str(text))
+    if len(flat) > limit:
+        flat = flat[: limit - 1] + "…"
+    return flat.translate(_MD_SPECIAL)
 
 
 def bars(labels: Sequence[str], values: Sequence[float], ylabel: str, title: str):

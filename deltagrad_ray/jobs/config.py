@@ -18,9 +18,19 @@ import yaml
 
 from ..core.config import DeltaGradConfig
 from ..core.errors import InputError
+from ..exits import EXIT_PARTIAL
 from ..store.location import StorageError, location
 
 REQUIRED = object()
+
+
+class PartialRun(Exception):
+    """A job that did part of its work (a fleet where some models failed): its result line is
+    printed, then the one-line reason, and it exits 4."""
+
+    def __init__(self, summary: dict, message: str) -> None:
+        super().__init__(message)
+        self.summary = summary
 
 # data_shards: null/"auto" (split the features over data actors only when they exceed an actor's
 # memory cap) or a count; RayBackend checks the value
@@ -189,6 +199,10 @@ def _main(description: str, schema: dict, run: Callable[[dict], dict], argv: lis
                 block[last] = value
         configure(cfg)
         out = run(cfg)
+    except PartialRun as e:
+        print(json.dumps({**e.summary, "seconds": round(time.perf_counter() - t0, 2)}, default=str), flush=True)
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_PARTIAL
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

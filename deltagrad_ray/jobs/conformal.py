@@ -24,12 +24,12 @@ def defaults(root: str = "demo-output") -> dict:
 
 def run(cfg: dict) -> dict:
     from .. import many
-    from ..erasure import resolve_cache
+    from ..store.registry import open_resolved
     from ..report import Report, bars, histogram, intervals
     from ..results import write_table
-    from ..store import location, open_cache
+    from ..store import location
 
-    cache = open_cache(resolve_cache(cfg["cache"]))
+    cache = open_resolved(cfg["cache"])
     out_loc = location(cfg["output"])
     fan = fanout(cfg["ray"], parts=out_loc.join("models.parts").uri)
     r = many.conformal(cache, cfg["test"], float(cfg["alpha"]), method=cfg["method"], folds=int(cfg["folds"]),

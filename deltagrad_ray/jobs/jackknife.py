@@ -24,12 +24,13 @@ def defaults(root: str = "demo-output") -> dict:
 
 def run(cfg: dict) -> dict:
     from .. import many
-    from ..erasure import redact, redaction_salt, resolve_cache
+    from ..erasure import redact, redaction_salt
+    from ..store.registry import open_resolved
     from ..report import Report, histogram
     from ..results import write_table
-    from ..store import location, open_cache
+    from ..store import location
 
-    cache = open_cache(resolve_cache(cfg["cache"]))
+    cache = open_resolved(cfg["cache"])
     out_loc = location(cfg["output"])
     fan = fanout(cfg["ray"], parts=out_loc.join("loo.parts").uri)
     loo = many.loo(cache, fanout=fan, strict=True)

@@ -32,16 +32,16 @@ def defaults(root: str = "demo-output") -> dict:
 
 def run(cfg: dict) -> dict:
     from .. import api
-    from ..erasure import publish_initial
+    from ..store.registry import publish_initial
     from ..report import Report, line
 
     m, o = cfg["model"], cfg["optimizer"]
     if cfg["publish"]:  # refuse before training, not after
-        from ..erasure import Registry
+        from ..store.registry import Registry
         from ..store.location import Conflict
         latest = Registry(cfg["publish"]).latest()
         if latest is not None:
-            raise Conflict(f"{cfg['publish']}: version {latest['version']} is published already; publish version 0 "
+            raise Conflict(f"{cfg['publish']}: version {latest.version} is published already; publish version 0 "
                            "of a new model under a new prefix")
     cache = api.fit(cfg["data"], cfg["cache"], model=m["kind"], hidden=tuple(m["hidden"] or ()),
                     optimizer=o["kind"], steps=int(o["steps"]), lr=float(o["lr"]), l2=float(o["l2"]),
@@ -50,7 +50,7 @@ def run(cfg: dict) -> dict:
            "cache_mb": round(cache.manifest.shard_bytes / 2**20, 2)}
     if cfg["publish"]:
         rec = publish_initial(cache, cfg["publish"])
-        out["published"] = {"output": cfg["publish"], "version": rec["version"]}
+        out["published"] = {"output": cfg["publish"], "version": rec.version}
     report, _ = report_target(cfg["report"])
     if report:
         steps, losses = api.training_curve(cache)

@@ -598,6 +598,18 @@ class Cache:
         return dataset_from_table(parquet_table(raw), self.root.join("added.parquet").uri,
                                   self.spec.task == "regression")
 
+    def row_ids(self, uri: str | Location | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, removed) of the cache's rows, reading the data's id column alone: ids (n,) int64 in
+        row order, removed (n,) bool (rows erased by the changes that produced this cache)."""
+        from .datasets import read_id_column
+        ids = read_id_column(self._data_location(uri))
+        extra = self.added_rows()
+        if extra is not None:
+            ids = np.concatenate([ids, extra.ids.numpy()])
+        self._check_covers(len(ids))
+        mask = self.removed_mask()
+        return ids, (np.zeros(len(ids), dtype=bool) if mask is None else mask.numpy())
+
     def _check_covers(self, rows: int) -> None:
         if rows != self.n_rows:
             raise StorageError(f"{self.uri}: the cache covers {self.n_rows} rows, its data has {rows}")

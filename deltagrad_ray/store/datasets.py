@@ -107,6 +107,16 @@ def read_labels(uri: str | Location) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.from_numpy(ids), torch.from_numpy(labels)
 
 
+def read_id_column(uri: str | Location) -> np.ndarray:
+    """The ``id`` column of a data set alone (int64; no label, no features read)."""
+    loc = location(uri)
+    t = _read_table(loc, ["id"])
+    col = t.column("id")
+    if col.null_count or not pa.types.is_integer(col.type):
+        raise InputError(f"{loc.uri}: column 'id' must be non-null integers, got {col.type}")
+    return col.to_numpy().astype(np.int64)
+
+
 FEATURE_COPY = "features.npy"  # inside a local cache: the training features, memory-mappable
 
 

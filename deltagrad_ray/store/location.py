@@ -138,13 +138,18 @@ class Location:
 
     def list(self, recursive: bool = False) -> list[Location]:
         """Files below this location (sorted by path)."""
+        return [loc for loc, _ in self.sizes(recursive)]
+
+    def sizes(self, recursive: bool = False) -> list[tuple[Location, int]]:
+        """Files below this location with their sizes in bytes (sorted by path; one listing, no
+        request per file)."""
         sel = pafs.FileSelector(self.path, allow_not_found=True, recursive=recursive)
         infos = _call(self, "list", lambda: self.fs.get_file_info(sel))
         out = []
         for i in sorted(infos, key=lambda i: i.path):
             if i.type == pafs.FileType.File:
                 rel = i.path[len(self.path.rstrip("/")) + 1:]
-                out.append(self.join(rel))
+                out.append((self.join(rel), i.size))
         return out
 
     # -- reading ------------------------------------------------------------------------
@@ -438,3 +443,40 @@ def s3_location(uri: str, options: _s3.S3Options | None = None) -> Location:
 def portable_uri(uri: str | os.PathLike | Location) -> str:
     """:attr:`Location.portable_uri` of a URI or location (what to hand to another process)."""
     return location(uri).portable_uri
+
+
+def stored_location(uri: str, *, relative_to: Location) -> Location:
+    """The location of a URI read back from storage (a manifest's data, a version record's cache):
+    its storage settings are not taken from the stored text — whoever could edit that record could
+    otherwise send this process's signed requests (and its access key id) to a host of theirs. An
+    S3 URI is reached with the settings of ``relative_to`` (the location the record was read from,
+    made by the operator); any query it carries is dropped. A local path stays as is.
+
+    Args:
+      uri: the stored URI.
+      relative_to: where it was read from.
+
+    Returns:
+      The :class:`Location`.
+    """
+    parsed = urlparse(uri)
+    if parsed.scheme == "s3":
+        bare = f"s3://{parsed.netloc}{parsed.path}"
+        base = relative_to.s3.given if relative_to.s3 is not None else _s3.configured()
+        return s3_location(bare, base)
+    return location(uri)
+
+
+def overlap(a: Location, b: Location) -> str | None:
+    """How ``a`` and ``b`` overlap: ``"is"``, ``"inside"`` (a lies inside b), ``"contains"``, or None
+    (local paths with symbolic links resolved; S3 by endpoint, bucket and key)."""
+    if a.is_local != b.is_local or (not a.is_local and a.endpoint != b.endpoint):
+        return None
+    pa_, pb = (os.path.realpath(x.path) if x.is_local else x.path.rstrip("/") for x in (a, b))
+    if pa_ == pb:
+        return "is"
+    if pa_.startswith(pb.rstrip("/") + "/"):
+        return "inside"
+    if pb.startswith(pa_.rstrip("/") + "/"):
+        return "contains"
+    return None

@@ -45,7 +45,8 @@ BUCKET = "s3://deltagrad-prod/"
 RAY_BLOCK = {"address", "workers", "num_cpus", "num_gpus", "mode", "strategy", "batch_size"}
 CONTRACT = {
     "train": {"data", "cache", "publish", "model", "optimizer", "report"},
-    "bulk_erasure": {"data", "cache", "requests", "output", "ledger", "deltagrad", "verify", "lease", "ray", "report"},
+    "bulk_erasure": {"data", "cache", "requests", "output", "name", "models", "ledger", "deltagrad", "verify",
+                     "retention", "lease", "ray", "report"},
     "jackknife": {"cache", "test", "output", "ray", "report"},
     "conformal": {"cache", "test", "output", "alpha", "method", "folds", "ray", "report"},
 }
@@ -96,7 +97,8 @@ def cron_container() -> dict:
 
 # -- every file is known and loads -----------------------------------------------------------------
 
-VALIDATED_YAML = {CLUSTER, RAYCLUSTER, RAYJOB, CRONJOB, SERVICEACCOUNT, *CONFIGS.values()}
+FLEET = INFRA / "configs" / "bulk_erasure_fleet.yaml"
+VALIDATED_YAML = {CLUSTER, RAYCLUSTER, RAYJOB, CRONJOB, SERVICEACCOUNT, FLEET, *CONFIGS.values()}
 
 
 def test_every_yaml_file_in_infra_has_checks_here():
@@ -672,8 +674,8 @@ def test_downstream_jobs_read_the_published_model():
     assert train["publish"] == models and train["cache"].startswith(models + "/")
     for name in ("jackknife", "conformal"):
         assert doc(CONFIGS[name])["cache"] == models, name
-    assert erase["ledger"] and not erase["ledger"].startswith(erase["requests"] + "/"), (
-        "the ledger under its own prefix: whoever drops request files cannot rewrite it")
+    assert not (erase["ledger"] or "").startswith(erase["requests"] + "/"), (
+        "an older ledger honoured from the inbox could be forged by whoever drops request files")
     assert erase["report"]["redact_ids"] is True, "reports for people show data ids as salted hashes"
     assert erase["lease"]["wait_s"] > 0 and erase["lease"]["ttl_s"] >= 300
 
@@ -691,3 +693,15 @@ def test_aws_head_is_sized_for_the_driver_and_ray_sizes_dev_shm():
     options = c["docker"]["run_options"] + c["docker"].get("head_run_options", []) + \
         c["docker"].get("worker_run_options", [])
     assert not any("--shm-size" in o for o in options), "an explicit --shm-size turns Ray's sizing off"
+
+
+def test_the_fleet_example_is_a_valid_fleet_of_the_bulk_erasure_job():
+    """infra/configs/bulk_erasure_fleet.yaml: several models fed from one inbox, each with its own
+    output (never overlapping the inbox or another model's), checked as the job checks it."""
+    from deltagrad_ray.jobs import bulk_erasure as job
+    from deltagrad_ray.jobs.config import check
+    cfg = check(doc(FLEET), job.SCHEMA)
+    fleet = job.fleet_of(cfg)
+    assert len(fleet.models) >= 3 and len({t.output for t in fleet.models}) == len(fleet.models)
+    assert any(t.num_gpus > 0 for t in fleet.models), "the example shows a model on a GPU worker"
+    assert cfg["report"]["redact_ids"] is True and fleet.settings.retention is not None

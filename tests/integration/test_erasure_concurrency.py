@@ -20,8 +20,8 @@ import yaml
 from deltagrad_ray import api
 from deltagrad_ray.core import synthetic_classification
 from deltagrad_ray.devservers import KEY, SECRET
-from deltagrad_ray.erasure import LeaseSettings, Registry, bulk_erasure, publish_initial
-from deltagrad_ray.store import location, open_cache, write_dataset
+from deltagrad_ray.erasure import LeaseSettings, Ledger, Registry, Runs, bulk_erasure, publish_initial
+from deltagrad_ray.store import location, write_dataset
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 ROOT = Path(__file__).resolve().parents[2]
@@ -71,21 +71,24 @@ def _check(root: str, base) -> None:
     """Every valid request applied exactly once, the lineage unbroken, the model exact enough."""
     applied: dict[str, int] = {}
     rejected: dict[str, int] = {}
-    for f in location(_at(root, "requests/_done")).list():
-        for r in json.loads(f.read_text())["requests"]:
-            d = applied if r["status"] == "applied" else rejected
-            d[r["request_id"]] = d.get(r["request_id"], 0) + 1
+    out = _at(root, "models")
+    runs = Runs(out)
+    for run_id in Ledger(out).entries():
+        for r in runs.plan(run_id).requests:
+            d = applied if r.status == "applied" else rejected
+            d[r.request_id] = d.get(r.request_id, 0) + 1
     valid = [r["request_id"] for r in _rows(0, FIRST, "first")]
     valid += [r["request_id"] for k in range(LATE[0]) for r in _rows(FIRST + k * LATE[1], LATE[1], f"late{k}")]
     assert applied == {rid: 1 for rid in valid}, {k: v for k, v in applied.items() if v != 1}
     assert rejected == {"bad-unknown": 1, "bad-text": 1}
     reg = Registry(_at(root, "models"))
     lineage = reg.lineage()
-    assert [v["version"] for v in lineage] == list(range(len(lineage) - 1, -1, -1))
+    assert [v.version for v in lineage] == list(range(len(lineage) - 1, -1, -1))
     assert len(lineage) >= 3  # the late files came after the first plan: a later version applied them
     for newer, older in zip(lineage, lineage[1:]):
-        assert newer["parent"]["version"] == older["version"] and newer["parent"]["run_id"] == older["run_id"]
-    published = open_cache(reg.resolve(lineage[0]))
+        assert newer.parent.version == older.version and newer.parent.run_id == older.run_id
+        assert newer.parent.record_sha256 == older.sha256()          # the hash chain holds
+    published = reg.open(lineage[0])
     ids = [7 * i + 1 for i in range(FIRST + LATE[0] * LATE[1])]
     exact = api.retrain_exact(base, delete=ids)
     moved = float((exact - base.final).norm())

@@ -9,8 +9,10 @@ import torch
 
 from deltagrad_ray import api, erasure
 from deltagrad_ray.core import DeltaGradConfig, synthetic_classification
-from deltagrad_ray.erasure import Registry, bulk_erasure, settled
+from deltagrad_ray.erasure import Registry, bulk_erasure
 from deltagrad_ray.store import StorageError, open_cache, write_dataset
+
+from .erasure_helpers import applied_once, latest_cache, settled
 
 N = 2000
 
@@ -54,28 +56,33 @@ def test_requests_are_validated_applied_and_audited(world):
     assert len(audits) == 1
     a = audits[0]
     assert a["requests"]["applied"] == 11 and a["deleted_ids"] == 10
-    reasons = {r["request_id"]: r["reason"] for r in a["rejected"]}
-    assert reasons["r-unknown"].startswith("unknown data_id 1000000")
-    assert "duplicate request_id" in reasons["r0"]
-    assert any(k.startswith("malformed:") for k in reasons) and any("unreadable file" in v for v in reasons.values())
+    fate = {(r["request_id"], r["source"]): (r["status"], r["reason"]) for r in a["settled"]}
+    assert fate[("r-unknown", "batch.jsonl#11")] == ("not present",
+                                                     "data_id 1000000 is not in this model's training data")
+    assert fate[("r0", "batch.jsonl#12")][0] == "duplicate"             # the same (request, data id) again
+    assert fate[("r-same-id", "batch.jsonl#13")] == ("applied", None)   # another request for the same row
+    assert fate[(None, "batch.jsonl#10")][0] == "rejected" and "not JSON" in fate[(None, "batch.jsonl#10")][1]
+    assert fate[(None, "batch.jsonl#14")] == ("rejected", "missing request_id")
+    # a file that cannot be read is reported, not skipped
+    assert any(f == "garbage.parquet" and "not a readable Parquet file" in w
+               for f, w in erasure.read_inbox(tmp / "requests").not_read)
     # DeltaGrad was verified against exact retraining and published
     v = a["verification"]
     assert v["performed"] and v["passed"] and v["ratio"] <= 0.05 and v["dist_exact_parent"] > 0
-    latest = Registry(tmp / "models").latest()
-    new = open_cache(latest["cache"])
+    new = latest_cache(tmp / "models")
     exact = api.retrain_exact(cache, delete=list(range(10)))
     assert float((new.final - exact).norm()) <= 0.05 * float((exact - cache.final).norm())
     # the previous version is untouched and still loads
     assert _snapshot(tmp / "models" / "current") == before
     assert torch.equal(open_cache(tmp / "models" / "current").final, cache.final)
     # every request is settled once; a second run does nothing
-    ledger = settled(tmp / "requests")
-    assert len(ledger) == 15  # 16 rows, one of them a duplicate of r0
-    assert ledger["r0"]["status"] == "applied"
+    ledger = settled(tmp / "models")
+    assert len(ledger) == 12  # 13 well-formed rows (two more malformed), one of them a duplicate of r0
+    assert ledger[("r0", 0)].status == "applied"
     assert _run(tmp) == []
 
 
-def test_second_batch_builds_on_the_first_and_rejects_ids_already_erased(world):
+def test_second_batch_builds_on_the_first_and_settles_ids_already_erased(world):
     tmp, data, cache = world
     _write_requests(tmp / "requests", [{"request_id": f"a{i}", "data_id": i} for i in range(5)], "one.jsonl")
     _run(tmp)
@@ -83,8 +90,9 @@ def test_second_batch_builds_on_the_first_and_rejects_ids_already_erased(world):
                                        {"request_id": "b1", "data_id": 100}], "two.jsonl")
     a = _run(tmp)[0]
     assert a["parent"]["version"] == 1 and a["new"]["version"] == 2
-    assert [r["reason"] for r in a["rejected"]] == ["data_id 3 was already erased in an earlier version"]
-    v2 = open_cache(Registry(tmp / "models").latest()["cache"])
+    assert [(r["status"], r["reason"]) for r in a["settled"] if r["status"] != "applied"] == [
+        ("already erased", "data_id 3 was erased in an earlier version")]
+    v2 = latest_cache(tmp / "models")
     exact = api.retrain_exact(cache, delete=[0, 1, 2, 3, 4, 100])
     assert float((v2.final - exact).norm()) <= 0.05 * float((exact - cache.final).norm())
 
@@ -104,7 +112,8 @@ def test_killed_at_any_stage_and_rerun_applies_every_request_exactly_once(world,
     def die(*a, **k):
         raise Killed(stage)
 
-    targets = {"replay": (api, "unlearn"), "verify": (erasure, "_verify"),
+    from deltagrad_ray.erasure import run
+    targets = {"replay": (api, "unlearn"), "verify": (run, "_verify"),
                "publish": (Registry, "publish"), "ledger": (erasure.Ledger, "write")}
     obj, name = targets[stage]
     real = getattr(obj, name)
@@ -114,15 +123,14 @@ def test_killed_at_any_stage_and_rerun_applies_every_request_exactly_once(world,
     monkeypatch.setattr(obj, name, real)
     audits = _run(tmp)  # the rerun finishes the open plan
     assert len(audits) == 1 and audits[0]["requests"]["applied"] == 20
-    ledger = settled(tmp / "requests")
-    assert sorted(ledger) == sorted(f"r{i}" for i in range(20))
+    assert sorted(applied_once(tmp / "models")) == sorted(f"r{i}" for i in range(20))
     latest = Registry(tmp / "models").latest()
-    assert latest["version"] == 1
+    assert latest.version == 1
     assert len(list((tmp / "models" / "plans").iterdir())) == 1  # one plan, not two
     assert _snapshot(tmp / "models" / "current") == before
     assert _run(tmp) == []  # nothing pending any more
     exact = api.retrain_exact(cache, delete=[2 * i for i in range(20)])
-    assert float((open_cache(latest["cache"]).final - exact).norm()) <= 0.05 * float((exact - cache.final).norm())
+    assert float((latest_cache(tmp / "models").final - exact).norm()) <= 0.05 * float((exact - cache.final).norm())
 
 
 def test_failed_verification_publishes_the_exact_retraining(world):
@@ -131,7 +139,7 @@ def test_failed_verification_publishes_the_exact_retraining(world):
     a = bulk_erasure(cache=str(tmp / "models" / "current"), requests=str(tmp / "requests"),
                      output=str(tmp / "models"), verify={"sample": 1, "tolerance": 0.0})[0]
     assert not a["verification"]["passed"] and a["new"]["method"] == "exact-retrain"
-    published = open_cache(Registry(tmp / "models").latest()["cache"])
+    published = latest_cache(tmp / "models")
     assert torch.equal(published.final, api.retrain_exact(cache, delete=[7]))
     # the exact cache can be replayed from, like any other
     assert published.steps == cache.steps and int(published.removed_mask().sum()) == 1
@@ -142,7 +150,7 @@ def test_missing_cache_is_a_clear_storage_error_and_nothing_is_written(tmp_path)
     with pytest.raises(StorageError, match="no trajectory cache here"):
         bulk_erasure(cache=str(tmp_path / "nowhere"), requests=str(tmp_path / "requests"),
                      output=str(tmp_path / "models"))
-    assert not (tmp_path / "requests" / "_done").exists()
+    assert not (tmp_path / "models" / "ledger").exists() and not (tmp_path / "models" / "plans").exists()
 
 
 def test_every_deltagrad_setting_reaches_the_published_model(world):
@@ -163,7 +171,7 @@ def test_every_deltagrad_setting_reaches_the_published_model(world):
         "deltagrad": settings, "verify": {"sample": 0}}))
     out = pipeline.run(load(str(tmp / "be.yaml"), pipeline.SCHEMA))
     assert out["applied"] == 4
-    published = open_cache(Registry(tmp / "models").latest()["cache"])
+    published = latest_cache(tmp / "models")
     cfg = DeltaGradConfig.from_dict(settings)
     same = api.unlearn(cache, delete=ids, config=cfg)
     assert torch.equal(published.final, same.params)

@@ -18,8 +18,8 @@ import yaml
 
 from deltagrad_ray import api, erasure
 from deltagrad_ray.core import synthetic_classification
-from deltagrad_ray.erasure import LeaseSettings, Registry, bulk_erasure, publish_initial
-from deltagrad_ray.store import location, open_cache, write_dataset
+from deltagrad_ray.erasure import LeaseSettings, Ledger, Registry, Runs, Target, bulk_erasure, publish_initial
+from deltagrad_ray.store import location, write_dataset
 
 from ..processes import assert_same_across_processes
 
@@ -69,23 +69,26 @@ def _config(storage: Storage, prefix: str, tmp: Path) -> str:
 
 def _check_after_rerun(storage: Storage, prefix: str, base, exact: torch.Tensor, version_before: int) -> None:
     out, req = storage.uri(prefix, "models"), storage.uri(prefix, "requests")
-    reg = Registry(out)
+    reg, runs = Registry(out), Runs(out)
     latest = reg.latest()
-    assert latest["version"] == 2 and version_before in (1, 2)    # LATEST only moved forward
-    assert [v["version"] for v in reg.lineage()] == [2, 1, 0]
-    for rec in reg.lineage():                                     # every published version loads
-        assert torch.isfinite(open_cache(reg.resolve(rec)).final).all()
+    assert latest.version == 2 and version_before in (1, 2)      # LATEST only moved forward
+    assert [v.version for v in reg.lineage()] == [2, 1, 0]
+    for rec in reg.lineage():                                     # every published version loads, unchanged
+        assert torch.isfinite(reg.open(rec).final).all()
     applied: dict[str, int] = {}
-    rejected: dict[str, int] = {}
-    for f in location(req).join("_done").list():
-        for r in json.loads(f.read_text())["requests"]:
-            (applied if r["status"] == "applied" else rejected)[r["request_id"]] = \
-                (applied if r["status"] == "applied" else rejected).get(r["request_id"], 0) + 1
+    other: dict[str, str] = {}
+    for run_id in Ledger(out).entries():
+        for r in runs.plan(run_id).requests:
+            if r.status == "applied":
+                applied[r.request_id] = applied.get(r.request_id, 0) + 1
+            else:
+                assert r.request_id not in other, f"{r.request_id} settled twice"
+                other[r.request_id or r.source] = r.status
     assert applied == {**{f"a{i}": 1 for i in range(5)}, **{f"b{i}": 1 for i in range(15)}}, applied
-    assert rejected == {"b-unknown": 1, "b0": 1, "b-text": 1}, rejected
-    st = erasure.status(out)
-    assert st["open_plans"] == [] and st["pending"] == 0 and not st["lease"]["live"]
-    published = open_cache(reg.resolve(latest))
+    assert other == {"b-unknown": "not present", "b0": "duplicate", "b-text": "rejected"}, other
+    (st,) = erasure.status(Target("m", out), req)
+    assert "error" not in st and st["open_plans"] == [] and st["pending"] == 0 and not st["lease"]["live"]
+    published = reg.open(latest)
     moved = float((exact - base.final).norm())
     assert float((published.final - exact).norm()) <= 0.05 * moved
 
@@ -105,7 +108,7 @@ def _kill_at_every_write(storage: Storage, tmp: Path, env: dict) -> int:
             assert json.loads(p.stdout.strip().splitlines()[-1])["applied"] == 15
             break
         assert p.returncode == -9 and f"fault hook: killed after storage write {k} " in p.stderr, p.stderr[-2000:]
-        before = Registry(storage.uri(prefix, "models")).latest()["version"]
+        before = Registry(storage.uri(prefix, "models")).latest().version
         audits = bulk_erasure(requests=storage.uri(prefix, "requests"), output=storage.uri(prefix, "models"),
                               verify={"sample": 1, "tolerance": 0.05}, lease=LeaseSettings(ttl_s=600, holder=HOLDER))
         assert sum(a["requests"].get("applied", 0) for a in audits) in (0, 15)
@@ -113,11 +116,11 @@ def _kill_at_every_write(storage: Storage, tmp: Path, env: dict) -> int:
         assert bulk_erasure(requests=storage.uri(prefix, "requests"), output=storage.uri(prefix, "models"),
                             lease=LeaseSettings(holder=HOLDER)) == []   # nothing pends
         reg = Registry(storage.uri(prefix, "models"))
-        models.append(open_cache(reg.resolve(reg.latest())).final)
+        models.append(reg.open(reg.latest()).final)
     # a resumed run publishes what an uninterrupted one does (to round-off: some of these models were
     # computed by the killed job processes, the others here; tests/processes.py)
     reg = Registry(storage.uri(prefix, "models"))
-    clean = open_cache(reg.resolve(reg.latest())).final
+    clean = reg.open(reg.latest()).final
     for m in models:
         assert_same_across_processes(m, clean)
     return k - 1

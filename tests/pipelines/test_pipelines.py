@@ -155,8 +155,7 @@ def test_bulk_erasure_pipeline_runs_its_replay_on_a_ray_worker(ray_cluster, tmp_
         "report": str(tmp_path / "reports")}), bulk_erasure.SCHEMA)
     out = bulk_erasure.run(cfg)
     assert out["applied"] == 15 and out["published"]["version"] == 1
-    latest = Registry(tmp_path / "models").latest()
+    reg = Registry(tmp_path / "models")
     exact = api.retrain_exact(cache, delete=list(range(15)))
-    from deltagrad_ray.store import open_cache
-    assert float((open_cache(latest["cache"]).final - exact).norm()) <= 0.05 * float((exact - cache.final).norm())
+    assert float((reg.open(reg.latest()).final - exact).norm()) <= 0.05 * float((exact - cache.final).norm())
     assert Path(out["report"]).exists()
