@@ -155,7 +155,7 @@ class Location:
     # -- reading ------------------------------------------------------------------------
     def read_bytes(self) -> bytes:
         def read() -> bytes:
-            with self.fs.open_input_stream(self.path) as f:
+            with self.fs.open_input_stream(self.path, compression=None) as f:  # bytes as stored (no .gz magic)
                 return f.read()
         return _call(self, "read", read)
 
@@ -194,7 +194,7 @@ class Location:
             def write() -> None:
                 # the object appears only when the upload completes: an upload cut off half-way
                 # leaves nothing behind (S3 multipart uploads are invisible until completed)
-                with self.fs.open_output_stream(self.path) as f:
+                with self.fs.open_output_stream(self.path, compression=None) as f:
                     f.write(data)
             _call(self, "write", write)
         _wrote(self)

@@ -162,8 +162,16 @@ class Registry:
     def advice(self) -> str:
         return repair_advice(self.root)
 
+    @property
+    def record_advice(self) -> str:
+        """What to do about a damaged or edited record in ``versions/``: the lineage is the truth and
+        nothing else holds it, so it comes back from a backup (LATEST.json is only a pointer)."""
+        return (f"restore it from a backup or from the bucket's object versions (the records in "
+                f"{self.root.join(VERSIONS).uri} are the lineage: nothing else holds them)")
+
     def _parse(self, raw: bytes, loc: Location) -> VersionRecord:
-        return VersionRecord.parse(decode(raw, loc.uri, "version record", self.advice), loc.uri, self.advice)
+        advice = self.advice if loc.name == LATEST else self.record_advice
+        return VersionRecord.parse(decode(raw, loc.uri, "version record", advice), loc.uri, advice)
 
     def version_file(self, version: int) -> Location:
         return self.root.join(VERSIONS, f"{version:04d}.json")
@@ -188,7 +196,7 @@ class Registry:
             return None
         rec = self._parse(cur[0], loc)
         if rec.version != version:
-            raise Damaged(f"{loc.uri}: damaged version record (it says version {rec.version}); {self.advice}")
+            raise Damaged(f"{loc.uri}: damaged version record (it says version {rec.version}); {self.record_advice}")
         return rec
 
     def read_latest(self, check: bool = True) -> tuple[VersionRecord | None, str | None]:
@@ -227,7 +235,8 @@ class Registry:
         if rec.version == top:
             recorded = self.recorded(top)
             if not rec.same_as(recorded):
-                raise LineageError(f"{where} differs from versions/{top:04d}.json (edited?); {self.advice}")
+                raise LineageError(f"{where} differs from versions/{top:04d}.json (one of them was edited): if the "
+                                   f"version record is intact, {self.advice}; if not, {self.record_advice}")
             return
         if rec.version > top + 1:
             raise LineageError(f"{where} names version {rec.version}, but the lineage ends at version {top}; "
@@ -263,12 +272,12 @@ class Registry:
                 break  # written before version 0 was published too: the first cache was never a version
             if rec is None:
                 raise LineageError(f"{self.version_file(v).uri} is missing from the lineage of version "
-                                   f"{latest.version}; {self.advice}")
+                                   f"{latest.version}; {self.record_advice}")
             child = out[-1]
             if child.parent is not None and (child.parent.model_sha256 != rec.model_sha256 or (
                     child.parent.record_sha256 is not None and child.parent.record_sha256 != rec.sha256())):
                 raise LineageError(f"{self.version_file(v).uri} is not the parent version {child.version} names "
-                                   f"(edited?); {self.advice}")
+                                   f"(edited?); {self.record_advice}")
             out.append(rec)
         return out
 
