@@ -632,8 +632,11 @@ def _receipt(r: dict) -> dict:
     out["erased"] = "no" if e is None else (f"in version {e['version']} ({e['method']}, run {e['run_id']}, "
                                             f"{e['published']}, request {', '.join(map(str, e['requests'])) or '—'})")
     out["latest_holds"] = "yes" if r.get("latest_holds") else "no"
-    out["survives_in"] = ", ".join(f"version {v['version']}" + (f" (until {v['until']})" if v.get("until") else "")
-                                   for v in r.get("versions", []) if v.get("holds")) or "no version"
+    def until(v: dict) -> str:
+        u = v.get("until")
+        return "" if not u else f" ({u})" if u.startswith("kept") else f" (until {u})"
+    out["survives_in"] = ", ".join(f"version {v['version']}{until(v)}" for v in r.get("versions", [])
+                                   if v.get("holds")) or "no version"
     tdh = r.get("training_data_holds")
     out["training_data_holds"] = "yes" if tdh is True else "no" if tdh is False else tdh
     return out

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import json
 import re
 import sys
 import time
@@ -89,11 +90,30 @@ def run(address: str, sid: str, entrypoint: list[str], *, working_dir: str | Non
                   file=out, flush=True)
             return 1
         time.sleep(poll)
+    logs = client.get_job_logs(sid).rstrip().splitlines()
+    line = result_line(logs)
+    if line is not None:  # what the job did, for the scheduler's own log
+        print(f"{sid} result: {json.dumps(line, default=str)}", file=out, flush=True)
+        if line.get("report"):
+            print(f"{sid} report: {line['report']}", file=out, flush=True)
     if status != "SUCCEEDED":
-        logs = client.get_job_logs(sid).rstrip().splitlines()
         print("\n".join(f"  | {line}" for line in logs[-40:]), file=out, flush=True)
         return 1
     return 0
+
+
+def result_line(logs: list[str]) -> dict | None:
+    """The job's result line (the last JSON object its driver printed), None if it printed none."""
+    for text in reversed(logs):
+        text = text.strip()
+        if text.startswith("{") and text.endswith("}"):
+            try:
+                obj = json.loads(text)
+            except ValueError:
+                continue
+            if isinstance(obj, dict):
+                return obj
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:

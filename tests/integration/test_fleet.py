@@ -184,3 +184,57 @@ def test_a_fleet_erases_every_id_from_every_model_that_holds_it(fleet_world, ray
     assert far["churn"]["held"] is False and far["ltv"]["held"] is False and far["fraud"]["held"] is True
     by_request = erasure.trace(list(fleet.models), request_id="r3-1", inbox=fleet.requests)
     assert by_request["data_ids"] == [450]
+
+
+def test_overlapping_runs_submitted_to_a_ray_cluster(ray_cluster, tmp_path):
+    """Bulk erasure submitted as Ray jobs (through the CronJob's submitter), each model's erasure a
+    task on the cluster: a run that finds the lease held exits 0 with the holder in its result line
+    (the lease error crosses the task boundary); two runs submitted at once apply every request
+    exactly once between them."""
+    import io
+    import sys
+    from pathlib import Path
+
+    import yaml
+
+    from deltagrad_ray.erasure import Lease
+    from deltagrad_ray.jobs.submit import run as submit
+    root = Path(__file__).resolve().parents[2]
+    dashboard = "http://" + ray_cluster.head_node.address_info["webui_url"]
+    write_dataset(synthetic_classification(1500, 8, 3, seed=0), tmp_path / "data.parquet")
+    base = api.fit(str(tmp_path / "data.parquet"), str(tmp_path / "models" / "current"), steps=40, lr=0.5, l2=0.01)
+    (tmp_path / "requests").mkdir()
+    (tmp_path / "requests" / "r.jsonl").write_text(
+        "\n".join(json.dumps({"request_id": f"r{i}", "data_id": 3 * i}) for i in range(12)) + "\n")
+    cfg = tmp_path / "be.yaml"
+    cfg.write_text(yaml.safe_dump({"cache": str(tmp_path / "models" / "current"),
+                                   "requests": str(tmp_path / "requests"),
+                                   "output": str(tmp_path / "models"), "ray": {"address": "auto", "num_cpus": 1},
+                                   "report": str(tmp_path / "reports")}))
+    entry = [sys.executable, "-c", "import runpy, sys; sys.path.insert(0, sys.argv[1]); sys.argv = sys.argv[1:]; "
+             "runpy.run_module('pipelines.bulk_erasure', run_name='__main__')", str(root), "--config", str(cfg)]
+
+    def job(tag: str) -> tuple[int, dict]:
+        out = io.StringIO()
+        sid = f"bulk-erasure-{tag}-{time.time_ns()}"
+        code = submit(dashboard, sid, entry, poll=0.5, out=out)
+        (line,) = [x for x in out.getvalue().splitlines() if x.startswith(f"{sid} result: ")]
+        return code, json.loads(line.split(" result: ", 1)[1])
+
+    with Lease(tmp_path / "models", LeaseSettings(ttl_s=120, holder="the-other-run")):
+        code, line = job("busy")
+    assert code == 0 and line["applied"] == 0 and "the-other-run" in line["skipped"], line
+    assert line["lease"]["holder"] == "the-other-run"
+    results: list = []
+    threads = [threading.Thread(target=lambda t=t: results.append(job(t))) for t in ("one", "two")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [c for c, _ in results] == [0, 0], results
+    assert sorted(r["applied"] for _, r in results) == [0, 12]        # one applied them, the other found none
+    out = str(tmp_path / "models")
+    assert _applied(Target("m", out)) == {f"r{i}": 1 for i in range(12)}
+    reg = Registry(out)
+    exact = api.retrain_exact(base, delete=[3 * i for i in range(12)])
+    assert float((reg.open(reg.latest()).final - exact).norm()) <= 0.05 * float((exact - base.final).norm())

@@ -31,10 +31,13 @@ def dashboard(ray_cluster):
 def test_submits_once_follows_and_succeeds(dashboard):
     from ray.job_submission import JobSubmissionClient
     sid = f"bulk-erasure-test-{time.time_ns()}"
-    entry = [sys.executable, "-c", "print('erased')"]
+    entry = [sys.executable, "-c", "print('erased'); print('{\"applied\": 3, \"report\": \"s3://b/r.md\"}')"]
     out = io.StringIO()
     assert run(dashboard, sid, entry, poll=0.5, out=out) == 0
     assert f"submitted {sid}" in out.getvalue() and f"{sid}: SUCCEEDED" in out.getvalue()
+    # the scheduler's log says what the job did and where its report is
+    assert f'{sid} result: {{"applied": 3, "report": "s3://b/r.md"}}' in out.getvalue()
+    assert f"{sid} report: s3://b/r.md" in out.getvalue()
     # a retried pod of the same scheduled run: Ray knows the id, nothing is submitted again
     out = io.StringIO()
     assert run(dashboard, sid, entry, poll=0.5, out=out) == 0

@@ -126,7 +126,7 @@ def test_a_run_that_loses_the_race_to_publish_replans_on_top_of_the_winner(world
 
     def publish_after_a_rival(self, record, etag):
         calls["n"] += record.version > 0   # version 0 (the first cache) is published first
-        if calls["n"] == 1 and record.version > 0:  # A is about to publish: B plans (A's requests too) and publishes first
+        if calls["n"] == 1 and record.version > 0:  # A is about to publish: B plans (A's requests too), publishes
             _requests(tmp, "2.jsonl", [{"request_id": f"b{i}", "data_id": 100 + i} for i in range(5)])
             m = erasure_run._Model(Target("models", str(tmp / "models")), str(tmp / "requests"))
             rival = erasure_run.plan_erasure(m, read_inbox(tmp / "requests"), *m.reg.read_latest())

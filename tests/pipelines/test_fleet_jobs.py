@@ -71,7 +71,8 @@ def test_two_single_model_jobs_sharing_an_inbox_each_erase_all_their_own_ids(tab
     outs = {}
     for name, (lo, hi) in {"a": (0, 2000), "b": (1000, 3000)}.items():
         outs[name] = tmp_path / "models" / name
-        cfg = check({"cache": _copy_cache(caches[name], tmp_path / "first" / name), "requests": str(tmp_path / "requests"),
+        cfg = check({"cache": _copy_cache(caches[name], tmp_path / "first" / name),
+                     "requests": str(tmp_path / "requests"),
                      "output": str(outs[name]), "verify": {"sample": 0}}, job.SCHEMA)
         out = job.run(cfg)
         mine = {r for r, i in rows if lo <= i < hi}
@@ -104,7 +105,7 @@ def test_a_model_published_under_a_new_output_applies_every_earlier_erasure(tabl
 
 def test_a_fleet_config_reports_a_failing_model_and_finishes_the_others(table, tmp_path, capsys):
     d, caches = table
-    rows = _inbox(tmp_path / "requests", [10, 1500, 2900, 10 ** 6])
+    _inbox(tmp_path / "requests", [10, 1500, 2900, 10 ** 6])
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "manifest.json").write_text("{not json")
     cfg = check({"requests": str(tmp_path / "requests"), "verify": {"sample": 0},

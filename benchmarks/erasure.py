@@ -1,0 +1,122 @@
+"""Fleet erasure: 8 models on overlapping slices of one MNIST-shaped table, one request inbox.
+
+    python -m benchmarks.erasure            # 8 × (10,000 × 784) logistic regression, GD, T = 100
+    python -m benchmarks.erasure --quick    # 8 × (2,500 × 784), T = 60
+
+Measured side by side in one run, on fresh copies of the same first versions and the same inbox:
+
+* ``fleet serial``: :func:`~deltagrad_ray.erasure.erase_fleet` with one worker, in this process (what
+  one scheduled job does without a cluster): each model's plan, replay, new cache, publish, ledger;
+* ``fleet on Ray, 2 workers``: the same fleet as Ray tasks, two at a time (a local Ray started before
+  the clock starts; its start-up is reported apart);
+* ``exact retraining``: :func:`~deltagrad_ray.api.retrain_exact` of every model without its ids,
+  one after another (the models only: no cache written) — what the fleet replaces.
+
+One JSON line per configuration: wall seconds, the ratio to exact retraining, and for the DeltaGrad
+rows the largest error ‖θ_DG − θ_exact‖ / ‖θ_exact − θ_first‖ over the 8 published models.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+
+def emit(obj: dict) -> None:
+    print(json.dumps(obj), flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="smaller slices and T (a smoke run)")
+    ap.add_argument("--models", type=int, default=8)
+    ap.add_argument("--requests", type=int, default=100, help="requests in the inbox (ids over the whole table)")
+    ap.add_argument("--workers", type=int, default=2)
+    a = ap.parse_args(argv)
+
+    from deltagrad_ray import api
+    from deltagrad_ray.core import synthetic_classification
+    from deltagrad_ray.erasure import Fleet, LeaseSettings, Registry, Settings, Target, VerifySettings, erase_fleet
+    from deltagrad_ray.store import write_dataset
+
+    rows, steps = (2500, 60) if a.quick else (10_000, 100)
+    stride = rows * 3 // 4                               # neighbouring slices share a quarter of their rows
+    n = stride * (a.models - 1) + rows
+    table = synthetic_classification(n, 784, 10, seed=0)
+    work = Path(tempfile.mkdtemp(prefix="bench-erasure-"))
+    try:
+        first: dict[str, object] = {}
+        slices: dict[str, tuple[int, int]] = {}
+        for k in range(a.models):
+            name = f"m{k}"
+            lo = k * stride
+            slices[name] = (lo, lo + rows)
+            write_dataset(table.rows(torch.arange(lo, lo + rows)), work / "data" / f"{name}.parquet")
+            first[name] = api.fit(str(work / "data" / f"{name}.parquet"), str(work / "first" / name), model="logreg",
+                                  steps=steps, lr=0.5, l2=0.001, n_classes=10)
+        ids = torch.randperm(n, generator=torch.Generator().manual_seed(1))[: a.requests].tolist()
+        (work / "requests").mkdir()
+        (work / "requests" / "batch.jsonl").write_text(
+            "\n".join(json.dumps({"request_id": f"r{i}", "data_id": int(d)}) for i, d in enumerate(ids)) + "\n")
+        held = {name: sorted(d for d in ids if lo <= d < hi) for name, (lo, hi) in slices.items()}
+        shape = {"models": a.models, "rows_per_model": rows, "table_rows": n, "d": 784, "classes": 10, "T": steps,
+                 "requests": a.requests, "ids_held_per_model": [len(v) for v in held.values()]}
+
+        t = time.perf_counter()
+        exact = {name: api.retrain_exact(first[name], delete=held[name]) for name in first}
+        exact_s = time.perf_counter() - t
+        emit({"config": "exact retraining, every model", **shape, "seconds": round(exact_s, 2)})
+
+        def fleet(tag: str) -> Fleet:
+            targets = []
+            for name in first:
+                shutil.copytree(work / "first" / name, work / tag / name / "current")
+                targets.append(Target(name, str(work / tag / name), str(work / tag / name / "current")))
+            return Fleet(str(work / "requests"), tuple(targets), Settings(VerifySettings(sample=0.0),
+                                                                          LeaseSettings(ttl_s=600)))
+
+        def error(tag: str) -> float:
+            worst = 0.0
+            for name in first:
+                reg = Registry(work / tag / name)
+                got = reg.open(reg.latest()).final
+                moved = float((exact[name] - first[name].final).norm())
+                worst = max(worst, float((got - exact[name]).norm()) / moved)
+            return worst
+
+        serial = fleet("serial")
+        t = time.perf_counter()
+        res = erase_fleet(serial, workers=1)
+        serial_s = time.perf_counter() - t
+        assert res.exit_code() == 0, res.summary()
+        emit({"config": "fleet serial (one process)", **shape, "seconds": round(serial_s, 2),
+              "exact_over_this": round(exact_s / serial_s, 2), "max_error": error("serial")})
+
+        import ray
+        t = time.perf_counter()
+        ray.init(num_cpus=a.workers, include_dashboard=False, log_to_driver=False)
+        ray_start = time.perf_counter() - t
+        try:
+            on_ray = fleet("ray")
+            t = time.perf_counter()
+            res = erase_fleet(on_ray, address=None, workers=a.workers)
+            ray_s = time.perf_counter() - t
+            assert res.exit_code() == 0, res.summary()
+            emit({"config": f"fleet on Ray, {a.workers} workers", **shape, "seconds": round(ray_s, 2),
+                  "ray_start_s": round(ray_start, 2), "exact_over_this": round(exact_s / ray_s, 2),
+                  "serial_over_this": round(serial_s / ray_s, 2), "max_error": error("ray")})
+        finally:
+            ray.shutdown()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
