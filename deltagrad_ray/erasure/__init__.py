@@ -22,7 +22,8 @@ from .fleet import Fleet as Fleet, FleetResult as FleetResult, ModelOutcome as M
 from .lease import (Lease as Lease, LeaseBusy as LeaseBusy, LeaseLost as LeaseLost, LeaseSettings as LeaseSettings,
                     read_lease as read_lease)
 from .ledger import Ledger as Ledger, settlements as settlements
-from .plan import Plan as Plan, Runs as Runs, VerifySettings as VerifySettings
+from .plan import (Plan as Plan, ReconcileSettings as ReconcileSettings, Runs as Runs,
+                   VerifySettings as VerifySettings)
 from .requests import Inbox as Inbox, Request as Request, read_inbox as read_inbox
 from .retention import RetentionSettings as RetentionSettings, prune as prune
 from .run import Settings as Settings, Target as Target, bulk_erasure as bulk_erasure, erase_model as erase_model

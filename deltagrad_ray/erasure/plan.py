@@ -85,6 +85,42 @@ class VerifySettings:
 
 
 @dataclass(frozen=True)
+class ReconcileSettings:
+    """When a run publishes an exact retraining instead of a replay (checked when built).
+
+    Each DeltaGrad version replays the previous version's replayed path, so errors add up along a
+    chain; an exact retraining (from the first version's data minus every erased id) sets the drift
+    back to 0. A run reconciles when
+
+    * ``every_versions``: the chain since the last exact version would reach this many replays
+      (None: never by count) — the policy for models whose estimate is not reliable (an MLP);
+    * ``max_drift``: the replay's certified drift (``drift_estimate``: the chain's estimated error
+      relative to what the erasures since the last exact version moved the model) exceeds it (None:
+      never by drift). Only a reliable estimate (a convex model) decides; see docs/certificate.md.
+
+    Defaults: ``max_drift`` 0.05 (the verify tolerance), ``every_versions`` 10.
+    """
+
+    max_drift: float | None = 0.05
+    every_versions: int | None = 10
+
+    def __post_init__(self) -> None:
+        if self.max_drift is not None:
+            object.__setattr__(self, "max_drift", _number("reconcile.max_drift", self.max_drift, 0.0, low_open=True))
+        v = self.every_versions
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise InputError(f"reconcile.every_versions must be an integer >= 1 or null, got {v!r}")
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> ReconcileSettings:
+        d = dict(d or {})
+        unknown = sorted(set(d) - {"max_drift", "every_versions"})
+        if unknown:
+            raise InputError(f"unknown reconcile setting {unknown[0]!r}; expected max_drift, every_versions")
+        return cls(**d)
+
+
+@dataclass(frozen=True)
 class Settled:
     """One request's fate in a plan.
 

@@ -30,12 +30,12 @@ from dataclasses import dataclass, field
 from ..core.config import DeltaGradConfig
 from ..core.errors import InputError
 from ..store.cache import Cache, open_cache
-from ..store.location import Conflict, Location, location, stored_location
+from ..store.location import Conflict, Location, StorageError, location, stored_location
 from ..store.records import Damaged, Fields, create, decode
 from ..store.registry import Registry, VersionRecord, now, publish_initial
 from .lease import Lease, LeaseSettings, check
 from .ledger import Ledger, pending_rows, settlements
-from .plan import Plan, PlanParent, Runs, Settled, VerifySettings, new_run_id
+from .plan import Plan, PlanParent, ReconcileSettings, Runs, Settled, VerifySettings, new_run_id
 from .requests import LEGACY_LEDGER, Inbox, read_inbox
 
 
@@ -85,12 +85,14 @@ class Settings:
       lease:    how to take each output's lease (None: do not; correctness still holds)
       max_runs: the most runs (plans) carried through per model in one call
       retention: what to prune after each run (None: nothing; :mod:`.retention`)
+      reconcile: when to publish an exact retraining instead (:class:`~.plan.ReconcileSettings`)
     """
 
     verify: VerifySettings = field(default_factory=VerifySettings)
     lease: LeaseSettings | None = field(default_factory=LeaseSettings)
     max_runs: int = 20
     retention: object | None = None
+    reconcile: ReconcileSettings = field(default_factory=ReconcileSettings)
 
     def __post_init__(self) -> None:
         if isinstance(self.max_runs, bool) or not isinstance(self.max_runs, int) or self.max_runs < 1:
@@ -125,8 +127,18 @@ def _base_version(m: _Model) -> None:
         pass  # another run published it meanwhile
 
 
-def plan_erasure(m: _Model, inbox: Inbox, latest: VersionRecord, etag: str, open_plans: Sequence[Plan] = ()
-                 ) -> Plan | None:
+def _since_exact(m: _Model, latest: VersionRecord) -> tuple[VersionRecord, int]:
+    """The last exact version of the lineage (trained, or an exact retraining) and the replays since."""
+    n = 0
+    for rec in m.reg.lineage():
+        if rec.method != "deltagrad":
+            return rec, n
+        n += 1
+    return latest, n  # a lineage of replays only (its first version written before version 0 was)
+
+
+def plan_erasure(m: _Model, inbox: Inbox, latest: VersionRecord, etag: str, open_plans: Sequence[Plan] = (),
+                 reconcile: ReconcileSettings | None = None) -> Plan | None:
     """Decide every pending request's fate against the published version (``latest``, read with
     ``etag``) and write the plan (create-only). None if nothing pends."""
     done = settlements(m.ledger, m.runs, m.reg, latest)
@@ -163,10 +175,15 @@ def plan_erasure(m: _Model, inbox: Inbox, latest: VersionRecord, etag: str, open
             fates.append(Settled(r.request_id, r.data_id, r.timestamp, r.source, "applied"))
             to_delete.add(r.data_id)
     run_id = new_run_id()
+    method = "deltagrad"
+    if reconcile is not None and reconcile.every_versions is not None and to_delete:
+        _, replays = _since_exact(m, latest)
+        if replays + 1 >= reconcile.every_versions:
+            method = "exact-retrain"  # reconciliation by count: the chain would reach every_versions replays
     p = PlanParent(latest.version, latest.run_id, parent.root.portable_uri, latest.key, latest.model_sha256,
                    parent.manifest.run_id, etag)
     plan = Plan(run_id, now(), m.target.name, latest.version + 1, p, tuple(sorted(to_delete)), tuple(fates),
-                m.target.deltagrad.to_dict(), {}, m.target.data, inbox.uri)
+                m.target.deltagrad.to_dict(), {}, m.target.data, inbox.uri, method)
     m.runs.write_plan(plan)
     return plan
 
@@ -189,7 +206,7 @@ def _next_plan(m: _Model, inbox: Inbox, settings: Settings) -> Plan | None:
         if m.runs.close(plan, "superseded", f"LATEST moved to version {latest.version} (run {latest.run_id}) "
                                             "before this run published; its requests were planned again on top"):
             _closed_audit(m, plan, "superseded")
-    return plan_erasure(m, inbox, latest, etag)
+    return plan_erasure(m, inbox, latest, etag, reconcile=settings.reconcile)
 
 
 # -- carrying a plan through --------------------------------------------------------------------------------
@@ -274,7 +291,36 @@ def _read_result(loc: Location, raw: bytes) -> dict:
     return obj
 
 
-def _result(m: _Model, plan: Plan, lease: Lease | None, verify: VerifySettings) -> dict:
+def _certificate(m: _Model, plan: Plan, parent: Cache, new: Cache, diag: dict) -> dict:
+    """The new version's error statement (docs/certificate.md): the replay's own estimate of
+    ‖θ_DG − θ_exact‖ / ‖θ_exact − θ_parent‖, and the chain's drift since the last exact version —
+    the sum of each replay's absolute estimate, relative to ‖θ_new − θ_last exact‖."""
+    own_abs = diag.get("error_absolute")
+    cert = {"error_estimate": diag.get("error_estimate"), "error_absolute": own_abs,
+            "reliable": bool(diag.get("error_reliable", False)), "basis": diag.get("error_basis", "unknown")}
+    latest = m.reg.version_record(plan.parent.version, m.reg.latest())
+    base, replays = _since_exact(m, latest) if latest is not None else (None, 0)
+    prev = (latest.certificate or {}) if latest is not None and latest.method == "deltagrad" else {}
+    prev_abs = prev.get("drift_absolute", 0.0 if latest is None or latest.method != "deltagrad" else None)
+    cert.update(since_exact_version=None if base is None else base.version, replays_since_exact=replays + 1,
+                drift_absolute=None, drift_estimate=None)
+    if own_abs is None or prev_abs is None or base is None:
+        return cert  # an estimate is missing along the chain: the drift is unknown
+    drift = float(own_abs) + float(prev_abs)
+    cert["drift_absolute"] = drift
+    try:
+        moved = float((new.final - m.reg.open(base).final).double().norm())
+    except StorageError:
+        return cert  # the last exact version's cache was pruned: the ratio is unknown
+    # None with drift_unbounded: the estimate reaches the whole effect (nothing is certified)
+    cert["drift_estimate"] = drift / (moved - drift) if moved > drift else None
+    cert["drift_unbounded"] = moved <= drift
+    cert["reliable"] = cert["reliable"] and bool(prev.get("reliable", True))
+    return cert
+
+
+def _result(m: _Model, plan: Plan, lease: Lease | None, verify: VerifySettings,
+            reconcile: ReconcileSettings | None = None) -> dict:
     """The run's result.json: read, or computed (replay → check) and written once."""
     loc = m.runs.run_file(plan.run_id, "result.json")
     cur = loc.read_versioned()
@@ -297,12 +343,37 @@ def _result(m: _Model, plan: Plan, lease: Lease | None, verify: VerifySettings) 
         check(lease)
         if plan.method == "exact-retrain":
             result.update(published_key=_key(m, new.root), published_sha256=new.manifest.model_sha256(),
-                          method="exact-retrain", verification={"performed": False, "exact": True})
+                          method="exact-retrain", verification={"performed": False, "exact": True},
+                          certificate=_exact_certificate(plan, "every_versions"))
         else:
+            cert = _certificate(m, plan, parent, new, diag)
             result.update(_verify(m, plan, parent, new, verify))
+            if result["verification"].get("performed"):
+                v = result["verification"]
+                cert["verification"] = {"performed": True, "ratio": v["ratio"], "passed": v["passed"]}
+            drift = cert.get("drift_estimate")
+            if result["method"] == "exact-retrain":  # verification failed: the exact model is published
+                cert = {**_exact_certificate(plan, "verification failed"), "verification": cert.get("verification"),
+                        "replay_estimate": cert.get("error_estimate")}
+            elif (reconcile is not None and reconcile.max_drift is not None and cert["reliable"]
+                  and (cert.get("drift_unbounded") or (drift is not None and drift > reconcile.max_drift))):
+                exact_cache = open_cache(_exact(m, plan, parent))  # reconciliation by drift
+                result.update(published_key=_key(m, exact_cache.root),
+                              published_sha256=exact_cache.manifest.model_sha256(), method="exact-retrain")
+                why = "drift unbounded" if drift is None else f"drift {drift:.3g} > max_drift {reconcile.max_drift:g}"
+                cert = {**_exact_certificate(plan, why),
+                        "replay_estimate": cert.get("error_estimate"), "replay_drift": drift}
+            result["certificate"] = cert
     if not create(loc, result):  # a twin run of the same plan wrote it first: use theirs
         result = _read_result(loc, loc.read_bytes())
     return result
+
+
+def _exact_certificate(plan: Plan, why: str) -> dict:
+    """An exact retraining's statement: no error, the drift restarts at 0."""
+    return {"error_estimate": 0.0, "error_absolute": 0.0, "reliable": True, "basis": "exact",
+            "drift_estimate": 0.0, "drift_absolute": 0.0, "since_exact_version": plan.version,
+            "replays_since_exact": 0, "reconciled": why}
 
 
 def _erased_before(m: _Model, latest: VersionRecord) -> set[int]:
@@ -322,7 +393,8 @@ def _published_cache(m: _Model, plan: Plan, result: dict) -> Cache:
     return cache
 
 
-def execute(m: _Model, plan: Plan, lease: Lease | None, verify: VerifySettings) -> dict | None:
+def execute(m: _Model, plan: Plan, lease: Lease | None, verify: VerifySettings,
+            reconcile: ReconcileSettings | None = None) -> dict | None:
     """Carry a plan through; each step is skipped when its marker says it was done.
 
     Steps: replay into a fresh attempt directory (marker: a committed manifest) → check →
@@ -334,7 +406,7 @@ def execute(m: _Model, plan: Plan, lease: Lease | None, verify: VerifySettings) 
     latest, _ = m.reg.read_latest()
     rec = m.reg.version_record(plan.version, latest)
     published = rec is not None and rec.run_id == plan.run_id
-    result = _result(m, plan, lease, verify)
+    result = _result(m, plan, lease, verify, reconcile)
     check(lease)
     if result["new_version"] is not None and not published:
         if m.runs.is_closed(plan.run_id):
@@ -440,7 +512,7 @@ def erase_model(target: Target, inbox: str | Location, settings: Settings = Sett
             plan = _next_plan(m, box, settings)
             if plan is None:
                 break
-            audit = execute(m, plan, held, settings.verify)
+            audit = execute(m, plan, held, settings.verify, settings.reconcile)
             if audit is not None:
                 audits.append(audit)
         if settings.retention is not None:

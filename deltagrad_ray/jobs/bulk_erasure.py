@@ -32,6 +32,7 @@ SCHEMA = {
     "ledger": None,           # a ledger of an older version to honour (new entries go to output/ledger)
     "deltagrad": dict(DELTAGRAD),
     "verify": {"sample": 0.0, "tolerance": 0.05},
+    "reconcile": {"max_drift": 0.05, "every_versions": 10},
     "retention": None,        # {superseded_days: D}
     "lease": {"ttl_s": 300.0, "wait_s": 0.0, "holder": None},
     "ray": dict(RAY),
@@ -50,6 +51,7 @@ def defaults(root: str = "demo-output") -> dict:
     return {"data": f"{root}/data/mnist.parquet", "cache": f"{root}/models/current", "output": f"{root}/models",
             "name": None, "models": None, "requests": f"{root}/erasure/requests", "ledger": None,
             "deltagrad": {"period": 5, "burn_in": 10, "history": 2}, "verify": {"sample": 0, "tolerance": 0.05},
+            "reconcile": {"max_drift": 0.05, "every_versions": 10},
             "retention": {"superseded_days": None}, "lease": {"ttl_s": 300, "wait_s": 0, "holder": None},
             "ray": {"address": None, "workers": 2, "num_cpus": 1, "num_gpus": 0, "mode": "auto", "strategy": "SPREAD",
                     "batch_size": 32},
@@ -60,7 +62,8 @@ def fleet_of(cfg: dict):
     """The :class:`~deltagrad_ray.erasure.Fleet` a (checked) config describes, every setting checked
     before anything is read or written."""
     from ..core.config import DeltaGradConfig
-    from ..erasure import Fleet, LeaseSettings, RetentionSettings, Settings, Target, VerifySettings
+    from ..erasure import (Fleet, LeaseSettings, ReconcileSettings, RetentionSettings, Settings, Target,
+                           VerifySettings)
     from ..store.location import location
 
     def portable(uri):
@@ -100,7 +103,8 @@ def fleet_of(cfg: dict):
     holder = lease["holder"] or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
     settings = Settings(VerifySettings.from_dict(cfg["verify"]),
                         LeaseSettings(ttl_s=lease["ttl_s"], wait_s=lease["wait_s"], holder=holder),
-                        retention=RetentionSettings.from_dict(cfg["retention"]))
+                        retention=RetentionSettings.from_dict(cfg["retention"]),
+                        reconcile=ReconcileSettings.from_dict(cfg["reconcile"]))
     return Fleet(portable(cfg["requests"]), tuple(targets), settings)
 
 

@@ -46,7 +46,7 @@ RAY_BLOCK = {"address", "workers", "num_cpus", "num_gpus", "mode", "strategy", "
 CONTRACT = {
     "train": {"data", "cache", "publish", "model", "optimizer", "report"},
     "bulk_erasure": {"data", "cache", "requests", "output", "name", "models", "ledger", "deltagrad", "verify",
-                     "retention", "lease", "ray", "report"},
+                     "reconcile", "retention", "lease", "ray", "report"},
     "jackknife": {"cache", "test", "output", "ray", "report"},
     "conformal": {"cache", "test", "output", "alpha", "method", "folds", "ray", "report"},
 }
