@@ -14,6 +14,13 @@ Measured side by side in one run, on fresh copies of the same first versions and
 
 One JSON line per configuration: wall seconds, the ratio to exact retraining, and for the DeltaGrad
 rows the largest error ‖θ_DG − θ_exact‖ / ‖θ_exact − θ_first‖ over the 8 published models.
+
+    python -m benchmarks.erasure --job      # what a user runs, end to end, as processes
+
+``--job``: one 60,000 × 784 logistic regression (GD, T = 120) and 100 requests, as a user runs them:
+``python -m pipelines.bulk_erasure`` (its defaults: no exact verification; and with ``verify:
+{sample: 1}``) against ``deltagrad-ray retrain`` of the same ids, each a fresh process, wall seconds
+including start-up, reading, writing and the report.
 """
 
 from __future__ import annotations
@@ -38,7 +45,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--models", type=int, default=8)
     ap.add_argument("--requests", type=int, default=100, help="requests in the inbox (ids over the whole table)")
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--job", action="store_true", help="the single-model job end to end against `retrain`")
     a = ap.parse_args(argv)
+    if a.job:
+        return job_vs_retrain(a.quick)
 
     from deltagrad_ray import api
     from deltagrad_ray.core import synthetic_classification
@@ -113,6 +123,61 @@ def main(argv: list[str] | None = None) -> int:
                   "serial_over_this": round(serial_s / ray_s, 2), "max_error": error("ray")})
         finally:
             ray.shutdown()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+def job_vs_retrain(quick: bool) -> int:
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    from deltagrad_ray import api
+    from deltagrad_ray.core import synthetic_classification
+    from deltagrad_ray.store import write_dataset
+    n, steps = (12_000, 60) if quick else (60_000, 120)
+    root = Path(__file__).resolve().parents[1]
+    work = Path(tempfile.mkdtemp(prefix="bench-erasure-job-"))
+    env = {**os.environ, "DELTAGRAD_NO_PROGRESS": "1", "PYTHONWARNINGS": "ignore"}
+    try:
+        data = synthetic_classification(n, 784, 10, seed=0)
+        write_dataset(data, work / "data.parquet")
+        api.fit(str(work / "data.parquet"), str(work / "first"), model="logreg", steps=steps, lr=0.5, l2=0.001,
+                n_classes=10)
+        ids = torch.randperm(n, generator=torch.Generator().manual_seed(1))[:100].tolist()
+        (work / "ids.txt").write_text("\n".join(map(str, ids)) + "\n")
+        shape = {"n": n, "d": 784, "classes": 10, "T": steps, "requests": len(ids)}
+
+        def timed(args: list[str]) -> tuple[float, str]:
+            t = time.perf_counter()
+            p = subprocess.run(args, cwd=root, env=env, capture_output=True, text=True, timeout=3600)
+            assert p.returncode == 0, p.stderr[-2000:]
+            return time.perf_counter() - t, p.stdout
+
+        retrain_s, _ = timed([sys.executable, "-m", "deltagrad_ray.cli", "retrain", "--cache", str(work / "first"),
+                              "--delete", str(work / "ids.txt"), "--out", str(work / "retrained.safetensors")])
+        emit({"config": "deltagrad-ray retrain", **shape, "seconds": round(retrain_s, 2)})
+        for tag, verify in (("defaults", {"sample": 0}), ("verify sample 1", {"sample": 1})):
+            out = work / tag.replace(" ", "-")
+            shutil.copytree(work / "first", out / "current")
+            (work / "requests").mkdir(exist_ok=True)
+            (work / "requests" / "batch.jsonl").write_text(
+                "\n".join(json.dumps({"request_id": f"r{i}", "data_id": d}) for i, d in enumerate(ids)) + "\n")
+            cfg = work / f"{tag.replace(' ', '-')}.yaml"
+            cfg.write_text(yaml.safe_dump({"cache": str(out / "current"), "output": str(out),
+                                           "requests": str(work / "requests"), "verify": verify,
+                                           "report": {"output": str(work / "reports")}}))
+            seconds, stdout = timed([sys.executable, "-m", "pipelines.bulk_erasure", "--config", str(cfg)])
+            line = json.loads(stdout.strip().splitlines()[-1])
+            audit = json.loads(next((out / "audit").glob("*.json")).read_text())
+            emit({"config": f"pipelines.bulk_erasure ({tag})", **shape, "seconds": round(seconds, 2),
+                  "retrain_over_this": round(retrain_s / seconds, 2), "applied": line["applied"],
+                  "deltagrad_s": round(audit["timings"]["deltagrad_s"], 2),
+                  "error_estimate": (audit.get("certificate") or {}).get("error_estimate"),
+                  "verified_ratio": (audit.get("verification") or {}).get("ratio")})
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0
