@@ -306,8 +306,7 @@ def cache_inputs(cache: str | Location, data: str | Location | None = None) -> d
     out = {"--cache": given}
     if overlap(root, given) != "is":
         out["its published cache"] = root
-    out["--data" if data is not None else "the cache's data"] = location(data if data is not None
-                                                                          else c.manifest.data.uri)
+    out["--data" if data is not None else "the cache's data"] = c.data_location(data)
     return out
 
 
@@ -376,7 +375,7 @@ def _new_cache_location(parent: Cache, out_cache: str | Location, data: str | Lo
     if overlap(out, parent.root) is not None:
         raise InputError(f"{out.uri}: the new cache must go to a new location, not over or inside the cache it "
                          "comes from")
-    check_outputs({"the new cache": out}, {"the data": data if data is not None else parent.manifest.data.uri})
+    check_outputs({"the new cache": out}, {"the data": parent.data_location(data)})
     return out
 
 

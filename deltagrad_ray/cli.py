@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -34,11 +35,63 @@ examples:
 """
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with usage errors as one ``error: …`` line (the house format) and exit 2."""
+
+    def error(self, message: str):
+        self.exit(EXIT_INPUT, f"error: {message} (see {self.prog} --help)\n")
+
+
+def _range(lo, hi, lo_open: bool = False, hi_open: bool = False) -> str:
+    if hi is None:
+        return f"{'>' if lo_open else '>='} {lo}"
+    return f"in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+
+
+def _integer(lo: int, hi: int | None = None):
+    """An argparse type: an integer in [lo, hi]; a one-line error naming the range otherwise."""
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            v = None
+        if v is None or v < lo or (hi is not None and v > hi):
+            raise argparse.ArgumentTypeError(f"must be an integer {_range(lo, hi)}, got {text!r}")
+        return v
+    return parse
+
+
+def _real(lo: float, hi: float | None = None, *, lo_open: bool = False, hi_open: bool = False):
+    """An argparse type: a finite number in the range (no nan, no inf); a one-line error otherwise."""
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            v = math.nan
+        ok = math.isfinite(v) and (v > lo if lo_open else v >= lo) and (
+            hi is None or (v < hi if hi_open else v <= hi))
+        if not ok:
+            raise argparse.ArgumentTypeError(f"must be a finite number {_range(lo, hi, lo_open, hi_open)}, "
+                                             f"got {text!r}")
+        return v
+    return parse
+
+
+_COUNT, _SIZE = _integer(1), _integer(0)
+_SEED = _integer(0, 2**63 - 1)
+_POSITIVE = _real(0, lo_open=True)
+_NONNEGATIVE = _real(0)
+
+
 def _ints(text: str) -> tuple[int, ...]:
+    """Comma-separated integers >= 1 (hidden sizes, milestone steps)."""
     try:
-        return tuple(int(x) for x in text.split(",") if x.strip())
+        values = tuple(int(x) for x in text.split(",") if x.strip())
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers >= 1, got {text!r}") from None
+    if any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers >= 1, got {text!r}")
+    return values
 
 
 def _add_change_args(p: argparse.ArgumentParser) -> None:
@@ -53,25 +106,25 @@ def _add_change_args(p: argparse.ArgumentParser) -> None:
 
 # the DeltaGrad settings a user tunes, as flags named after DeltaGradConfig's fields (unset: its default)
 _DG_FLAGS = (
-    ("--period", int, "T0: an explicit step every T0 steps after the burn-in (default 10 with the secant and shared "
+    ("--period", _COUNT, "T0: an explicit step every T0 steps after the burn-in (default 10 with the secant and shared "
      "curvatures, else 5)"),
-    ("--burn-in", int, "j0: explicit steps at the start (default 10)"),
-    ("--history", int, "m: L-BFGS pairs kept per request (default 2)"),
+    ("--burn-in", _SIZE, "j0: explicit steps at the start (default 10)"),
+    ("--history", _COUNT, "m: L-BFGS pairs kept per request (default 2)"),
     ("--schedule", ["uniform", "geometric", "adaptive"], "explicit steps: every T0 (uniform), growing gaps "
      "(geometric), or shortened where the L-BFGS prediction measured at explicit steps is poor (adaptive)"),
     ("--sigma", ["sy/ss", "yy/sy"], "scale of the initial L-BFGS matrix (default sy/ss, the authors' rule)"),
-    ("--curvature-guard", float, "refuse approximations beyond this multiple of the measured curvature (default 2)"),
-    ("--max-curvature", float, "a known bound on the Hessian's norm (refuse approximations beyond it)"),
-    ("--first-gap", int, "geometric schedule: first gap (default 2)"),
-    ("--growth", float, "geometric schedule: growth of the gaps (default 1.4)"),
-    ("--max-gap", int, "geometric schedule: largest gap (default 40)"),
-    ("--adaptive-tol", float, "adaptive schedule: prediction error that halves the gap (default 0.1)"),
+    ("--curvature-guard", _real(1), "refuse approximations beyond this multiple of the measured curvature (default 2)"),
+    ("--max-curvature", _POSITIVE, "a known bound on the Hessian's norm (refuse approximations beyond it)"),
+    ("--first-gap", _COUNT, "geometric schedule: first gap (default 2)"),
+    ("--growth", _real(1), "geometric schedule: growth of the gaps (default 1.4)"),
+    ("--max-gap", _COUNT, "geometric schedule: largest gap (default 40)"),
+    ("--adaptive-tol", _POSITIVE, "adaptive schedule: prediction error that halves the gap (default 0.1)"),
     ("--curvature", ["auto", "own", "secant", "shared", "own+path"], "curvature of the approximate steps: each "
      "request's own L-BFGS pairs (own), its own pairs of the last explicit steps as a multi-secant model "
      "(secant), the batch's pairs as one multi-secant model (shared), own pairs plus the cached path's secant "
      "pairs (own+path); default auto: secant for GD-trained logreg/linear, else own"),
-    ("--shared-history", int, "secant and shared curvature: explicit steps whose pairs are kept (default 4)"),
-    ("--path-pairs", int, "own+path curvature: secant pairs of the cached path added (default 4)"),
+    ("--shared-history", _COUNT, "secant and shared curvature: explicit steps whose pairs are kept (default 4)"),
+    ("--path-pairs", _COUNT, "own+path curvature: secant pairs of the cached path added (default 4)"),
 )
 
 
@@ -92,7 +145,7 @@ def _deltagrad_config(a: argparse.Namespace):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
+    ap = _Parser(
         prog="deltagrad-ray", description="Rapid retraining after deletions and additions (DeltaGrad), on Ray.",
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--debug", action="store_true", help="show tracebacks of unexpected errors")
@@ -110,18 +163,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, choices=["logreg", "linear", "mlp"])
     p.add_argument("--hidden", type=_ints, default=(), help="MLP hidden sizes, e.g. 300,100")
     p.add_argument("--optimizer", choices=["gd", "sgd"], default="gd")
-    p.add_argument("--steps", type=int, required=True, help="T, number of steps")
-    p.add_argument("--batch-size", type=int, default=None, help="mini-batch size (sgd)")
-    p.add_argument("--lr", type=float, required=True, help="learning rate η")
+    p.add_argument("--steps", type=_COUNT, required=True, help="T, number of steps")
+    p.add_argument("--batch-size", type=_COUNT, default=None, help="mini-batch size (sgd)")
+    p.add_argument("--lr", type=_POSITIVE, required=True, help="learning rate η")
     p.add_argument("--lr-milestones", type=_ints, default=(), help="steps where η is multiplied by --lr-gamma")
-    p.add_argument("--lr-gamma", type=float, default=0.1)
-    p.add_argument("--l2", type=float, default=0.0, help="λ of (λ/2)‖θ‖²")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lr-gamma", type=_POSITIVE, default=0.1)
+    p.add_argument("--l2", type=_NONNEGATIVE, default=0.0, help="λ of (λ/2)‖θ‖²")
+    p.add_argument("--seed", type=_SEED, default=0)
     p.add_argument("--dtype", choices=["float64", "float32"], default="float64")
-    p.add_argument("--classes", type=int, default=None, help="number of classes (default: max label + 1)")
+    p.add_argument("--classes", type=_integer(2), default=None, help="number of classes (default: max label + 1)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cuda:0")
-    p.add_argument("--shard-steps", type=int, default=None, help="steps per cache shard (default: ~64 MB shards)")
-    p.add_argument("--shard-mb", type=float, default=None, help="cache shard size in MB (instead of --shard-steps)")
+    p.add_argument("--shard-steps", type=_COUNT, default=None, help="steps per cache shard (default: ~64 MB shards)")
+    p.add_argument("--shard-mb", type=_POSITIVE, default=None, help="cache shard size in MB (instead of --shard-steps)")
     p.add_argument("--storage-dtype", choices=["float64", "float32", "float16", "bfloat16"], default=None,
                    help="precision of the cached vectors (default: --dtype)")
     p.add_argument("--mmap-features", action="store_true",
@@ -151,14 +204,16 @@ def build_parser() -> argparse.ArgumentParser:
         if name != "loo":
             p.add_argument("--test", required=True, help="test data (Parquet: id, features[, label])")
         p.add_argument("--ids", help="training ids to leave out (default: all of the cache's points)")
-        p.add_argument("--batch-size", type=int, default=32, help="requests replayed together (B)")
+        p.add_argument("--batch-size", type=_COUNT, default=32, help="requests replayed together (B)")
         p.add_argument("--backend", choices=["serial", "ray"], default="serial")
         p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
-        p.add_argument("--workers", type=int, default=2, help="Ray shard actors")
+        p.add_argument("--connect-timeout", type=_POSITIVE, default=30.0, metavar="SECONDS",
+                       help="Ray: give up on an --address where nothing answers after this long (default 30)")
+        p.add_argument("--workers", type=_COUNT, default=2, help="Ray shard actors")
         p.add_argument("--mode", choices=["auto", "pipeline", "replicated"], default="auto",
                        help="Ray: actors own step ranges (pipeline) or all steps (replicated)")
-        p.add_argument("--num-cpus", type=float, default=1, help="Ray: CPUs per actor")
-        p.add_argument("--num-gpus", type=float, default=0, help="Ray: GPUs per actor (fractions allowed)")
+        p.add_argument("--num-cpus", type=_POSITIVE, default=1, help="Ray: CPUs per actor")
+        p.add_argument("--num-gpus", type=_NONNEGATIVE, default=0, help="Ray: GPUs per actor (fractions allowed)")
         p.add_argument("--data-shards", type=_data_shards, default="auto",
                        help="Ray: split the training features over this many data actors (default auto: "
                             "only when they do not fit one actor's memory)")
@@ -167,18 +222,19 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--data", help="the training data (default: the location recorded in the cache)")
         p.add_argument("--out", required=True, help="results (Parquet)")
         p.add_argument("--overwrite", action="store_true")
-        p.add_argument("--max-model-mb", type=float, default=1024,
+        p.add_argument("--max-model-mb", type=_NONNEGATIVE, default=1024,
                        help="replayed models held in memory at most; beyond, they stay in --out's parts and are "
                             "read back a chunk at a time")
         _add_deltagrad_args(p)
         if name != "loo":
-            p.add_argument("--memory-mb", type=float, default=256,
+            p.add_argument("--memory-mb", type=_POSITIVE, default=256,
                            help="working memory of the statistics, which stream over chunks of models and test points")
         if name == "conformal":
-            p.add_argument("--alpha", type=float, default=0.1, help="miscoverage level, in (0, 1)")
+            p.add_argument("--alpha", type=_real(0, 1, lo_open=True, hi_open=True), default=0.1,
+                           help="miscoverage level, in (0, 1)")
             p.add_argument("--method", choices=["jackknife+", "cv+"], default="jackknife+")
-            p.add_argument("--folds", type=int, default=10, help="K for cv+")
-            p.add_argument("--seed", type=int, default=0, help="fold assignment seed for cv+")
+            p.add_argument("--folds", type=_integer(2), default=10, help="K for cv+")
+            p.add_argument("--seed", type=_SEED, default=0, help="fold assignment seed for cv+")
 
     p = sub.add_parser("evaluate", help="accuracy and loss (or MSE) of a model on data")
     p.add_argument("--model", required=True, help="model file (safetensors)")
@@ -187,10 +243,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("make-data", help="write a synthetic or scikit-learn data set as Parquet")
     p.add_argument("--kind", required=True,
                    choices=["classification", "regression", "digits", "breast_cancer", "diabetes", "wine", "iris"])
-    p.add_argument("--n", type=int, default=10_000)
-    p.add_argument("--d", type=int, default=20)
-    p.add_argument("--classes", type=int, default=10)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n", type=_COUNT, default=10_000)
+    p.add_argument("--d", type=_COUNT, default=20)
+    p.add_argument("--classes", type=_integer(2), default=10)
+    p.add_argument("--seed", type=_SEED, default=0)
     p.add_argument("--dtype", choices=["float64", "float32"], default="float64")
     p.add_argument("--out", required=True)
     p.add_argument("--overwrite", action="store_true")
@@ -199,9 +255,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="the main job on embedded defaults (see README)")
     p.add_argument("--out", default=None, help="working directory (default: demo-output/<time>)")
-    p.add_argument("--n", type=int, default=20_000, help="rows of the MNIST-shaped data set")
-    p.add_argument("--d", type=int, default=784)
-    p.add_argument("--steps", type=int, default=120)
+    p.add_argument("--n", type=_COUNT, default=20_000, help="rows of the MNIST-shaped data set")
+    p.add_argument("--d", type=_COUNT, default=784)
+    p.add_argument("--steps", type=_COUNT, default=120)
     return ap
 
 
@@ -232,29 +288,18 @@ def _add_erasure_args(sub) -> None:
     q.add_argument("run_id", metavar="RUN_ID", help="the run whose plan to abandon (see `erasure status`)")
     q.add_argument("--output", required=True, help="the model's output prefix")
     q.add_argument("--reason", default="abandoned by an operator", help="recorded in the audit")
-    q.add_argument("--wait", type=_seconds, default=0.0, help="seconds to wait for the lease (default 0)")
+    q.add_argument("--wait", type=_NONNEGATIVE, default=0.0, help="seconds to wait for the lease (default 0)")
     q = esub.add_parser("repair", help="point LATEST.json back at the newest version of the lineage (versions/)")
     q.add_argument("--output", required=True, help="the model's output prefix")
-    q.add_argument("--wait", type=_seconds, default=0.0, help="seconds to wait for the lease (default 0)")
+    q.add_argument("--wait", type=_NONNEGATIVE, default=0.0, help="seconds to wait for the lease (default 0)")
     q = esub.add_parser("prune", help="delete superseded versions' caches past retention (recorded in the audit)")
     which(q)
-    q.add_argument("--days", type=_seconds, default=None,
+    q.add_argument("--days", type=_NONNEGATIVE, default=None,
                    help="retention in days (default: the config's retention.superseded_days)")
     q.add_argument("--dry-run", action="store_true", help="say what would be deleted; delete nothing")
     q = esub.add_parser("publish", help="publish a trained cache as version 0 of an output prefix")
     q.add_argument("--cache", required=True, help="the trained cache")
     q.add_argument("--output", required=True, help="the models prefix (must have no published version)")
-
-
-def _seconds(text: str) -> float:
-    import math
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
-    if not math.isfinite(v) or v < 0:
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
-    return v
 
 
 _JSON = False
@@ -281,8 +326,9 @@ def _human(v) -> str:
 
 def _check_out(path: str, overwrite: bool) -> None:
     from .store.location import StorageError, location
-    if not overwrite and location(path).exists():
-        raise StorageError(f"{path}: already exists; pass --overwrite or choose another --out")
+    loc = location(path)
+    if not overwrite and loc.exists():
+        raise StorageError(f"{loc.uri}: already exists; pass --overwrite or choose another --out")
 
 
 def _check_io(a: argparse.Namespace, outputs: dict[str, str | None], **inputs: str | None) -> None:
@@ -325,7 +371,8 @@ def cmd_unlearn(a: argparse.Namespace) -> dict:
         from .store.cache import MANIFEST
         from .store.location import StorageError, location
         if location(a.out_cache).join(MANIFEST).exists():
-            raise StorageError(f"{a.out_cache}: a trajectory cache already exists here; choose a new --out-cache")
+            raise StorageError(f"{location(a.out_cache).uri}: a trajectory cache already exists here; choose a new "
+                               "--out-cache")
     res = api.unlearn(cache, delete=a.delete, add=a.add, config=cfg, data=a.data, device=a.device,
                       out_cache=a.out_cache)
     seconds = time.perf_counter() - t0
@@ -410,7 +457,7 @@ def _fanout(a: argparse.Namespace):
     gemm = getattr(torch, a.gemm_dtype) if a.gemm_dtype else None
     be = backend(a.backend, address=a.address, workers=a.workers, mode=a.mode, num_cpus=a.num_cpus,
                  num_gpus=a.num_gpus, device="cuda" if a.num_gpus else "cpu", data_shards=a.data_shards,
-                 max_model_mb=a.max_model_mb)
+                 max_model_mb=a.max_model_mb, connect_timeout_s=a.connect_timeout)
     progress = bar(a.command)
     return Fanout(backend=be, batch_size=a.batch_size, config=cfg, gemm_dtype=gemm, parts=a.out + ".parts",
                   progress=progress), progress
@@ -713,6 +760,7 @@ def _main(argv: list[str] | None) -> int:
     global _JSON
     _JSON = args.json
     from .core.errors import InputError
+    from .distributed.errors import local_error, remote_traceback
     from .store.location import StorageError
     from .store.s3 import configure_s3
     try:
@@ -720,23 +768,34 @@ def _main(argv: list[str] | None) -> int:
             configure_s3(endpoint=args.endpoint_url, profile=args.profile, region=args.region)
             _emit(COMMANDS[args.command](args))
         return EXIT_OK
-    except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_INPUT
-    except StorageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_STORAGE
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except Exception as e:  # a bug: say so, show the traceback on request
-        print(f"error: unexpected {type(e).__name__}: {e} (rerun with --debug for the traceback)", file=sys.stderr)
+    except Exception as raised:  # noqa: BLE001 - every failure ends with its documented code
+        e = local_error(raised)  # raised in a Ray task or actor: reported as in process
+        if isinstance(e, InputError):
+            print(f"error: {_one_line(e)}", file=sys.stderr)
+            return EXIT_INPUT
+        if isinstance(e, StorageError):
+            print(f"error: {_one_line(e)}", file=sys.stderr)
+            return EXIT_STORAGE
+        # a bug: say so, show the traceback on request
+        print(f"error: unexpected {type(e).__name__}: {_one_line(e)} (rerun with --debug for the traceback)",
+              file=sys.stderr)
         if args.debug or os.environ.get("DELTAGRAD_DEBUG"):
             traceback.print_exc()
+            remote = remote_traceback(raised)
+            if remote:
+                print(remote, file=sys.stderr)
         return EXIT_BUG
     finally:
         sys.stdout.flush()
         sys.stderr.flush()
+
+
+def _one_line(e: BaseException) -> str:
+    """An error's message as the one line the command prints."""
+    return " ".join(line.strip() for line in str(e).splitlines() if line.strip()) or type(e).__name__
 
 
 class _user_warnings:

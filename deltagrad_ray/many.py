@@ -52,6 +52,8 @@ class Fanout:
 
     def run(self, cache: Cache, data: Dataset, changes: list[ChangeSet], data_uri=None) -> RunReport:
         sink = None
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise InputError(f"batch size must be an integer >= 1, got {self.batch_size!r}")  # before the parts
         if self.parts is not None:
             sink = ResultSink(self.parts, {"cache": cache.manifest.run_id, "batch_size": self.batch_size,
                                            "config": self.config.to_dict(), "gemm": str(self.gemm_dtype),

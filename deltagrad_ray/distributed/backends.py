@@ -40,6 +40,8 @@ from ..core.config import DeltaGradConfig
 from ..core.data import ChangeSet
 from ..core.errors import InputError
 from ..core.replay import COUNTERS, ReplayState, RequestError, failure_reason
+from ..store.location import StorageError
+from .errors import keeps_init_error, local_error
 from .sink import ResultSink
 from .worker import ReplayWorker
 
@@ -166,7 +168,7 @@ def _prepare(changes, batch_size, sink, progress, p, max_model_mb=MAX_MODEL_MB):
         raise InputError(f"batch size must be an integer >= 1, got {batch_size!r}")
     col = _Collector(len(changes), p, sink, progress, max_model_mb)
     if sink is not None:
-        col.restore(sink.load())
+        col.restore(sink.load(len(changes), p))
     pending = [i for i in range(len(changes)) if not bool(col.done[i])]
     if progress is not None:
         if hasattr(progress, "set_total"):
@@ -215,16 +217,105 @@ def _ray():
     return ray
 
 
-def ensure_ray(address: str | None = None, **init_kwargs) -> None:
+CONNECT_TIMEOUT_S = 30.0  # how long ensure_ray waits for a Ray address to answer (Ray's own retries: minutes)
+
+
+def _address_endpoint(address: str) -> tuple[str, int] | None:
+    """(host, port) to probe for a Ray address ``HOST:PORT``, ``HOST`` (port 6379) or ``ray://HOST:PORT``
+    (port 10001); None for ``auto`` and ``local``, which Ray resolves on this machine."""
+    from ..store.s3 import shown
+    if address in ("auto", "local"):
+        return None
+    text = address.strip()
+    expected = "expected HOST:PORT (the head's GCS, port 6379 by default) or ray://HOST:PORT (Ray Client, 10001)"
+    scheme, sep, rest = text.partition("://")
+    if not sep:
+        scheme, rest = "", text
+    if scheme in ("http", "https"):
+        raise InputError(f"Ray address {shown(text)!r} is an HTTP address (the dashboard or job API), not a "
+                         f"cluster's; {expected}")
+    if scheme not in ("", "ray"):
+        raise InputError(f"Ray address {shown(text)!r}: unknown scheme {scheme!r}; {expected}")
+    if "@" in rest or "?" in rest or "#" in rest or "/" in rest.rstrip("/") or not rest.strip("/"):
+        raise InputError(f"Ray address {shown(text)!r}: {expected}")
+    rest = rest.rstrip("/")
+    default = 10001 if scheme == "ray" else 6379
+    if rest.startswith("["):  # [IPv6]:port
+        host, _, port = rest[1:].partition("]")
+        port = port.lstrip(":")
+    elif rest.count(":") == 1:
+        host, port = rest.split(":")
+    else:
+        host, port = rest, ""
+    if not host or (port and not (port.isdigit() and 0 < int(port) < 65536)):
+        raise InputError(f"Ray address {shown(text)!r}: {expected}")
+    return host, int(port) if port else default
+
+
+def check_ray_address(address: str, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
+    """Raise :class:`~deltagrad_ray.store.location.StorageError` unless something at ``address``
+    accepts a connection and answers gRPC (as a Ray GCS or Ray Client server does) within
+    ``timeout_s`` seconds; :class:`InputError` for an address that cannot be one. ``ray.init``
+    itself retries an unreachable address for many minutes."""
+    import socket
+
+    from ..store.s3 import shown
+    endpoint = _address_endpoint(address)
+    if endpoint is None:
+        return
+    host, port = endpoint
+    deadline = time.monotonic() + timeout_s
+    hint = "check --address (or RAY_ADDRESS) and that the cluster is up"
+    while True:  # 1. something accepts connections (a head that is starting may take a few seconds)
+        try:
+            with socket.create_connection((host, port), timeout=max(0.05, min(5.0, deadline - time.monotonic()))):
+                break
+        except OSError as e:
+            why = e.strerror or str(e) or type(e).__name__
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise StorageError(f"Ray cluster at {shown(address)}: cannot connect ({why}) within {timeout_s:g} s; "
+                               f"{hint}")
+        time.sleep(min(0.5, left))
+    try:  # 2. it speaks gRPC: a port that accepts and never answers would keep ray.init waiting
+        import grpc
+        try:
+            from ray._private.grpc_utils import init_grpc_channel  # TLS and token settings as Ray uses them
+            channel = init_grpc_channel(f"{host}:{port}")
+        except Exception:  # noqa: BLE001 - an older or newer Ray: a plain channel
+            channel = grpc.insecure_channel(f"{host}:{port}")
+    except ImportError:  # no grpc: the connection above is all we can check
+        return
+    try:
+        grpc.channel_ready_future(channel).result(timeout=max(0.05, deadline - time.monotonic()))
+    except grpc.FutureTimeoutError:
+        raise StorageError(f"Ray cluster at {shown(address)}: {host}:{port} accepts connections but does not answer "
+                           f"as a Ray cluster within {timeout_s:g} s; is it the head's GCS port (6379 by default) or "
+                           f"the Ray Client port (ray://…:10001)? {hint}") from None
+    finally:
+        channel.close()
+
+
+def ensure_ray(address: str | None = None, *, connect_timeout_s: float = CONNECT_TIMEOUT_S, **init_kwargs) -> None:
     """Connect to ``address`` (or ``RAY_ADDRESS``), or start a local Ray of this process's own, unless
     already connected. A local Ray listens on loopback only, and never joins another Ray found on
-    the machine (``ray.init()`` without an address would)."""
+    the machine (``ray.init()`` without an address would).
+
+    An address where nothing answers fails within ``connect_timeout_s`` seconds (default 30) with
+    a :class:`~deltagrad_ray.store.location.StorageError` (:func:`check_ray_address`), instead of
+    Ray's own retries (minutes).
+    """
+    if not (isinstance(connect_timeout_s, (int, float)) and not isinstance(connect_timeout_s, bool)
+            and math.isfinite(connect_timeout_s) and connect_timeout_s > 0):
+        raise InputError(f"connect_timeout_s must be a number of seconds > 0, got {connect_timeout_s!r}")
     address = address or os.environ.get("RAY_ADDRESS")
     if not address:  # Ray reads this when first imported: set it before
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     ray = _ray()
     if ray.is_initialized():
         return
+    if address:
+        check_ray_address(address, connect_timeout_s)
     from ..store.s3 import environment_for_workers
     env = {"env_vars": environment_for_workers()} if environment_for_workers() else None
     kwargs = {"include_dashboard": False, "log_to_driver": False, **init_kwargs}
@@ -235,6 +326,19 @@ def ensure_ray(address: str | None = None, **init_kwargs) -> None:
         ray.init(address=address, **kwargs)
     else:  # on loopback even if Ray was imported before the setting above
         ray.init(address="local", _node_ip_address="127.0.0.1", **kwargs)
+
+
+def _get(refs):
+    """``ray.get``; the project's errors raised on a worker (or while building an actor) are raised
+    as themselves: their type and one-line message, as in process."""
+    ray = _ray()
+    try:
+        return ray.get(refs)
+    except ray.exceptions.RayTaskError as e:
+        cause = local_error(e)
+        if isinstance(cause, (InputError, StorageError)):
+            raise cause from None
+        raise
 
 
 def _notice(message: str) -> None:
@@ -279,6 +383,9 @@ class RayBackend:
       notify: where progress lines go (default: stderr).
       max_model_mb: replayed parameters held on the driver at most; beyond, with a results sink,
         they stay in its parts and the report reads them back a chunk at a time (``models``).
+      connect_timeout_s: an ``address`` where nothing answers fails after this many seconds
+        (:func:`ensure_ray`; a ``StorageError``, exit 3 on the command line) instead of Ray's own
+        retries, which last minutes.
     """
 
     name = "ray"
@@ -288,17 +395,26 @@ class RayBackend:
                  max_in_flight: int | None = None, actor_memory_mb: float = 2048, device: str | None = None,
                  resource_timeout: float = 900.0, retry_budget_s: float = 900.0, data_shards: int | str = "auto",
                  data_cpus: float = 0.5, data_gpus: float | None = None, shared_filesystem: bool = False,
-                 notify: Callable[[str], None] = _notice, max_model_mb: float = MAX_MODEL_MB) -> None:
+                 notify: Callable[[str], None] = _notice, max_model_mb: float = MAX_MODEL_MB,
+                 connect_timeout_s: float = CONNECT_TIMEOUT_S) -> None:
         if mode not in ("auto", "pipeline", "replicated"):
             raise InputError(f"mode must be auto, pipeline or replicated, got {mode!r}")
         if strategy not in ("SPREAD", "PACK"):
             raise InputError(f"placement strategy must be SPREAD or PACK, got {strategy!r}")
         if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
             raise InputError(f"workers must be an integer >= 1, got {workers!r}")
-        for name, v in (("num_cpus", num_cpus), ("num_gpus", num_gpus), ("resource_timeout", resource_timeout),
-                        ("retry_budget_s", retry_budget_s), ("data_cpus", data_cpus)):
-            if not (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0):
-                raise InputError(f"{name} must be a number >= 0, got {v!r}")
+        for name, v, low in (("num_cpus", num_cpus, 0), ("num_gpus", num_gpus, None),
+                             ("resource_timeout", resource_timeout, None), ("retry_budget_s", retry_budget_s, None),
+                             ("data_cpus", data_cpus, None), ("actor_memory_mb", actor_memory_mb, 0),
+                             ("max_model_mb", max_model_mb, None), ("connect_timeout_s", connect_timeout_s, 0)):
+            if not (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                    and (v >= 0 if low is None else v > low)):
+                raise InputError(f"{name} must be a finite number {'>= 0' if low is None else '> 0'}, got {v!r}")
+        if max_in_flight is not None and (isinstance(max_in_flight, bool) or not isinstance(max_in_flight, int)
+                                          or max_in_flight < 1):
+            raise InputError(f"max_in_flight must be an integer >= 1 (or None: 2 × workers), got {max_in_flight!r}")
+        if address:
+            _address_endpoint(address)  # a malformed address is refused before any work
         self.address, self.workers, self.mode = address, workers, mode
         self.num_cpus, self.num_gpus, self.resources = num_cpus, num_gpus, dict(resources or {})
         self.strategy = strategy
@@ -310,7 +426,13 @@ class RayBackend:
             raise InputError(f"data_shards must be 'auto' or an integer >= 0, got {data_shards!r}")
         self.data_shards, self.data_cpus = data_shards, data_cpus
         self.data_gpus = (num_gpus if self.device.startswith("cuda") else 0.0) if data_gpus is None else data_gpus
+        if not (isinstance(self.data_gpus, (int, float)) and not isinstance(self.data_gpus, bool)
+                and math.isfinite(self.data_gpus) and self.data_gpus >= 0):
+            raise InputError(f"data_gpus must be a finite number >= 0, got {self.data_gpus!r}")
+        if not (self.data_cpus or self.data_gpus):
+            raise InputError("data_cpus and data_gpus are both 0: a data actor needs some CPU or GPU")
         self.shared_filesystem, self.notify, self.max_model_mb = shared_filesystem, notify, max_model_mb
+        self.connect_timeout_s = float(connect_timeout_s)
         self.actors: list = []
         self.data_actors: list = []
         self.info: list[dict] = []
@@ -416,7 +538,7 @@ class RayBackend:
                         f"{_short(ray.available_resources())}; {left:.0f} s left of {self.resource_timeout:g}")
             wait = min(30.0, left)
 
-    def _check_locations(self, uris: list[str | None]) -> None:
+    def _check_locations(self, uris: list) -> None:
         """Local paths are resolved on each node: refuse them on a cluster spanning several hosts."""
         if self.shared_filesystem:
             return
@@ -428,20 +550,20 @@ class RayBackend:
         for uri in uris:
             if uri is not None and location(uri).is_local:
                 shown = ", ".join(sorted(map(str, hosts)))
-                raise InputError(f"{uri} is a local path, but the Ray cluster spans {len(hosts)} hosts ({shown}): "
-                                 "each node would read its own disk; use an s3:// location (or "
+                raise InputError(f"{location(uri).uri} is a local path, but the Ray cluster spans {len(hosts)} hosts "
+                                 f"({shown}): each node would read its own disk; use an s3:// location (or "
                                  "shared_filesystem=True if every node mounts this path)")
 
     # -- actors ---------------------------------------------------------------------------------
     def start(self, cache_uri: str, data_uri: str | None) -> str:
         ray = _ray()
-        ensure_ray(self.address)
+        ensure_ray(self.address, connect_timeout_s=self.connect_timeout_s)
         from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         from ..store.cache import open_cache
         cache = open_cache(cache_uri)
-        self._check_locations([cache_uri, data_uri if data_uri is not None else cache.manifest.data.uri])
+        self._check_locations([cache_uri, cache.data_location(data_uri)])
         mode = self._choose_mode(cache)
         ranges = self._ranges(cache) if mode == "pipeline" else [None] * self.workers
         threads = max(1, int(self.num_cpus))
@@ -450,7 +572,11 @@ class RayBackend:
                f"{self.actor_memory / 2**20:g} MB: raise actor_memory_mb or add nodes)") if D else ""
         groups = [(len(ranges), self._bundle(), "worker")] + ([(D, self._data_bundle(), "data actor")] if D else [])
         growable = self._check_fits(groups, why)
-        names = self._start_data_shards(cache, cache_uri, data_uri, threads, D, growable)
+        try:
+            names = self._start_data_shards(cache, cache_uri, data_uri, threads, D, growable)
+        except (InputError, StorageError):
+            self.stop()  # the data actors started, if any
+            raise
         bundles = [self._bundle() for _ in ranges]
         self.pg = placement_group(bundles, strategy=self.strategy)
         try:
@@ -459,13 +585,17 @@ class RayBackend:
             self.pg = None
             self.stop()  # the data actors, if any
             raise
-        Actor = ray.remote(ReplayWorker)
+        Actor = ray.remote(keeps_init_error(ReplayWorker))  # a missing shard reaches the driver as a StorageError
         self.actors = [Actor.options(num_cpus=self.num_cpus, num_gpus=self.num_gpus, resources=self.resources,
                                      max_restarts=-1, max_task_retries=0,
                                      scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, k))
                        .remote(cache_uri, data_uri, r, threads, self.device, None, names or None)
                        for k, r in enumerate(ranges)]
-        self.info = ray.get([a.info.remote() for a in self.actors])
+        try:
+            self.info = _get([a.info.remote() for a in self.actors])
+        except (InputError, StorageError):
+            self.stop()
+            raise
         self.ranges, self.run_mode, self.p = ranges, mode, cache.model.p
         return mode
 
@@ -491,14 +621,14 @@ class RayBackend:
         n = cache.n_rows
         bounds = [round(n * k / D) for k in range(D + 1)]
         tag = uuid.uuid4().hex[:8]
-        Data = ray.remote(DataShard)
+        Data = ray.remote(keeps_init_error(DataShard))
         names = [f"deltagrad-data-{tag}-{k}" for k in range(D)]
         self.data_actors = [Data.options(name=name, num_cpus=self.data_cpus, num_gpus=self.data_gpus,
                                          max_restarts=-1, max_task_retries=0,
                                          scheduling_strategy=PlacementGroupSchedulingStrategy(self.data_pg, k))
                             .remote(cache_uri, data_uri, (a, b), threads, self.device)
                             for k, (name, a, b) in enumerate(zip(names, bounds[:-1], bounds[1:]))]
-        self.data_info = ray.get([a.info.remote() for a in self.data_actors])
+        self.data_info = _get([a.info.remote() for a in self.data_actors])
         return names
 
     def stop(self) -> None:
@@ -522,9 +652,14 @@ class RayBackend:
         t0 = time.perf_counter()
         # actors load from the location, never from driver objects; the portable URIs carry the
         # S3 settings of this process (endpoint, region, profile given on the command line)
+        from ..store.cache import open_cache
         from ..store.location import portable_uri
+        if data_uri is None:  # the manifest's data URI, resolved here by the operator's settings (a stored
+            # record: its own S3 settings count only if they are the operator's), then handed to the actors
+            opened = cache_uri if hasattr(cache_uri, "manifest") else open_cache(cache_uri)
+            data_uri = opened.data_location()
         cache_uri = portable_uri(cache_uri if isinstance(cache_uri, str) else cache_uri.root)
-        data_uri = None if data_uri is None else portable_uri(data_uri)
+        data_uri = portable_uri(data_uri)
         own = not self.actors
         if own:
             self.start(cache_uri, data_uri)
@@ -580,6 +715,8 @@ class RayBackend:
                     if isinstance(e, cluster_faults) or isinstance(cause, cluster_faults):
                         self._retry(job, e, waiting, col, stats)
                         continue
+                    if isinstance(local_error(e), (InputError, StorageError)):  # as in process: stop the run
+                        raise local_error(e) from None
                     raise e.as_instanceof_cause() from None  # a bug in the replay: stop the run
                 except cluster_faults as e:
                     self._retry(job, e, waiting, col, stats)

@@ -1,16 +1,24 @@
 """Results written as they arrive: a crash loses nothing already computed.
 
 Each finished batch becomes one Parquet part (request index, parameters, counters, status)
-under ``<out>.parts/``; a rerun with the same signature (cache, data, requests, settings) loads
-the parts already there and replays only what is missing. Parts are written atomically, so a
-part is either whole or absent. :class:`SinkTable` reads the parameters of a finished run back
-from its parts a chunk at a time (for statistics over more models than fit in memory).
+under ``<out>.parts/``, named by its position: the first request it holds
+(``part-000000040.parquet`` holds requests from 40 on). A rerun with the same signature (cache,
+data, requests, settings) loads the parts already there and replays only what is missing, in
+batches that again name themselves by their first request — a request no part holds — so a
+resume fills the gaps and never overwrites or collides with a part already there. Parts are
+written atomically and create-only, so a part is either whole or absent; one found damaged
+(truncated, not Parquet, the wrong columns or shape, requests outside the run) stops the run
+with a :class:`~deltagrad_ray.store.location.StorageError` naming it, to delete (its requests
+are then recomputed). Parts of older versions, numbered by a counter (``part-000003.parquet``),
+are still read. :class:`SinkTable` reads the parameters of a finished run back from its parts a
+chunk at a time (for statistics over more models than fit in memory).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Iterator
 
 import numpy as np
@@ -19,9 +27,70 @@ import pyarrow.parquet as pq
 import torch
 
 from ..core.errors import InputError
+from ..core.replay import COUNTERS
 from ..stats.tables import check_chunk
 from ..store.datasets import parquet_table
-from ..store.location import Location, location
+from ..store.location import Conflict, Location, StorageError, location
+
+_POSITIONAL = re.compile(r"part-(\d{9,})\.parquet")  # named by the first request; older parts: 6-digit counter
+
+
+def part_name(first_request: int) -> str:
+    """The name of the part whose first (smallest) request is ``first_request``."""
+    return f"part-{int(first_request):09d}.parquet"
+
+
+def _damaged(part: Location, why: str) -> StorageError:
+    return StorageError(f"{part.uri}: damaged ({why}); delete it and rerun to recompute those requests")
+
+
+def _is_part(loc: Location) -> bool:
+    return loc.name.startswith("part-")
+
+
+def read_part(part: Location, n: int | None = None, p: int | None = None,
+              columns: list[str] | None = None) -> pa.Table:
+    """A result part, checked: readable Parquet with the columns a part has, ``p`` parameters a
+    row (if given), distinct requests in [0, ``n``) (if given), the first one the one its name
+    says. Raises :class:`StorageError` naming the part ("damaged (…)") otherwise."""
+    try:
+        t = parquet_table(part.read_buffer(), columns)
+    except (pa.ArrowException, OSError, ValueError) as e:
+        why = " ".join(str(e).split())[:160] or type(e).__name__
+        raise _damaged(part, f"not a readable Parquet file: {why}") from None
+    names = t.column_names
+    for col in (columns or ["request", "params", *COUNTERS, "error"]):
+        if col not in names:
+            raise _damaged(part, f"no column {col!r}")
+    if t.num_rows == 0:
+        raise _damaged(part, "it holds no requests")
+    req_type = t.schema.field("request").type
+    if not pa.types.is_integer(req_type) or t.column("request").null_count:
+        raise _damaged(part, f"column 'request' must be integers without nulls, got {req_type}")
+    if "params" in names:
+        ptype = t.schema.field("params").type
+        if not (pa.types.is_fixed_size_list(ptype) and pa.types.is_floating(ptype.value_type)):
+            raise _damaged(part, f"column 'params' must be fixed-size lists of floats, got {ptype}")
+        if p is not None and ptype.list_size != p:
+            raise _damaged(part, f"{ptype.list_size} parameters a row, the model has {p}")
+        if t.column("params").null_count:
+            raise _damaged(part, "column 'params' has null rows")
+    for col in COUNTERS:
+        if col in names and not pa.types.is_integer(t.schema.field(col).type):
+            raise _damaged(part, f"column {col!r} must be integers, got {t.schema.field(col).type}")
+    if "error" in names and not (pa.types.is_string(t.schema.field("error").type)
+                                 or pa.types.is_null(t.schema.field("error").type)):
+        raise _damaged(part, f"column 'error' must be strings, got {t.schema.field('error').type}")
+    req = t.column("request").to_numpy()
+    if n is not None and ((req < 0) | (req >= n)).any():
+        bad = req[(req < 0) | (req >= n)]
+        raise _damaged(part, f"request {int(bad[0])} is outside this run's requests 0..{n - 1}")
+    if len(np.unique(req)) != len(req):
+        raise _damaged(part, "a request appears twice in it")
+    m = _POSITIONAL.fullmatch(part.name)
+    if m is not None and int(m.group(1)) != int(req.min()):
+        raise _damaged(part, f"its name says its first request is {int(m.group(1))}, it holds {int(req.min())}")
+    return t
 
 
 class ResultSink:
@@ -37,27 +106,42 @@ class ResultSink:
         self.signature = hashlib.sha256(json.dumps(signature, sort_keys=True).encode()).hexdigest()
         sig = self.root.join("run.json")
         if sig.exists():
-            have = json.loads(sig.read_text()).get("signature")
+            try:
+                have = json.loads(sig.read_text()).get("signature")
+            except (ValueError, AttributeError):
+                raise StorageError(f"{sig.uri}: damaged (not the JSON this program writes); delete the folder "
+                                   f"{self.root.uri} and rerun (its results cannot be told to belong to this run)") \
+                    from None
             if have != self.signature:
                 raise InputError(f"{self.root.uri} holds partial results of a different run; remove it or choose "
                                  "another output location")
         else:
             sig.write_text(json.dumps({"signature": self.signature}))
-        self._n = len([p for p in self.root.list() if p.name.startswith("part-")])
 
-    def load(self) -> dict[int, dict]:
-        """Finished requests: index → {params, explicit_steps, approx_steps, fallbacks, skipped_pairs, error}."""
+    def parts(self) -> list[Location]:
+        return [part for part in self.root.list() if _is_part(part)]
+
+    def load(self, n: int | None = None, p: int | None = None) -> dict[int, dict]:
+        """Finished requests: index → {params, explicit_steps, approx_steps, fallbacks, skipped_pairs, error}.
+
+        Every part is checked (:func:`read_part`; ``n`` requests, ``p`` parameters if given), and no
+        request may be in two parts: a :class:`StorageError` names the part otherwise."""
         out: dict[int, dict] = {}
-        for part in self.root.list():
-            if not part.name.startswith("part-"):
-                continue
-            t = parquet_table(part.read_buffer()).to_pydict()
+        where: dict[int, Location] = {}
+        for part in self.parts():
+            t = read_part(part, n, p).to_pydict()
             for i, r in enumerate(t["request"]):
-                out[int(r)] = {k: t[k][i] for k in t if k != "request"}
+                r = int(r)
+                if r in where:
+                    raise StorageError(f"{part.uri}: damaged (request {r} is also in {where[r].name}); delete one "
+                                       "of the two and rerun to recompute its requests")
+                where[r] = part
+                out[r] = {k: t[k][i] for k in t if k != "request"}
         return out
 
     def write(self, requests: list[int], params: torch.Tensor, counters: dict[str, torch.Tensor],
               errors: dict[int, str]) -> None:
+        """One finished batch, as the part named by its first request (create-only)."""
         p = params.shape[1]
         flat = params.detach().cpu().double().numpy().reshape(-1)
         cols = {"request": pa.array(requests, pa.int64()),
@@ -66,8 +150,14 @@ class ResultSink:
                 "error": pa.array([errors.get(r) for r in requests], pa.string())}
         sink = pa.BufferOutputStream()
         pq.write_table(pa.table(cols), sink)
-        self.root.join(f"part-{self._n:06d}.parquet").write_bytes(sink.getvalue())
-        self._n += 1
+        part = self.root.join(part_name(min(requests)))
+        try:
+            part.write_bytes(sink.getvalue())
+        except Conflict:  # this batch was written already (a lost response, a second run on the same parts)
+            have = sorted(int(r) for r in read_part(part, columns=["request"]).column("request").to_pylist())
+            if have != sorted(int(r) for r in requests):
+                raise StorageError(f"{part.uri}: already holds other requests than this batch's; delete it and "
+                                   "rerun to recompute those requests") from None
 
     def clear(self) -> None:
         for part in self.root.list():
@@ -93,19 +183,26 @@ class SinkTable:
 
     def __init__(self, root: str | Location, n: int | None = None) -> None:
         self.root = location(root)
-        self.parts = sorted((p for p in self.root.list() if p.name.startswith("part-")), key=lambda p: p.name)
+        self.parts = sorted((p for p in self.root.list() if _is_part(p)), key=lambda p: p.name)
         if not self.parts:
             raise InputError(f"{self.root.uri}: no result parts (part-*.parquet) found")
         reqs, errors, p = [], {}, None
         for part in self.parts:
-            with part.open_random_access() as fh:
-                f = pq.ParquetFile(fh)
-                field = f.schema_arrow.field("params").type
-                t = f.read(columns=["request", "error"])
+            try:
+                with part.open_random_access() as fh:
+                    f = pq.ParquetFile(fh)
+                    field = f.schema_arrow.field("params").type
+                    t = f.read(columns=["request", "error"])
+            except (pa.ArrowException, KeyError, ValueError) as e:
+                why = " ".join(str(e).split())[:160] or type(e).__name__
+                raise _damaged(part, f"not a readable result part: {why}") from None
+            if not pa.types.is_fixed_size_list(field) or not pa.types.is_integer(t.schema.field("request").type):
+                raise _damaged(part, f"columns of the wrong types (params {field}, request "
+                                     f"{t.schema.field('request').type})")
             if p is None:
                 p = field.list_size
             elif field.list_size != p:
-                raise InputError(f"{part.uri}: parameters of length {field.list_size}, other parts {p}")
+                raise _damaged(part, f"{field.list_size} parameters a row, other parts {p}")
             r = t.column("request").to_numpy()
             reqs.append(r)
             errors.update({int(i): e for i, e in zip(r, t.column("error").to_pylist()) if e})
@@ -133,8 +230,12 @@ class SinkTable:
         return self._p
 
     def _read(self, k: int) -> torch.Tensor:
-        with self.parts[k].open_random_access() as fh:
-            t = pq.ParquetFile(fh).read(columns=["params"])
+        try:
+            with self.parts[k].open_random_access() as fh:
+                t = pq.ParquetFile(fh).read(columns=["params"])
+        except (pa.ArrowException, ValueError) as e:
+            why = " ".join(str(e).split())[:160] or type(e).__name__
+            raise _damaged(self.parts[k], f"not a readable result part: {why}") from None
         flat = t.column("params").combine_chunks().flatten().to_numpy(zero_copy_only=False, writable=True)
         return torch.from_numpy(flat.reshape(-1, self._p))
 

@@ -130,16 +130,20 @@ def report_target(value) -> tuple[str | None, bool]:
 
 
 def fanout(ray: dict, deltagrad: dict | None = None, parts: str | None = None):
-    """The Fanout a ``ray`` block describes (``address: null`` → a local Ray)."""
+    """The Fanout a ``ray`` block describes (``address: null`` → a local Ray). The values go to
+    :class:`~deltagrad_ray.distributed.backends.RayBackend` and :class:`~deltagrad_ray.many.Fanout`
+    as written (they check them: ``workers: 2.5`` or ``num_cpus: .nan`` is an input error, exit 2);
+    an ``address`` where nothing answers fails after
+    :data:`~deltagrad_ray.distributed.backends.CONNECT_TIMEOUT_S` seconds (a storage error, exit 3)."""
     from ..distributed.backends import RayBackend
     from ..many import Fanout
     from ..progress import bar
     address = ray["address"]
-    backend = RayBackend(address=address if address not in (None, "local") else None, workers=int(ray["workers"]),
-                         mode=ray["mode"], num_cpus=float(ray["num_cpus"]), num_gpus=float(ray["num_gpus"]),
+    backend = RayBackend(address=address if address not in (None, "local") else None, workers=ray["workers"],
+                         mode=ray["mode"], num_cpus=ray["num_cpus"], num_gpus=ray["num_gpus"],
                          strategy=ray["strategy"], device="cuda" if ray["num_gpus"] else "cpu",
                          data_shards="auto" if ray["data_shards"] is None else ray["data_shards"])
-    return Fanout(backend=backend, batch_size=int(ray["batch_size"]), config=DeltaGradConfig.from_dict(deltagrad),
+    return Fanout(backend=backend, batch_size=ray["batch_size"], config=DeltaGradConfig.from_dict(deltagrad),
                   parts=parts, progress=bar("replays"))
 
 
@@ -203,17 +207,19 @@ def _main(description: str, schema: dict, run: Callable[[dict], dict], argv: lis
         print(json.dumps({**e.summary, "seconds": round(time.perf_counter() - t0, 2)}, default=str), flush=True)
         print(f"error: {e}", file=sys.stderr)
         return EXIT_PARTIAL
-    except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except StorageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 3
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except Exception as e:  # a bug: say so, with the traceback (jobs keep their logs)
-        traceback.print_exc()
+    except Exception as raised:  # noqa: BLE001 - every failure ends with its documented code
+        from ..distributed.errors import local_error
+        e = local_error(raised)  # raised in a Ray task or actor: reported as in process
+        if isinstance(e, InputError):
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        if isinstance(e, StorageError):
+            print(f"error: {e}", file=sys.stderr)
+            return 3
+        traceback.print_exc()  # a bug: say so, with the traceback (jobs keep their logs)
         print(f"error: unexpected {type(e).__name__}: {e}", file=sys.stderr)
         return 1
     print(json.dumps({**out, "seconds": round(time.perf_counter() - t0, 2)}, default=str), flush=True)

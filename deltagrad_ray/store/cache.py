@@ -17,6 +17,12 @@ S3), verified by Parquet page checksums; a whole shard is verified against the s
 manifest. Shard file names carry the run id, so a crashed writer's leftovers never collide
 with a later run. Vectors can be stored in a lower precision than training used
 (``storage_dtype`` float16 / bfloat16, kept as their 16 raw bits) to halve the bytes moved.
+
+URIs read back from a manifest (the training data's, a parent cache's) are stored records, not
+the operator's word: they resolve through :func:`~.location.recorded_location`, so S3 settings
+stored with them (an endpoint, a scheme) are used only when they are the ones the operator gave
+(this process's settings, or those of the cache's own location) — an edited manifest cannot send
+this process's signed requests to another host.
 """
 
 from __future__ import annotations
@@ -40,7 +46,7 @@ from ..core.models import FunctionalModel
 from ..core.trajectory import Segment, Trajectory
 from .datasets import (FEATURE_COPY, dataset_from_table, fingerprint, parquet_table, read_dataset, read_dataset_mapped,
                        read_rows, table_bytes)
-from .location import Location, StorageError, location
+from .location import Location, StorageError, location, recorded_location
 from .manifest import DIGEST_KEY, DataRef, FileRef, Manifest, ParentRef, ShardRef, Training
 from .models import model_bytes, parse_model
 
@@ -534,8 +540,8 @@ class Cache:
         The data's fingerprint must match the one recorded in the manifest: unlearning against
         other data would silently produce a wrong model.
         """
-        src = self._data_location(uri)
-        data = self._mapped(src) if uri is None else None
+        src = self.data_location(uri)
+        data = self._mapped(src) if uri is None or self._is_recorded(src) else None
         if data is None:
             data = read_dataset(src, regression=self.spec.task == "regression")
             self._check_fingerprint(src, fingerprint(data))
@@ -549,7 +555,7 @@ class Cache:
                   device: torch.device | str = "cpu") -> Dataset:
         """Rows [start, stop) of :meth:`data`, reading every row once (the fingerprint covers
         all) but holding only these and one row group at a time: a data shard's part."""
-        src = self._data_location(uri)
+        src = self.data_location(uri)
         extra = self.added_rows()
         n_added = 0 if extra is None else len(extra)
         n_file = self.n_rows - n_added
@@ -581,8 +587,22 @@ class Cache:
             return None
         return data
 
-    def _data_location(self, uri: str | Location | None) -> Location:
-        return location(uri if uri is not None else self.manifest.data.uri)
+    def data_location(self, uri: str | Location | None = None) -> Location:
+        """``uri`` (the operator's), else the data location recorded in the manifest, resolved as a
+        stored URI: its S3 settings count only if they are the operator's
+        (:func:`~.location.recorded_location`, read from this cache's root)."""
+        return location(uri) if uri is not None else recorded_location(self.manifest.data.uri, self.root)
+
+    def parent_location(self) -> Location | None:
+        """The cache this one was derived from (a stored URI, resolved as :meth:`data_location` does)."""
+        parent = self.manifest.parent
+        return None if parent is None else recorded_location(parent.uri, self.root)
+
+    def _is_recorded(self, src: Location) -> bool:
+        """``src`` is the data location the manifest records (so the feature copy may stand in for it)."""
+        rec = self.data_location()
+        return src.is_local == rec.is_local and src.path.rstrip("/") == rec.path.rstrip("/") \
+            and src.endpoint == rec.endpoint
 
     def _check_fingerprint(self, src: Location, fp: str) -> None:
         expected = self.manifest.data.fingerprint
@@ -620,7 +640,7 @@ def labels_only(cache: Cache, uri: str | Location | None = None) -> Dataset:
     the features live elsewhere (data-parallel mode). The data is not re-verified here: the
     shards holding the features verify it."""
     from .datasets import read_labels
-    ids, y = read_labels(location(uri if uri is not None else cache.manifest.data.uri))
+    ids, y = read_labels(cache.data_location(uri))
     extra = cache.added_rows()
     if extra is not None:
         ids, y = torch.cat([ids, extra.ids]), torch.cat([y.to(extra.y.dtype), extra.y])

@@ -22,6 +22,7 @@ replace and delete of the process — to test that every job resumes from any po
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import posixpath
 import signal
@@ -35,7 +36,7 @@ from urllib.parse import unquote, urlparse
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from ..core.errors import InputError
+from ..core.errors import InputError, Portable
 from . import s3 as _s3
 
 # S3 create-only writes up to this size are one conditional PUT (boto3); larger objects go through
@@ -44,8 +45,9 @@ ATOMIC_MAX = 4 * 2**20
 FAULT_ENV = "DELTAGRAD_FAULT_AFTER_WRITE"
 
 
-class StorageError(RuntimeError):
-    """A storage operation failed (missing object, unreachable endpoint, bad checksum, …)."""
+class StorageError(Portable, RuntimeError):
+    """A storage operation failed (missing object, unreachable endpoint, bad checksum, …). Pickles
+    (into and out of Ray tasks) with its type and attributes (:class:`~deltagrad_ray.core.errors.Portable`)."""
 
 
 class Conflict(StorageError):
@@ -410,24 +412,39 @@ def _short(e: BaseException) -> str:
 
 
 def location(uri: str | os.PathLike | Location) -> Location:
-    """The :class:`Location` of a URI: ``s3://bucket/prefix``, ``file:///path`` or a plain path."""
+    """The :class:`Location` of a URI: ``s3://bucket/prefix``, ``file:///path`` or a plain path.
+
+    A URI holding credentials — userinfo (``s3://KEY:SECRET@bucket/x``, ``s3://KEY@bucket``) or a
+    credential in its query (``?secret_key=…``) — is refused (:class:`InputError`, exit 2) with a
+    message that does not repeat them: credentials come from the AWS settings, never from a location.
+    """
     if isinstance(uri, Location):
         return uri
     uri = os.fspath(uri)
     if not uri:
         raise InputError("empty location; expected a path, file:///path or s3://bucket/prefix")
-    parsed = urlparse(uri)
+    shown = _s3.shown(uri)
+    try:
+        parsed = urlparse(uri)
+    except ValueError:  # e.g. an unclosed IPv6 bracket
+        raise InputError(f"{shown!r}: not a valid location; expected a path, file:///path or s3://bucket/prefix") \
+            from None
+    if "://" in uri and "@" in parsed.netloc:
+        raise InputError(f"{shown}: {_s3.CREDENTIALS_REFUSED}")
     if parsed.scheme == "s3":
         return s3_location(uri)
     if parsed.scheme == "file":
         if parsed.netloc not in ("", "localhost"):
-            raise InputError(f"{uri!r}: a file URI names an absolute local path (file:///path/to/x); for a "
+            raise InputError(f"{shown!r}: a file URI names an absolute local path (file:///path/to/x); for a "
                              "relative path leave out file://")
+        if parsed.query or parsed.fragment or "?" in uri or "#" in uri:
+            raise InputError(f"{shown!r}: a file URI takes no query or fragment (write '?' as %3F and '#' as %23, "
+                             "or give a plain path)")
         path = unquote(parsed.path)  # file:///my%20data/x.parquet is "/my data/x.parquet"
     elif parsed.scheme == "" or (len(parsed.scheme) == 1 and os.name == "nt"):
         path = uri
     else:
-        raise InputError(f"unsupported location {uri!r}; expected a path, file:///path or s3://bucket/prefix")
+        raise InputError(f"unsupported location {shown!r}; expected a path, file:///path or s3://bucket/prefix")
     path = os.path.abspath(os.path.expanduser(path))
     return Location(pafs.LocalFileSystem(), path, uri)
 
@@ -480,3 +497,55 @@ def overlap(a: Location, b: Location) -> str | None:
     if pb.startswith(pa_.rstrip("/") + "/"):
         return "contains"
     return None
+
+
+_log = logging.getLogger("deltagrad_ray")
+_ignored_once: set[tuple[str, str]] = set()
+
+
+def recorded_location(uri: str, read_from: Location | None = None) -> Location:
+    """The :class:`Location` of a URI read back from a stored record (the data URI of a cache's
+    manifest, a parent cache), which must not decide where this process sends credentials.
+
+    The rule: a stored ``s3://`` URI's own storage settings (its query: endpoint, scheme, region,
+    profile) are used only when they equal the settings the operator gave this process
+    (:func:`~.s3.configure_s3`: ``--endpoint-url``/``--region``/``--profile``, a config's ``s3:``
+    block) or those of ``read_from``, the location the record was read from (whose settings the
+    operator gave: its query, or this process's). Otherwise they are ignored — one warning line
+    says so — and the URI resolves as if it had none: with this process's settings, then the
+    environment's. A record edited to say ``?endpoint_override=elsewhere&scheme=http`` thus never
+    makes the process sign requests (access key id included) for another host. Stored local paths
+    and stored URIs without settings resolve as :func:`location` does; credentials in a stored URI
+    are refused like anywhere else.
+
+    Args:
+      uri: the URI as stored.
+      read_from: the location the record was read from (e.g. the cache's root), if any.
+
+    Returns:
+      The location to read.
+
+    >>> recorded_location("s3://b/data?endpoint_override=10.0.0.9:80&scheme=http").portable_uri
+    's3://b/data'
+    """
+    uri = os.fspath(uri)
+    if urlparse(uri).scheme != "s3":
+        return location(uri)
+    own = _s3.query_options(uri)
+    if own == _s3.S3Options():  # no settings of its own
+        return s3_location(uri)
+    trusted = [_s3.configured().shareable()]
+    if read_from is not None and read_from.s3 is not None:
+        trusted.append(read_from.s3.given)
+    if any(own == t for t in trusted):
+        return s3_location(uri)  # its settings are the operator's
+    loc = s3_location(_s3.shown(uri))
+    recorded = _s3.portable_query(own)
+    used = loc.s3.options
+    same = all(getattr(own, f) in (None, getattr(used, f)) for f in ("endpoint", "region", "profile"))
+    if not same and (loc.uri, recorded) not in _ignored_once:
+        _ignored_once.add((loc.uri, recorded))
+        _log.warning(f"{loc.uri}: the S3 settings stored with this location ({recorded}) are not the ones given "
+                     f"to this run, and are ignored (stored records do not choose where credentials go); reading "
+                     f"it at {loc.endpoint}; give --endpoint-url (or the s3: settings) to use another endpoint")
+    return loc

@@ -13,7 +13,10 @@ The non-secret settings given explicitly (the URI's query, :func:`configure_s3`)
 location: :func:`portable_query` prints them in the URI's query form, so that a Ray actor or a
 later run on another machine resolves the same endpoint, region and profile. Settings found in
 the environment stay there: every process reads its own. Credentials never travel and are
-never printed (:class:`S3Options` hides them from its repr).
+never printed (:class:`S3Options` hides them from its repr): a URI or an endpoint holding
+credentials (``s3://KEY:SECRET@bucket/x``, ``?secret_key=…``, ``http://KEY:SECRET@host:9000``) is
+refused with a message that does not repeat them (:func:`shown`), and so is any query key other
+than :data:`QUERY_KEYS`, whose value could be one.
 
 pyarrow cannot send ``If-None-Match`` / ``If-Match``; the few small control objects that need
 an atomic create or a compare-and-swap go through boto3 (:func:`put_object`, :func:`get_object`).
@@ -26,7 +29,7 @@ import configparser
 import os
 import threading
 from dataclasses import dataclass, field, replace
-from urllib.parse import parse_qs, quote, urlparse
+from urllib.parse import parse_qsl, quote, urlparse, urlsplit
 
 import pyarrow.fs as pafs
 
@@ -36,6 +39,58 @@ _ENV_KEYS = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_REGION", "AWS_DEFAU
              "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_CONFIG_FILE",
              "AWS_SHARED_CREDENTIALS_FILE")
 QUERY_KEYS = ("endpoint_override", "scheme", "region", "profile")
+# query keys (lowercased, "-" as "_") that carry credentials: named in the refusal, which says where they belong
+_CREDENTIAL_KEYS = ("access_key", "secret_key", "session_token", "aws_access_key_id", "aws_secret_access_key",
+                    "aws_session_token", "access_key_id", "secret_access_key", "token", "password", "x_amz_credential",
+                    "x_amz_signature", "x_amz_security_token", "signature", "sig", "credentials")
+CREDENTIALS_REFUSED = ("credentials in a location are refused; use the AWS settings (AWS_ACCESS_KEY_ID / "
+                       "AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN in the environment, a profile, an instance role)")
+
+
+def shown(uri: str) -> str:
+    """A URI as a message may show it, whatever it holds: userinfo as ``***@``, no query, no fragment.
+
+    >>> shown("s3://KEY:SECRET@bucket/x?secret_key=S")
+    's3://***@bucket/x'
+    """
+    uri = str(uri)
+    if "://" not in uri:  # a plain path, or "KEY:SECRET@bucket/x" missing its scheme: up to the first ':'
+        head, colon, _ = uri.partition(":")
+        return f"{head}:***" if colon and ("@" in uri or "?" in uri) else uri.split("?", 1)[0].split("#", 1)[0]
+    scheme, rest = uri.split("://", 1)
+    cut = min([i for i in (rest.find("/"), rest.find("?"), rest.find("#")) if i >= 0], default=len(rest))
+    netloc, path = rest[:cut], rest[cut:]
+    if "@" in netloc:
+        netloc = "***@" + netloc.rsplit("@", 1)[1]
+    return f"{scheme}://{netloc}{path.split('?', 1)[0].split('#', 1)[0]}"
+
+
+def _key_shown(key: str) -> str:
+    """A query key for a message: named when it reads as a setting's name, else not repeated."""
+    import re
+    return repr(key) if re.fullmatch(r"[a-z][a-z0-9_-]{0,31}", key) else "(a key not shown)"
+
+
+def check_endpoint(endpoint: str | None, where: str = "the S3 endpoint") -> str | None:
+    """``endpoint`` (``http://host:port``, ``https://host``, or ``host:port`` for https) if it is one;
+    an :class:`InputError` (not repeating it) if it holds credentials, a query or another scheme."""
+    if endpoint is None or endpoint == "":
+        return None
+    text = str(endpoint).strip()
+    full = text if "://" in text else "https://" + text
+    try:
+        parsed = urlsplit(full)
+    except ValueError:  # e.g. an unclosed IPv6 bracket
+        raise InputError(f"{where} {shown(full)!r}: expected http://host:port or https://host") from None
+    if "@" in parsed.netloc:
+        raise InputError(f"{where} {shown(full)!r}: credentials in an endpoint are refused; use the AWS settings "
+                         "(AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY in the environment, a profile, an instance role)")
+    if parsed.query or parsed.fragment or "?" in full or "#" in full:
+        raise InputError(f"{where} {shown(full)!r}: an endpoint takes no query or fragment; expected "
+                         "http://host:port or https://host")
+    if parsed.scheme not in ("http", "https") or not parsed.hostname or any(c.isspace() for c in text):
+        raise InputError(f"{where} {shown(full)!r}: expected http://host:port or https://host")
+    return text
 
 
 @dataclass(frozen=True)
@@ -79,7 +134,9 @@ def configure_s3(options: S3Options | None = None, **overrides) -> None:
     (:func:`portable_query`), so they reach Ray actors and later runs too.
     """
     global _configured
-    _configured = replace(options or S3Options(), **overrides)
+    new = replace(options or S3Options(), **overrides)
+    check_endpoint(new.endpoint)
+    _configured = new
 
 
 def configured() -> S3Options:
@@ -107,8 +164,12 @@ def resolve(options: S3Options | None = None, environ: dict | None = None) -> S3
     prof = cfg[section] if cfg.has_section(section) else {}
     creds = _aws_file("AWS_SHARED_CREDENTIALS_FILE", "~/.aws/credentials", env)
     cred = creds[profile] if creds.has_section(profile) else {}
-    endpoint = (o.endpoint or env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL")
-                or prof.get("endpoint_url"))
+    endpoint = o.endpoint
+    for where, value in (("AWS_ENDPOINT_URL_S3", env.get("AWS_ENDPOINT_URL_S3")),
+                         ("AWS_ENDPOINT_URL", env.get("AWS_ENDPOINT_URL")),
+                         (f"endpoint_url of the AWS profile {profile!r}", prof.get("endpoint_url"))):
+        if endpoint is None and value:
+            endpoint = check_endpoint(value, where)
     region = o.region or env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or prof.get("region")
     access = o.access_key or env.get("AWS_ACCESS_KEY_ID") or cred.get("aws_access_key_id")
     secret = o.secret_key or env.get("AWS_SECRET_ACCESS_KEY") or cred.get("aws_secret_access_key")
@@ -143,30 +204,58 @@ class S3Target:
 def parse_s3_uri(uri: str, options: S3Options | None = None) -> S3Target:
     """``s3://bucket/prefix[?endpoint_override=host:port&scheme=http&region=…&profile=…]``.
 
-    ``options`` (default: those of :func:`configure_s3`) come below the URI's query.
+    ``options`` (default: those of :func:`configure_s3`) come below the URI's query. Refused, with
+    a message that does not repeat any secret: userinfo (``s3://KEY:SECRET@bucket``), a query key
+    other than :data:`QUERY_KEYS` (``?secret_key=…``), a key given twice or without a value, a
+    fragment (``#``), an endpoint holding credentials.
     """
-    parsed = urlparse(uri)
+    short = shown(uri)
+    try:
+        parsed = urlsplit(uri)
+    except ValueError:  # e.g. an unclosed IPv6 bracket
+        raise InputError(f"{short!r}: not a valid URI; expected s3://bucket/prefix") from None
+    if "@" in parsed.netloc:
+        raise InputError(f"{short}: {CREDENTIALS_REFUSED}")
+    if parsed.fragment or "#" in uri:
+        raise InputError(f"{short}: '#' is not supported in an S3 location (everything after it would be "
+                         "dropped); expected s3://bucket/prefix")
     bucket = parsed.netloc
     if not bucket:
-        raise InputError(f"{uri!r}: an S3 location needs a bucket, e.g. s3://bucket/prefix")
-    q = {k: v[-1] for k, v in parse_qs(parsed.query).items()}
-    unknown = sorted(set(q) - set(QUERY_KEYS))
-    if unknown:
-        raise InputError(f"{uri!r}: unknown S3 setting {unknown[0]!r} in the query; "
-                         f"expected {', '.join(QUERY_KEYS)}")
+        raise InputError(f"{short!r}: an S3 location needs a bucket, e.g. s3://bucket/prefix")
+    q: dict[str, str] = {}
+    for k, v in parse_qsl(parsed.query, keep_blank_values=True):
+        norm = k.strip().lower().replace("-", "_")
+        if norm in _CREDENTIAL_KEYS or "secret" in norm or "password" in norm or "token" in norm:
+            raise InputError(f"{short}: {CREDENTIALS_REFUSED}")
+        if k not in QUERY_KEYS:
+            raise InputError(f"{short}: unknown S3 setting {_key_shown(k)} in the query; "
+                             f"expected {', '.join(QUERY_KEYS)}")
+        if k in q:
+            raise InputError(f"{short}: the S3 setting {k!r} is given twice in the query")
+        if not v.strip():
+            raise InputError(f"{short}: the S3 setting {k!r} has no value in the query")
+        q[k] = v
+    if parsed.query and not q:
+        raise InputError(f"{short}: unreadable query (expected key=value settings: {', '.join(QUERY_KEYS)})")
     if "scheme" in q and q["scheme"] not in ("http", "https"):
-        raise InputError(f"{uri!r}: scheme must be http or https, got {q['scheme']!r}")
+        raise InputError(f"{short}: scheme must be http or https, got {q['scheme']!r}")
     base = options if options is not None else _configured
     given = base
     if "endpoint_override" in q:
-        given = replace(given, endpoint=f"{q.get('scheme', 'https')}://{q['endpoint_override']}")
+        endpoint = f"{q.get('scheme', 'https')}://{q['endpoint_override']}"
+        given = replace(given, endpoint=check_endpoint(endpoint, f"{short}: endpoint_override"))
     if "region" in q:
         given = replace(given, region=q["region"])
     if "profile" in q:
         given = replace(given, profile=q["profile"])
     key = parsed.path.lstrip("/").rstrip("/")
-    shown = f"s3://{bucket}/{key}" if key else f"s3://{bucket}"
-    return S3Target(bucket, key, shown, given.shareable(), resolve(given))
+    short = f"s3://{bucket}/{key}" if key else f"s3://{bucket}"
+    return S3Target(bucket, key, short, given.shareable(), resolve(given))
+
+
+def query_options(uri: str) -> S3Options:
+    """The S3 settings an ``s3://`` URI's own query gives (nothing of :func:`configure_s3`)."""
+    return parse_s3_uri(uri, S3Options()).given
 
 
 def portable_query(given: S3Options) -> str:

@@ -87,8 +87,9 @@ def test_jackknife_and_influence(bc):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["conformal", "--alpha", "1.5"], "alpha must be in (0, 1), got 1.5"),
-    (["conformal", "--method", "cv+", "--folds", "1"], "K must be an integer with 2 <= K <= 200"),
+    (["conformal", "--alpha", "1.5"], "argument --alpha: must be a finite number in (0, 1), got '1.5'"),
+    (["conformal", "--method", "cv+", "--folds", "1"], "argument --folds: must be an integer >= 2, got '1'"),
+    (["conformal", "--method", "cv+", "--folds", "500"], "K must be an integer with 2 <= K <= 200"),
     (["conformal", "--ids", "bad-ids.txt"], "unknown ids (not in the data): 424242"),
 ])
 def test_many_bad_input(bc, args, message):

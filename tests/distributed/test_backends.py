@@ -217,6 +217,50 @@ def test_results_are_incremental_and_resumable(world, tmp_path):
     assert torch.equal(again.params[:8], first.params)
 
 
+def test_parts_are_named_by_their_first_request_and_a_resume_fills_the_gaps(world, tmp_path):
+    """Issue 22: a part's name is its first request; a rerun after a part was lost writes only the
+    missing batch, under the same name; the same batch written twice (a lost response) is no
+    error, another batch under a taken name is; a damaged part names itself."""
+    from deltagrad_ray.core.replay import COUNTERS
+    from deltagrad_ray.distributed.sink import part_name
+    from deltagrad_ray.store.location import StorageError
+    d, data, cache = world
+    changes = _changes(data, 9)  # 10 requests, batches of 4: parts at 0, 4, 8
+    sig = {"run": "positional"}
+    full = SerialBackend(threads=1).run(cache, None, changes, batch_size=4, sink=ResultSink(tmp_path / "p", sig))
+    names = sorted(p.name for p in (tmp_path / "p").iterdir() if p.name.startswith("part-"))
+    assert names == [part_name(0), part_name(4), part_name(8)] == ["part-000000000.parquet", "part-000000004.parquet",
+                                                                    "part-000000008.parquet"]
+    middle = (tmp_path / "p" / part_name(4)).read_bytes()
+    (tmp_path / "p" / part_name(4)).unlink()
+    done = []
+    again = SerialBackend(threads=1).run(cache, None, changes, batch_size=4, sink=ResultSink(tmp_path / "p", sig),
+                                         progress=done.append)
+    assert done == [6, 4]  # progress increments: six requests loaded, then the missing batch of four replayed
+    assert (tmp_path / "p" / part_name(4)).read_bytes() != b"" and torch.equal(again.params, full.params)
+    sink = ResultSink(tmp_path / "p", sig)
+    p = full.params.shape[1]
+    zeros = {k: torch.zeros(4, dtype=torch.long) for k in COUNTERS}
+    sink.write([4, 5, 6, 7], full.params[4:8], zeros, {})  # the same batch again: nothing to do
+    with pytest.raises(StorageError, match=r"part-000000004.parquet: already holds other requests than this batch's"):
+        sink.write([4, 5], full.params[4:6], {k: v[:2] for k, v in zeros.items()}, {})
+    (tmp_path / "p" / part_name(8)).write_bytes(middle[:100])
+    with pytest.raises(StorageError, match=r"part-000000008.parquet: damaged \(not a readable Parquet file"):
+        sink.load(len(changes), p)
+
+
+def test_ray_settings_are_checked_before_any_work():
+    """Issue 22: values Ray would reject late, or with an unreadable message, are refused at once."""
+    for kwargs, message in [({"num_cpus": 0}, "num_cpus must be a finite number > 0, got 0"),
+                            ({"num_gpus": float("inf")}, "num_gpus must be a finite number >= 0, got inf"),
+                            ({"connect_timeout_s": 0}, "connect_timeout_s must be a finite number > 0, got 0"),
+                            ({"max_in_flight": 0}, "max_in_flight must be an integer >= 1"),
+                            ({"address": "http://head:8265"}, "is an HTTP address"),
+                            ({"address": "head:0"}, "expected HOST:PORT")]:
+        with pytest.raises(InputError, match=message.replace("(", r"\(")):
+            RayBackend(**kwargs)
+
+
 @pytest.mark.integration
 def test_actor_killed_and_node_removed_mid_run_every_result_once(ray_cluster, world, tmp_path):
     """500 LOO requests; an actor is killed and a worker node removed while they run."""

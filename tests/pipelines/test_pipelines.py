@@ -159,3 +159,65 @@ def test_bulk_erasure_pipeline_runs_its_replay_on_a_ray_worker(ray_cluster, tmp_
     exact = api.retrain_exact(cache, delete=list(range(15)))
     assert float((reg.open(reg.latest()).final - exact).norm()) <= 0.05 * float((exact - cache.final).norm())
     assert Path(out["report"]).exists()
+
+
+# -- issue 22: hostile and careless settings in a job's config ------------------------------------------------------
+@pytest.mark.parametrize("ray, message", [
+    ({"workers": 2.5}, "workers must be an integer >= 1, got 2.5"),
+    ({"num_cpus": 0}, "num_cpus must be a finite number > 0, got 0"),
+    ({"num_gpus": float("nan")}, "num_gpus must be a finite number >= 0, got nan"),  # was exit 1 (int(nan))
+    ({"batch_size": 0}, "batch size must be an integer >= 1, got 0"),
+    ({"address": "http://127.0.0.1:8265"}, "is an HTTP address (the dashboard or job API), not a cluster's"),
+])
+def test_bad_ray_settings_are_one_line_errors(diabetes, tmp_path, ray, message):
+    cache = _train(diabetes)
+    cfg = _config(tmp_path / "jk.yaml", {"cache": str(cache), "test": str(diabetes / "test.parquet"),
+                                         "output": str(tmp_path / "jk"), "ray": ray})
+    p = _pipeline("jackknife", cfg, tmp_path)
+    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1 and message in p.stderr, p.stderr[-2000:]
+    assert not (tmp_path / "jk" / "loo.parts").exists()  # refused before any work
+
+
+def test_a_job_whose_ray_address_does_not_answer_fails_within_the_connect_timeout(diabetes, tmp_path):
+    """Nothing listens at the address: the job ends with exit 3 after CONNECT_TIMEOUT_S (30 s), one
+    line naming the address, instead of Ray's own retries (minutes)."""
+    import socket
+
+    from deltagrad_ray.distributed.backends import CONNECT_TIMEOUT_S
+    cache = _train(diabetes)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cfg = _config(tmp_path / "jk.yaml", {"cache": str(cache), "test": str(diabetes / "test.parquet"),
+                                         "output": str(tmp_path / "jk"), "ray": {"address": f"127.0.0.1:{port}"}})
+    t0 = time.monotonic()
+    p = _pipeline("jackknife", cfg, tmp_path)
+    seconds = time.monotonic() - t0
+    assert p.returncode == 3, p.stderr[-2000:]
+    assert p.stderr.strip() == (f"error: Ray cluster at 127.0.0.1:{port}: cannot connect (Connection refused) within "
+                                f"{CONNECT_TIMEOUT_S:g} s; check --address (or RAY_ADDRESS) and that the cluster is up")
+    assert CONNECT_TIMEOUT_S <= seconds < CONNECT_TIMEOUT_S + 60, seconds  # bounded: start-up, then the timeout
+
+
+@pytest.mark.slow
+def test_a_storage_error_on_a_ray_actor_ends_the_job_as_in_process(ray_cluster, diabetes, tmp_path):
+    """A shard of the cache removed after training: the actors fail to load it; the job prints the
+    StorageError's one line and ends with 3, as a serial run of the same cache does (was: the remote
+    traceback, exit 1)."""
+    import shutil
+
+    from deltagrad_ray import api
+    from deltagrad_ray.store.location import StorageError
+    shutil.copytree(_train(diabetes), tmp_path / "cache")
+    last = sorted((tmp_path / "cache" / "shards").iterdir())[-1]
+    last.unlink()
+    with pytest.raises(StorageError) as in_process:  # in process, as a serial run reads it
+        api.open_cache(str(tmp_path / "cache")).trajectory()
+    assert str(last) in str(in_process.value)
+    cfg = _config(tmp_path / "jk.yaml", {"cache": str(tmp_path / "cache"), "test": str(diabetes / "test.parquet"),
+                                         "output": str(tmp_path / "jk"),
+                                         "ray": {"address": ray_cluster.address, "workers": 1, "mode": "replicated"}})
+    p = _pipeline("jackknife", cfg, tmp_path)
+    assert p.returncode == 3, p.stderr[-3000:]
+    lines = [x for x in p.stderr.strip().splitlines() if " INFO " not in x and "\tINFO " not in x]
+    assert lines == [f"error: {in_process.value}"], p.stderr[-3000:]

@@ -367,5 +367,5 @@ def test_the_cli_takes_a_memory_budget(tmp_path):
     a, b = read_table(tmp_path / "a.parquet")[0], read_table(tmp_path / "b.parquet")[0]
     assert a.equals(b) and a.num_rows == 30
     p = run(*common, "--memory-mb", "-1", "--out", "bad.parquet", cwd=tmp_path)
-    assert p.returncode == 2 and "memory_mb must be a number > 0, got -1.0" in p.stderr
+    assert p.returncode == 2 and "argument --memory-mb: must be a finite number > 0, got '-1'" in p.stderr
     assert not (tmp_path / "bad.parquet").exists()
