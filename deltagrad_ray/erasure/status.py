@@ -168,9 +168,9 @@ def trace_model(target: Target, data_id: int, retention: RetentionSettings | Non
         out["latest_holds"] = still
         out["survives_in"] = [v["version"] for v in versions if v.get("holds")]
         try:
-            src = reg.open(latest).manifest.data.uri
             from ..store.datasets import read_id_column
-            out["training_data_holds"] = bool(np.any(read_id_column(target.data or src) == data_id))
+            src = reg.open(latest).data_location(target.data)  # a stored URI brings no storage settings
+            out["training_data_holds"] = bool(np.any(read_id_column(src) == data_id))
         except (StorageError, InputError) as e:
             out["training_data_holds"] = f"unknown ({str(e)[:100]})"
     except (StorageError, InputError) as e:

@@ -622,7 +622,7 @@ class Cache:
         """(ids, removed) of the cache's rows, reading the data's id column alone: ids (n,) int64 in
         row order, removed (n,) bool (rows erased by the changes that produced this cache)."""
         from .datasets import read_id_column
-        ids = read_id_column(self._data_location(uri))
+        ids = read_id_column(self.data_location(uri))
         extra = self.added_rows()
         if extra is not None:
             ids = np.concatenate([ids, extra.ids.numpy()])
