@@ -656,15 +656,6 @@ class Cache:
             self._digests = (ids, digests)
         return self._digests
 
-    def trained_ids(self) -> np.ndarray | None:
-        """(n_rows,) int64 ids of the cache's rows as recorded in the cache itself (the training rows,
-        then the added ones), whatever the data set holds now; None for a cache without row digests."""
-        recorded = self._row_digests()
-        if recorded is None:
-            return None
-        extra = self.added_rows()
-        return recorded[0].copy() if extra is None else np.concatenate([recorded[0], extra.ids.numpy()])
-
     def _kept_rows(self, src: Location, ids: np.ndarray) -> np.ndarray:
         """(k,) positions among the training rows of the rows ``ids`` read from ``src``: they must be
         the recorded ids in their order, with only rows this cache removed left out; else an
