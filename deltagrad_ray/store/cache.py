@@ -55,6 +55,7 @@ from .models import model_bytes, parse_model
 
 MANIFEST = "manifest.json"
 ROW_DIGESTS = "rows.parquet"  # per training row: id, digest (datasets.row_digests); in the manifest's files
+ROW_FILES = (ROW_DIGESTS, "removed.parquet", "added.parquet")  # a cache's own Parquet files, beside the manifest
 DEFAULT_SHARD_BYTES = 64 << 20
 
 _TORCH = {"float64": torch.float64, "float32": torch.float32, "float16": torch.float16,
@@ -633,15 +634,15 @@ class Cache:
                              "was trained on, or train the cache again with this release (its caches check a data "
                              "set rewritten without erased rows row by row)")
         if data.n_features != self.manifest.data.d:
-            raise InputError(f"{src.uri}: rows of {data.n_features} features, the cache {self.uri} was trained on "
-                             f"{self.manifest.data.d}")
+            raise InputError(f"{self._not_the_data(src)}: rows of {data.n_features} features, the cache was "
+                             f"trained on {self.manifest.data.d}")
         keep = self._kept_rows(src, data.ids.numpy())
         bad = np.nonzero(row_digests(data) != recorded[1][keep])[0]
         if len(bad):
             i = int(bad[0])
-            raise InputError(f"{src.uri}: row {i} (id {int(data.ids[i])}) differs from the row the cache {self.uri} "
-                             f"was trained on ({len(bad)} row(s) differ); only rows the cache erased may change "
-                             "(by being left out)")
+            raise InputError(f"{self._not_the_data(src)}: row {i} (id {int(data.ids[i])}) differs from the row "
+                             f"the cache was trained on ({len(bad)} row(s) differ); only rows the cache erased may "
+                             "change (by being left out)")
         return self._with_placeholders(data, keep)
 
     def _row_digests(self) -> tuple[np.ndarray, np.ndarray] | None:
@@ -667,23 +668,27 @@ class Cache:
         unknown = np.nonzero(rec[pos] != ids)[0]
         if len(unknown):
             i = int(unknown[0])
-            raise InputError(f"{src.uri}: row {i} (id {int(ids[i])}) is not a row the cache {self.uri} was trained "
-                             "on (an added row); only rows the cache erased may be left out, nothing added")
+            raise InputError(f"{self._not_the_data(src)}: row {i} (id {int(ids[i])}) is not a row the cache was "
+                             "trained on (an added row); only rows the cache erased may be left out, nothing added")
         back = np.nonzero(np.diff(pos) <= 0)[0]
         if len(back):
             i = int(back[0]) + 1
             what = "appears twice" if pos[i] == pos[i - 1] else "is out of the original order"
-            raise InputError(f"{src.uri}: row {i} (id {int(ids[i])}) {what} (the cache {self.uri} was trained on "
-                             f"it as row {int(pos[i])}); the data set must keep the original rows in their order")
+            raise InputError(f"{self._not_the_data(src)}: row {i} (id {int(ids[i])}) {what} (the cache was trained "
+                             f"on it as row {int(pos[i])}); the data set must keep the original rows in their order")
         left = np.ones(len(rec), dtype=bool)
         left[pos] = False
         mask = self.removed_mask()
         removed = np.zeros(len(rec), dtype=bool) if mask is None else mask.numpy()[:len(rec)]
         wrong = np.nonzero(left & ~removed)[0]
         if len(wrong):
-            raise InputError(f"{src.uri}: id {int(rec[wrong[0]])} is missing ({len(wrong)} id(s) in all) but was not "
-                             f"erased by the cache {self.uri}; only rows the cache erased may be left out")
+            raise InputError(f"{self._not_the_data(src)}: id {int(rec[wrong[0]])} is missing ({len(wrong)} id(s) in "
+                             "all) but was not erased by the cache; only rows the cache erased may be left out")
         return pos
+
+    def _not_the_data(self, src: Location) -> str:
+        return (f"{src.uri} is not the data set the cache {self.uri} was trained on, nor that set without rows the "
+                "cache erased")
 
     def _with_placeholders(self, data: Dataset, keep: np.ndarray) -> Dataset:
         """The training rows, ``data`` at positions ``keep`` and placeholders (recorded id, zero
@@ -755,7 +760,8 @@ def read_manifest(root: Location) -> Manifest:
     mloc = root.join(MANIFEST)
     if not mloc.exists():
         root.check_bucket()
-        if root.is_file() or (root.is_dir() and any(p.name.endswith(".parquet") for p in root.list())):
+        if root.is_file() or (root.is_dir() and any(p.name.endswith(".parquet") and p.name not in ROW_FILES
+                                                    for p in root.list())):
             raise InputError(f"{root.uri} is not a trajectory cache (no {MANIFEST}); is it a data set?")
         raise StorageError(f"{root.uri}: no trajectory cache here (no committed {MANIFEST})")
     return Manifest.from_json(mloc.read_text(), mloc.uri)

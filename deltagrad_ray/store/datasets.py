@@ -25,10 +25,10 @@ from .location import Location, StorageError, location
 def _parquet_parts(loc: Location) -> list[Location]:
     if loc.is_file():
         return [loc]
+    if loc.join("manifest.json").exists():  # a cache holds Parquet files of its own (rows, removed, added)
+        raise InputError(f"{loc.uri} is a trajectory cache, not a data set")
     parts = [p for p in loc.list() if p.name.endswith(".parquet") and not p.name.startswith(".")]
     if not parts:
-        if loc.join("manifest.json").exists():
-            raise InputError(f"{loc.uri} is a trajectory cache, not a data set")
         raise StorageError(f"{loc.uri}: no data set here (no Parquet file)")
     return parts
 
