@@ -140,13 +140,13 @@ def _put_back_3_edited(X, y, i):
 
 
 EDITS = {  # what → (edit of the table without A, the message)
-    "a kept row's features edited": (_edit_features, r"row 7 \(id 8\) differs from the row the cache .* was trained"),
+    "a kept row's features edited": (_edit_features, r"row 7 \(id 8\) differs from the row the cache was trained on"),
     "a kept row's label edited": (_edit_label, r"row 9 \(id 10\) differs from the row the cache"),
     "a row left out the cache did not erase": (_leave_out_22, r"id 22 is missing \(1 id\(s\) in all\) but was not "
                                                               r"erased by the cache"),
-    "rows reordered": (_swap_first_two, r"row 1 \(id 0\) is out of the original order \(the cache .* was trained "
+    "rows reordered": (_swap_first_two, r"row 1 \(id 0\) is out of the original order \(the cache was trained "
                                         r"on it as row 0\)"),
-    "a row added": (_add_a_row, r"row 394 \(id 1000000\) is not a row the cache .* was trained on \(an added row\)"),
+    "a row added": (_add_a_row, r"row 394 \(id 1000000\) is not a row the cache was trained on \(an added row\)"),
     "an erased row put back edited": (_put_back_3_edited, r"row 3 \(id 3\) differs from the row the cache"),
 }
 
@@ -158,7 +158,9 @@ def test_a_table_that_is_not_the_original_without_erased_rows_is_refused(rewritt
     src = _hostile(d, c1, data, A, edit)
     with pytest.raises(InputError, match=message) as e:
         api.unlearn(c1, delete=B, data=src)
-    assert "\n" not in str(e.value) and "hostile.parquet" in str(e.value)
+    assert "\n" not in str(e.value)
+    assert str(e.value).startswith(f"{src} is not the data set the cache {c1.uri} was trained on, nor that set without "
+                                   "rows the cache erased: ")
     with pytest.raises(InputError, match=message):
         c1.data_rows(0, 100, src)
     if "differs" not in message:  # ids alone show it
