@@ -92,6 +92,11 @@ def test_every_read_path_puts_the_erased_rows_back_as_placeholders(rewritten):
     assert torch.equal(lab.ids, got.ids) and torch.equal(lab.y, got.y)
     ids, removed = c1.row_ids()
     assert np.array_equal(ids, before.ids.numpy()) and np.array_equal(removed, gone.numpy())
+    # the training curve: over the rows the path was trained on (placeholders, like the erased rows, left out)
+    kept = before.rows(torch.nonzero(~gone).reshape(-1))
+    th = c1.final
+    want = float(c1.model.loss_sum(th, kept.X, kept.y) / len(kept) + c1.l2 / 2 * (th @ th))
+    assert abs(api.training_curve(c1)[1][-1] - want) <= 1e-12 * abs(want)
     # the mapped feature copy (an optional local file, not in the manifest): the kept rows from the copy
     copy = d / "c1copy"
     shutil.copytree(d / "c1", copy)
