@@ -29,7 +29,7 @@ from .core.replay import ReplayResult, deltagrad
 from .core.schedule import learning_rates
 from .core.train import retrain, train
 from .core.schedule import BatchPlan
-from .store.cache import Cache, CacheWriter, dtype_name, open_cache
+from .store.cache import ROW_DIGESTS, Cache, CacheWriter, dtype_name, open_cache, row_digest_file
 from .store.manifest import DataRef, ParentRef, Training
 from .store.datasets import (feature_copy, fingerprint, id_tensor, read_dataset, read_ids, write_dataset,
                              write_feature_copy)
@@ -164,6 +164,7 @@ def fit(data, cache: str | Location, *, model: str = "logreg", hidden: Sequence[
     spec = ModelSpec(model, raw.n_features, _n_classes(raw, model, n_classes), tuple(hidden))
     validate(raw, n_features=spec.n_features, n_classes=None if model == "linear" else spec.n_classes)
     fp = fingerprint(raw)
+    digests = row_digest_file(raw)  # the data may later be rewritten without erased rows: checked row by row
     ds = raw.to(dtype=dt, device=device)
     fm = spec.build()
     lrs = learning_rates(steps, lr, tuple(milestones), gamma)
@@ -180,7 +181,8 @@ def fit(data, cache: str | Location, *, model: str = "logreg", hidden: Sequence[
         if copy is not None:
             write_feature_copy(raw.X, copy)
         writer.commit(data=DataRef(_portable_uri(src), fp, len(raw), raw.n_features, dtype_name(raw.X.dtype)),
-                      n_rows=len(ds), model=fm, initial=traj.initial, final=traj.final)
+                      n_rows=len(ds), model=fm, initial=traj.initial, final=traj.final,
+                      extra_files={ROW_DIGESTS: digests})
     except BaseException:  # failed or interrupted: nothing of the run stays behind
         _abort(writer, ([src] if stored else []) + ([copy] if copy is not None else []))
         raise
@@ -397,6 +399,8 @@ def write_derived_cache(parent: Cache, writer: CacheWriter, res: ReplayResult, d
     new = res.trajectory
     n_orig = parent.manifest.data.n
     files = {}
+    if ROW_DIGESTS in parent.manifest.files:  # the same training rows: derived caches check rewritten data too
+        files[ROW_DIGESTS] = parent._row_file(ROW_DIGESTS)
     rows = torch.zeros(0, dtype=torch.int64)
     if new.removed is not None:
         rows = torch.nonzero(new.removed).reshape(-1).cpu()
@@ -453,9 +457,13 @@ def retrain_exact(cache: Cache | str | Location, *, delete=None, add=None, data:
 def training_curve(cache: Cache | str | Location, points: int = 50, rows: int = 5000,
                    data: str | Location | None = None) -> tuple[list[int], list[float]]:
     """The objective (mean loss + (λ/2)‖θ‖²) at the cached θ_t of ~``points`` steps, on up to
-    ``rows`` training rows (a seeded subsample) — read from the cache, nothing is retrained."""
+    ``rows`` training rows (a seeded subsample) — read from the cache, nothing is retrained.
+    Rows earlier changes removed are left out: the cached path was trained without them."""
     c = _as_cache(cache)
     ds = c.data(data)
+    removed = c.removed_mask()
+    if removed is not None:  # (a data set rewritten without them holds only placeholders for them)
+        ds = ds.rows(torch.nonzero(~removed).reshape(-1))
     if len(ds) > rows:
         ds = ds.rows(torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))[:rows])
     every = max(1, c.steps // points)

@@ -7,6 +7,7 @@ Layout under the cache location::
     model.safetensors                  θ_T   (a model file: the trained model)
     shards/part-00000-<run>.parquet    steps [0, k): step, lr, params, grads
     shards/part-00001-<run>.parquet    …
+    rows.parquet                       id and 8-byte digest of each training row (caches from this release on)
     removed.parquet                    (derived caches) rows deleted by earlier changes
     added.parquet                      (derived caches) rows added by earlier changes
 
@@ -23,6 +24,14 @@ the operator's word: they resolve through :func:`~.location.recorded_location`, 
 stored with them (an endpoint, a scheme) are used only when they are the ones the operator gave
 (this process's settings, or those of the cache's own location) — an edited manifest cannot send
 this process's signed requests to another host.
+
+The training data is checked at every read against the fingerprint in the manifest. When the
+owner rewrites it without rows a cache has erased (the source rows must go too), the fingerprint
+no longer matches; a cache with ``rows.parquet`` then checks the data row by row instead: it must
+be the original rows, in their order, with only rows this cache removed left out. Those come back
+as placeholders (their id, zero features, label 0), so row positions, ``n_rows`` and the removed
+mask stay valid; removed rows never enter a gradient (their weight is 0), so placeholders never
+contribute.
 """
 
 from __future__ import annotations
@@ -44,13 +53,15 @@ from ..core.data import Dataset, concat
 from ..core.errors import InputError
 from ..core.models import FunctionalModel
 from ..core.trajectory import Segment, Trajectory
-from .datasets import (FEATURE_COPY, dataset_from_table, fingerprint, parquet_table, read_dataset, read_dataset_mapped,
-                       read_rows, table_bytes)
+from .datasets import (FEATURE_COPY, dataset_from_table, fingerprint, parquet_table, read_dataset, read_ids_labels,
+                       read_rows, row_digests, table_bytes)
 from .location import Location, StorageError, location, recorded_location
 from .manifest import DIGEST_KEY, DataRef, FileRef, Manifest, ParentRef, ShardRef, Training
 from .models import model_bytes, parse_model
 
 MANIFEST = "manifest.json"
+ROW_DIGESTS = "rows.parquet"  # per training row: id, digest (datasets.row_digests); in the manifest's files
+ROW_FILES = (ROW_DIGESTS, "removed.parquet", "added.parquet")  # a cache's own Parquet files, beside the manifest
 DEFAULT_SHARD_BYTES = 64 << 20
 
 _TORCH = {"float64": torch.float64, "float32": torch.float32, "float16": torch.float16,
@@ -144,6 +155,12 @@ def shard_bytes(start: int, params: torch.Tensor, grads: torch.Tensor, lrs: np.n
     # (row-group) read be verified without the whole file
     return table_bytes(table, compression="none", row_group_size=row_group_steps, write_page_checksum=True,
                        use_dictionary=False, write_statistics=False)
+
+
+def row_digest_file(data: Dataset) -> pa.Buffer:
+    """``rows.parquet`` of a cache trained on ``data`` (as read: the bytes the fingerprint hashes)."""
+    return table_bytes(pa.table({"id": pa.array(data.ids.cpu().numpy().astype(np.int64)),
+                                 "digest": pa.array(row_digests(data))}))
 
 
 def read_verified(loc: Location, expected: str, size: int | None = None) -> pa.Buffer:
@@ -469,6 +486,7 @@ class Cache:
                                     manifest.row_group_steps, lrs=self.lrs.numpy(), digest=t.digest())
         self._initial = self._final = None
         self._shards_checked = False
+        self._digests: tuple[np.ndarray, np.ndarray] | None = None
 
     @property
     def uri(self) -> str:
@@ -544,7 +562,7 @@ class Cache:
         data = self._mapped(src) if uri is None or self._is_recorded(src) else None
         if data is None:
             data = read_dataset(src, regression=self.spec.task == "regression")
-            self._check_fingerprint(src, fingerprint(data))
+            data = self._verified(src, data, fingerprint(data))
         extra = self.added_rows()
         if extra is not None:
             data = concat(data.to(dtype=extra.X.dtype), extra)
@@ -554,15 +572,21 @@ class Cache:
     def data_rows(self, start: int, stop: int, uri: str | Location | None = None,
                   device: torch.device | str = "cpu") -> Dataset:
         """Rows [start, stop) of :meth:`data`, reading every row once (the fingerprint covers
-        all) but holding only these and one row group at a time: a data shard's part."""
+        all) but holding only these and one row group at a time: a data shard's part. A data set
+        rewritten without erased rows (see :meth:`data`) is read again whole, then checked row by
+        row: a slice of it is another slice of the original."""
         src = self.data_location(uri)
         extra = self.added_rows()
         n_added = 0 if extra is None else len(extra)
         n_file = self.n_rows - n_added
         if not 0 <= start <= stop <= self.n_rows:
             raise InputError(f"rows [{start}, {stop}) are not within the {self.n_rows} rows of the cache {self.uri}")
-        data, n, fp = read_rows(src, min(start, n_file), min(stop, n_file), regression=self.spec.task == "regression")
-        self._check_fingerprint(src, fp)
+        regression = self.spec.task == "regression"
+        data, n, fp = read_rows(src, min(start, n_file), min(stop, n_file), regression=regression)
+        if fp != self.manifest.data.fingerprint:
+            full = read_dataset(src, regression=regression)
+            full = self._verified(src, full, fingerprint(full))
+            data, n = full.rows(torch.arange(min(start, n_file), min(stop, n_file))), len(full)
         self._check_covers(n + n_added)
         if extra is not None and stop > n_file:
             data = concat(data.to(dtype=extra.X.dtype), extra.rows(torch.arange(max(start, n_file) - n_file,
@@ -572,20 +596,32 @@ class Cache:
     def _mapped(self, src: Location) -> Dataset | None:
         """The training rows with the features mapped from the cache's local feature copy
         (``train --mmap-features``), verified like a Parquet read; None without a usable copy (a
-        copy that does not match the recorded fingerprint is ignored, with a warning)."""
+        copy that does not match the recorded fingerprint is ignored, with a warning). The ids
+        and labels come from ``src``: a data set rewritten without erased rows takes the kept
+        rows' features from the copy (a copy, then, not a mapping), checked row by row."""
         copy = self.root.join(FEATURE_COPY)
         if not (copy.is_local and copy.exists()):
             return None
         try:
-            data = read_dataset_mapped(src, copy, regression=self.spec.task == "regression")
+            ids, y = read_ids_labels(src, regression=self.spec.task == "regression")
+            X = np.load(copy.path, mmap_mode="c", allow_pickle=False)
+            if X.ndim != 2 or X.shape[0] != self.manifest.data.n:
+                raise InputError(f"features of shape {X.shape}, expected ({self.manifest.data.n}, d)")
         except (InputError, ValueError, OSError) as e:
             warnings.warn(f"{copy.uri}: feature copy not used ({e}); reading {src.uri}", stacklevel=3)
             return None
-        if fingerprint(data) != self.manifest.data.fingerprint:
-            warnings.warn(f"{copy.uri}: the feature copy does not match the data the cache was trained on; "
-                          f"reading {src.uri}", stacklevel=3)
-            return None
-        return data
+        if len(ids) == len(X):
+            data = Dataset(torch.from_numpy(X), y, ids)
+            if fingerprint(data) == self.manifest.data.fingerprint:
+                return data
+        elif self._row_digests() is not None:  # rewritten without some rows: which ones, checked first
+            keep = self._kept_rows(src, ids.numpy())
+            data = Dataset(torch.from_numpy(X[keep]), y, ids)
+            if np.array_equal(row_digests(data), self._row_digests()[1][keep]):
+                return self._with_placeholders(data, keep)
+        warnings.warn(f"{copy.uri}: the feature copy does not match the data the cache was trained on; "
+                      f"reading {src.uri}", stacklevel=3)
+        return None
 
     def data_location(self, uri: str | Location | None = None) -> Location:
         """``uri`` (the operator's), else the data location recorded in the manifest, resolved as a
@@ -604,11 +640,87 @@ class Cache:
         return src.is_local == rec.is_local and src.path.rstrip("/") == rec.path.rstrip("/") \
             and src.endpoint == rec.endpoint
 
-    def _check_fingerprint(self, src: Location, fp: str) -> None:
+    def _verified(self, src: Location, data: Dataset, fp: str) -> Dataset:
+        """``data`` read from ``src`` if its fingerprint ``fp`` is the recorded one; else, for a cache
+        with row digests, the original rows rebuilt from a data set rewritten without rows this cache
+        removed (:meth:`_kept_rows`, then every kept row's digest); else an :class:`InputError`."""
         expected = self.manifest.data.fingerprint
-        if fp != expected:
+        if fp == expected:
+            return data
+        recorded = self._row_digests()
+        if recorded is None:
             raise InputError(f"{src.uri} is not the data set the cache {self.uri} was trained on "
-                             f"(fingerprint {fp[:19]}…, the cache expects {expected[:19]}…)")
+                             f"(fingerprint {fp[:19]}…, the cache expects {expected[:19]}…); give the data set it "
+                             "was trained on, or train the cache again with this release (its caches check a data "
+                             "set rewritten without erased rows row by row)")
+        if data.n_features != self.manifest.data.d:
+            raise InputError(f"{self._not_the_data(src)}: rows of {data.n_features} features, the cache was "
+                             f"trained on {self.manifest.data.d}")
+        keep = self._kept_rows(src, data.ids.numpy())
+        bad = np.nonzero(row_digests(data) != recorded[1][keep])[0]
+        if len(bad):
+            i = int(bad[0])
+            raise InputError(f"{self._not_the_data(src)}: row {i} (id {int(data.ids[i])}) differs from the row "
+                             f"the cache was trained on ({len(bad)} row(s) differ); only rows the cache erased may "
+                             "change (by being left out)")
+        return self._with_placeholders(data, keep)
+
+    def _row_digests(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """(ids, digests) of the rows the cache was trained on, (n,) int64 and uint64 each, from
+        ``rows.parquet`` (verified against the manifest); None for a cache from before it."""
+        if self._digests is None and ROW_DIGESTS in self.manifest.files:
+            t = parquet_table(self._row_file(ROW_DIGESTS))
+            ids, digests = t.column("id").to_numpy().astype(np.int64), t.column("digest").to_numpy()
+            if len(ids) != self.manifest.data.n:
+                raise StorageError(f"{self.root.join(ROW_DIGESTS).uri}: {len(ids)} rows, the manifest says "
+                                   f"{self.manifest.data.n}")
+            self._digests = (ids, digests)
+        return self._digests
+
+    def _kept_rows(self, src: Location, ids: np.ndarray) -> np.ndarray:
+        """(k,) positions among the training rows of the rows ``ids`` read from ``src``: they must be
+        the recorded ids in their order, with only rows this cache removed left out; else an
+        :class:`InputError` naming the first id that is not."""
+        rec = self._row_digests()[0]
+        order = np.argsort(rec, kind="stable")
+        at = np.minimum(np.searchsorted(rec[order], ids), len(rec) - 1)
+        pos = order[at]
+        unknown = np.nonzero(rec[pos] != ids)[0]
+        if len(unknown):
+            i = int(unknown[0])
+            raise InputError(f"{self._not_the_data(src)}: row {i} (id {int(ids[i])}) is not a row the cache was "
+                             "trained on (an added row); only rows the cache erased may be left out, nothing added")
+        back = np.nonzero(np.diff(pos) <= 0)[0]
+        if len(back):
+            i = int(back[0]) + 1
+            what = "appears twice" if pos[i] == pos[i - 1] else "is out of the original order"
+            raise InputError(f"{self._not_the_data(src)}: row {i} (id {int(ids[i])}) {what} (the cache was trained "
+                             f"on it as row {int(pos[i])}); the data set must keep the original rows in their order")
+        left = np.ones(len(rec), dtype=bool)
+        left[pos] = False
+        mask = self.removed_mask()
+        removed = np.zeros(len(rec), dtype=bool) if mask is None else mask.numpy()[:len(rec)]
+        wrong = np.nonzero(left & ~removed)[0]
+        if len(wrong):
+            raise InputError(f"{self._not_the_data(src)}: id {int(rec[wrong[0]])} is missing ({len(wrong)} id(s) in "
+                             "all) but was not erased by the cache; only rows the cache erased may be left out")
+        return pos
+
+    def _not_the_data(self, src: Location) -> str:
+        return (f"{src.uri} is not the data set the cache {self.uri} was trained on, nor that set without rows the "
+                "cache erased")
+
+    def _with_placeholders(self, data: Dataset, keep: np.ndarray) -> Dataset:
+        """The training rows, ``data`` at positions ``keep`` and placeholders (recorded id, zero
+        features, label 0) for the removed rows left out: they never enter a gradient."""
+        ids = self._row_digests()[0]
+        if len(keep) == len(ids):
+            return data
+        at = torch.from_numpy(keep)
+        X = torch.zeros(len(ids), data.n_features, dtype=data.X.dtype)
+        y = torch.zeros(len(ids), dtype=data.y.dtype)
+        X[at], y[at] = data.X, data.y
+        return Dataset(X, y, torch.from_numpy(ids.copy()))
 
     def added_rows(self) -> Dataset | None:
         """The rows added by the unlearning runs that produced this cache (None: none)."""
@@ -622,7 +734,12 @@ class Cache:
         """(ids, removed) of the cache's rows, reading the data's id column alone: ids (n,) int64 in
         row order, removed (n,) bool (rows erased by the changes that produced this cache)."""
         from .datasets import read_id_column
-        ids = read_id_column(self.data_location(uri))
+        src = self.data_location(uri)
+        ids = read_id_column(src)
+        recorded = self._row_digests()
+        if recorded is not None and not np.array_equal(ids, recorded[0]):  # rewritten without erased rows?
+            self._kept_rows(src, ids)
+            ids = recorded[0].copy()
         extra = self.added_rows()
         if extra is not None:
             ids = np.concatenate([ids, extra.ids.numpy()])
@@ -638,9 +755,17 @@ class Cache:
 def labels_only(cache: Cache, uri: str | Location | None = None) -> Dataset:
     """The cache's rows with ids and labels but zero-width features: what a replay needs when
     the features live elsewhere (data-parallel mode). The data is not re-verified here: the
-    shards holding the features verify it."""
+    shards holding the features verify it. A data set rewritten without rows the cache erased
+    (see :meth:`Cache.data`) gets placeholders (label 0) for them, after its ids are checked."""
     from .datasets import read_labels
-    ids, y = read_labels(cache.data_location(uri))
+    src = cache.data_location(uri)
+    ids, y = read_labels(src)
+    recorded = cache._row_digests()
+    if recorded is not None and not np.array_equal(ids.numpy(), recorded[0]):
+        keep = torch.from_numpy(cache._kept_rows(src, ids.numpy()))
+        full = torch.zeros(len(recorded[0]), dtype=y.dtype)
+        full[keep] = y
+        ids, y = torch.from_numpy(recorded[0].copy()), full
     extra = cache.added_rows()
     if extra is not None:
         ids, y = torch.cat([ids, extra.ids]), torch.cat([y.to(extra.y.dtype), extra.y])
@@ -655,7 +780,8 @@ def read_manifest(root: Location) -> Manifest:
     mloc = root.join(MANIFEST)
     if not mloc.exists():
         root.check_bucket()
-        if root.is_file() or (root.is_dir() and any(p.name.endswith(".parquet") for p in root.list())):
+        if root.is_file() or (root.is_dir() and any(p.name.endswith(".parquet") and p.name not in ROW_FILES
+                                                    for p in root.list())):
             raise InputError(f"{root.uri} is not a trajectory cache (no {MANIFEST}); is it a data set?")
         raise StorageError(f"{root.uri}: no trajectory cache here (no committed {MANIFEST})")
     return Manifest.from_json(mloc.read_text(), mloc.uri)

@@ -25,10 +25,10 @@ from .location import Location, StorageError, location
 def _parquet_parts(loc: Location) -> list[Location]:
     if loc.is_file():
         return [loc]
+    if loc.join("manifest.json").exists():  # a cache holds Parquet files of its own (rows, removed, added)
+        raise InputError(f"{loc.uri} is a trajectory cache, not a data set")
     parts = [p for p in loc.list() if p.name.endswith(".parquet") and not p.name.startswith(".")]
     if not parts:
-        if loc.join("manifest.json").exists():
-            raise InputError(f"{loc.uri} is a trajectory cache, not a data set")
         raise StorageError(f"{loc.uri}: no data set here (no Parquet file)")
     return parts
 
@@ -141,13 +141,18 @@ def write_feature_copy(X: torch.Tensor, loc: Location) -> None:
             os.remove(tmp)
 
 
+def read_ids_labels(uri: str | Location, *, regression: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Checked (ids, labels) of a data set, as :func:`read_dataset` makes them, without its features."""
+    loc = location(uri)
+    return _ids_labels(_read_table(loc, ["id", "label"]), loc.uri, regression)
+
+
 def read_dataset_mapped(uri: str | Location, copy: Location, *, regression: bool | None = None) -> Dataset:
     """The data set at ``uri`` with its features mapped from the ``.npy`` copy (no Parquet decoding,
     no copy: pages are read when touched, private to this process). Only ids and labels are read
     from ``uri``; the caller verifies the result's fingerprint (a stale copy does not match)."""
     X = np.load(copy.path, mmap_mode="c", allow_pickle=False)
-    loc = location(uri)
-    ids_t, y = _ids_labels(_read_table(loc, ["id", "label"]), loc.uri, regression)
+    ids_t, y = read_ids_labels(uri, regression=regression)
     if X.ndim != 2 or X.shape[0] != len(ids_t):
         raise InputError(f"{copy.uri}: features of shape {X.shape}, expected ({len(ids_t)}, d)")
     return Dataset(torch.from_numpy(X), y, ids_t)
@@ -265,6 +270,26 @@ def fingerprint(data: Dataset) -> str:
     for t in (data.ids, data.y, data.X):
         _hash_array(h, t.detach().cpu().numpy())
     return "sha256:" + h.hexdigest()
+
+
+DIGEST_ROWS = 1 << 16  # rows hashed per block by row_digests (bounds the temporary copy)
+
+
+def row_digests(data: Dataset) -> np.ndarray:
+    """(n,) uint64: each row's 8-byte blake2b over its id, label and features, as the bytes
+    :func:`fingerprint` hashes them (the dtypes, and the width, key the hash). A data set rewritten
+    without some rows is checked row by row against these (see ``Cache``)."""
+    ids, y, X = (np.ascontiguousarray(t.detach().cpu().numpy()) for t in (data.ids, data.y, data.X))
+    n = len(ids)
+    key = f"{ids.dtype.str}{y.dtype.str}{X.dtype.str}{X.shape[1:]}".encode()
+    out = np.empty(n, dtype="<u8")
+    for a in range(0, n, DIGEST_ROWS):
+        b = min(n, a + DIGEST_ROWS)
+        block = np.concatenate([t[a:b].reshape(b - a, -1).view(np.uint8) for t in (ids, y, X)], axis=1)
+        width, mv = block.shape[1], memoryview(block.reshape(-1))
+        out[a:b] = np.frombuffer(b"".join(hashlib.blake2b(mv[i * width:(i + 1) * width], digest_size=8,
+                                                          key=key).digest() for i in range(b - a)), dtype="<u8")
+    return out
 
 
 def _hash_array(h, a: np.ndarray) -> None:
