@@ -226,6 +226,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="replayed models held in memory at most; beyond, they stay in --out's parts and are "
                             "read back a chunk at a time")
         _add_deltagrad_args(p)
+        if name == "loo":
+            p.add_argument("--verify", type=_COUNT, default=None, metavar="K",
+                           help="also retrain K requests drawn at random exactly and state a bound on the error of "
+                                "95%% of all requests at 95%% confidence (K = 59 and up: README, Verification)")
         if name != "loo":
             p.add_argument("--memory-mb", type=_POSITIVE, default=256,
                            help="working memory of the statistics, which stream over chunks of models and test points")
@@ -498,7 +502,7 @@ def cmd_loo(a: argparse.Namespace) -> dict:
     _check_out(a.out, a.overwrite)
     fan, progress = _fanout(a)
     t0 = time.perf_counter()
-    res = many.loo(a.cache, _ids_arg(a), fanout=fan, data=a.data)
+    res = many.loo(a.cache, _ids_arg(a), fanout=fan, data=a.data, verify=a.verify)
     _warn_replays(a, fan, res.replay, res.ids)
     c = res.replay.counters
     # models beyond --max-model-mb are streamed from the parts into --out a row group at a time
@@ -508,8 +512,13 @@ def cmd_loo(a: argparse.Namespace) -> dict:
                         "error": [res.replay.errors.get(i) for i in range(len(res.ids))]},
                 overwrite=a.overwrite)
     _done(fan, a.out)
-    return {"command": "loo", "out": a.out, "seconds": round(time.perf_counter() - t0, 3),
-            **_replay_summary(res.replay)}
+    out = {"command": "loo", "out": a.out, "seconds": round(time.perf_counter() - t0, 3),
+           **_replay_summary(res.replay)}
+    if res.verification is not None:
+        out["verification"] = res.verification.statement()
+        if _JSON:
+            out["verification"] = res.verification.summary()
+    return out
 
 
 def cmd_jackknife(a: argparse.Namespace) -> dict:

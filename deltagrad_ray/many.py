@@ -103,6 +103,7 @@ class ManyResult(NamedTuple):
     ids: Tensor              # (B,) the id each LOO request left out
     params: Tensor | None    # (B, p), or None when they stay in the results' parts (too many to hold)
     replay: RunReport
+    verification: Any = None  # stats.verification.Verification when ``verify=K`` was asked
 
     @property
     def models(self) -> ModelTable:
@@ -138,12 +139,20 @@ def _left_out(ds: Dataset, changes: list[ChangeSet]) -> Tensor:
 
 
 def loo(cache: Cache | str | Location, ids: Sequence[int] | Tensor | None = None, *, fanout: Fanout | None = None,
-        data: str | Location | None = None, strict: bool = False) -> ManyResult:
+        data: str | Location | None = None, strict: bool = False, verify: int | None = None,
+        quantile: float = 0.95, confidence: float = 0.95, seed: int = 0) -> ManyResult:
     """Leave-one-out models for ``ids`` (default: every training point still in the cache).
 
     Failed requests (isolated by the backend) come back as NaN rows, listed in
     ``result.replay.errors``; with ``strict`` they raise instead.
+
+    ``verify=K``: K requests drawn at random are also retrained exactly (batched) and
+    ``result.verification`` states, with probability ≥ ``confidence`` over the draw, a bound on the
+    error of at least a fraction ``quantile`` of ALL requests (:mod:`.stats.verification`).
     """
+    if verify is not None:
+        from .stats.verification import check_settings
+        check_settings(verify, quantile, confidence)  # before any replay
     c = _cache(cache)
     fan = fanout or Fanout()
     # Ray actors load (and verify) the data themselves: the driver needs only ids, not features
@@ -154,7 +163,31 @@ def loo(cache: Cache | str | Location, ids: Sequence[int] | Tensor | None = None
     rep = fan.run(c, ds, changes, data)
     if strict:
         _checked(rep, ids, "leave-one-out")
-    return ManyResult(ids, None if rep.params is None else rep.params.to(c.dtype), rep)
+    res = ManyResult(ids, None if rep.params is None else rep.params.to(c.dtype), rep)
+    if verify is not None:
+        res = res._replace(verification=verify_sample(c, res, verify, quantile=quantile, confidence=confidence,
+                                                      seed=seed, data=data))
+    return res
+
+
+def verify_sample(cache: Cache | str | Location, result: ManyResult, k: int, *, quantile: float = 0.95,
+                  confidence: float = 0.95, seed: int = 0, data: str | Location | None = None):
+    """Retrain K drawn leave-one-out requests of ``result`` exactly and state the guarantee
+    (:func:`~.stats.verification.verification`). Failed requests are not drawn."""
+    from .core.replay import retrain_batched
+    from .stats.verification import check_settings, draw, verification
+    check_settings(k, quantile, confidence)
+    c = _cache(cache)
+    ok = torch.tensor([i for i in range(len(result.ids)) if i not in result.replay.errors], dtype=torch.int64)
+    if len(ok) == 0:
+        raise InputError("no request succeeded: nothing to verify")
+    idx = ok[draw(len(ok), k, seed)]
+    ds = c.data(data)
+    changes = leave_one_out(ds, result.ids[idx], removed=c.removed_mask())
+    exact = retrain_batched(c.model, c.trajectory(), ds, changes)
+    replayed = result.params[idx] if result.params is not None else result.models.rows(idx)
+    return verification(replayed.to(exact.dtype), exact, c.final.to(exact.dtype), idx, len(ok),
+                        quantile=quantile, confidence=confidence)
 
 
 def predict_many(cache: Cache, thetas: Tensor, X: Tensor) -> Tensor:
