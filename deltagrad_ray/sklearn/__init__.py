@@ -6,6 +6,8 @@
 * :class:`CrossConformalRegressor` and :class:`CrossConformalClassifier`: MAPIE 1.x's classes of the
   same names (constructor, ``fit_conformalize``, ``predict_interval`` / ``predict_set``, ``predict``),
   whose leave-one-out or K-fold refits are DeltaGrad replays, batched.
+* :func:`plot_intervals`: their (or MAPIE's) prediction intervals, points and true values on a
+  matplotlib Axes.
 
 Example:
     >>> from deltagrad_ray.sklearn import CrossConformalRegressor, DeltaGradRegressor
@@ -17,5 +19,7 @@ Example:
 from ._conformal import (CrossConformalClassifier as CrossConformalClassifier,
                          CrossConformalRegressor as CrossConformalRegressor)
 from ._estimators import DeltaGradClassifier as DeltaGradClassifier, DeltaGradRegressor as DeltaGradRegressor
+from ._plot import plot_intervals as plot_intervals
 
-__all__ = ["CrossConformalClassifier", "CrossConformalRegressor", "DeltaGradClassifier", "DeltaGradRegressor"]
+__all__ = ["CrossConformalClassifier", "CrossConformalRegressor", "DeltaGradClassifier", "DeltaGradRegressor",
+           "plot_intervals"]

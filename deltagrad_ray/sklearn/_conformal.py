@@ -20,6 +20,15 @@ The statistics are MAPIE's (and, for regression, those of :mod:`deltagrad_ray.st
   differ by one count at some n, so it is not used here.
 
 q̂⁺ is the ⌈(1 − α)(n + 1)⌉-th smallest value, q̂⁻ the ⌊α(n + 1)⌋-th (MAPIE's finite-sample rule).
+
+The estimator may also be a scikit-learn ``Pipeline`` whose last step is a DeltaGrad estimator, or (for
+regression) a ``TransformedTargetRegressor`` around one (or around such a pipeline). The whole is fitted
+once on all training rows; the fold models are DeltaGrad replays of the last step on the rows as the
+fitted preprocessing transformed them, and their outputs go back through the fitted target transformer.
+This differs from MAPIE, which refits the whole pipeline on each fold's training rows: here the
+preprocessing (and the estimator's own standardisation) is the all-rows fit in every fold model, the
+approximation a pipeline fitted once and then asked to forget rows makes. Its effect is measured in
+``tests/sklearn/test_conformal.py`` against MAPIE's refits of the same pipeline.
 """
 
 from __future__ import annotations
@@ -32,7 +41,9 @@ from typing import Any
 import numpy as np
 import torch
 from sklearn.base import clone
+from sklearn.compose import TransformedTargetRegressor
 from sklearn.model_selection import BaseCrossValidator, KFold, LeaveOneOut
+from sklearn.pipeline import Pipeline
 from torch import Tensor
 
 from ..core import ChangeSet, InputError
@@ -70,6 +81,28 @@ def _check_cv(cv: Any, random_state: Any) -> BaseCrossValidator:
     raise InputError(f"cv must be -1 (leave-one-out), an integer K >= 2 or a scikit-learn cross-validator, got {cv!r}")
 
 
+def _final_step(estimator: Any, kind: type) -> tuple[Any, list, list]:
+    """The DeltaGrad estimator at the end of ``estimator`` (a ``kind``, a Pipeline ending in one, or a
+    TransformedTargetRegressor around either), with the (fitted) X transformers before it, outermost
+    first, and the TransformedTargetRegressors around it, outermost first. Unfitted wrappers give their
+    unfitted parts (a check before fitting)."""
+    if isinstance(estimator, kind):
+        return estimator, [], []
+    if isinstance(estimator, Pipeline) and estimator.steps:
+        last = estimator.steps[-1][1]
+        inner, pre, targets = _final_step(last, kind)
+        head = estimator[:-1] if len(estimator.steps) > 1 else None
+        return inner, ([head] if head is not None else []) + pre, targets
+    if isinstance(estimator, TransformedTargetRegressor) and kind is DeltaGradRegressor:
+        fitted = getattr(estimator, "regressor_", None)
+        inner, pre, targets = _final_step(estimator.regressor if fitted is None else fitted, kind)
+        return inner, pre, [estimator] + targets
+    wrappers = "a Pipeline ending in one" + (" or a TransformedTargetRegressor around one"
+                                             if kind is DeltaGradRegressor else "")
+    raise InputError(f"estimator must be a {kind.__name__} or {wrappers} (its refits are DeltaGrad replays), "
+                     f"got {type(estimator).__name__}")
+
+
 def _kth(values: Tensor, k: int) -> Tensor:
     """k-th smallest (1-based) along dim 0."""
     return torch.kthvalue(values, k, dim=0).values
@@ -104,7 +137,7 @@ class _CrossConformal:
     def reset(self):
         """Discard the fitted models and conformity scores, so that :meth:`fit_conformalize` can run again."""
         self.is_fitted_and_conformalized = False
-        for name in ("estimator_", "_thetas", "_model_of", "_scores_", "_y", "_oof"):
+        for name in ("estimator_", "_core", "_pre", "_targets", "_thetas", "_model_of", "_scores_", "_y", "_oof"):
             self.__dict__.pop(name, None)
         return self
 
@@ -117,13 +150,16 @@ class _CrossConformal:
         if fit_params or predict_params:
             raise InputError("fit_params and predict_params are not used by DeltaGrad estimators; leave them empty")
         base = self._default() if self.estimator is None else self.estimator
-        if not isinstance(base, self._estimator_type):
+        if not isinstance(base, (Pipeline, TransformedTargetRegressor)) and not isinstance(base, self._estimator_type):
             raise InputError(f"estimator must be a {self._estimator_type.__name__} (its refits are DeltaGrad replays), "
                              f"got {type(base).__name__}")
-        est = clone(base).fit(X, y)
+        _final_step(base, self._estimator_type)  # the structure, before the (costly) fit
+        fitted = clone(base).fit(X, y)
+        est, self._pre, self._targets = _final_step(fitted, self._estimator_type)
+        self._core = est
         data = est._training_data()
         n = len(data)
-        y_obs = est._training_labels()
+        y_obs = np.asarray(y).reshape(n) if y is not None else est._training_labels()  # as given, in y's units
         cv = _check_cv(self.cv, self.random_state)  # at fit time, as MAPIE does (its seed is drawn then)
         folds = [np.asarray(test, dtype=np.int64) for _, test in cv.split(np.zeros((n, 1)), y_obs, groups)]
         count = np.zeros(n, dtype=np.int64)
@@ -138,14 +174,33 @@ class _CrossConformal:
         for k, f in enumerate(folds):
             model_of[torch.from_numpy(f)] = k
         # out-of-fold outputs of the calibration rows: each row by the model fitted without its fold
-        own = torch.cat([est._outputs(thetas[k:k + 1], data.X[torch.from_numpy(f)])[0] for k, f in enumerate(folds)])
+        self._thetas = thetas
+        own = torch.cat([self._out(thetas[k:k + 1], data.X[torch.from_numpy(f)])[0] for k, f in enumerate(folds)])
         order = torch.from_numpy(np.concatenate(folds))
         oof = torch.empty_like(own)
         oof[order] = own
-        self.estimator_ = est
-        self._thetas, self._model_of, self._y, self._oof = thetas, model_of.to(thetas.device), data.y, oof
-        self._scores_ = self._conformity(oof, data.y)
+        self.estimator_ = fitted
+        labels = data.y if est._task == "classification" else torch.as_tensor(np.asarray(y_obs, dtype=np.float64),
+                                                                                  device=oof.device)
+        self._model_of, self._y, self._oof = model_of.to(thetas.device), labels, oof
+        self._scores_ = self._conformity(oof, labels)
         self.is_fitted_and_conformalized = True
+
+    def _rows(self, X: Any) -> Tensor:
+        """Test rows through the fitted preprocessing, standardised as the final step's training rows."""
+        for pre in self._pre:
+            X = pre.transform(X)
+        return self._core._predict_tensor(X)
+
+    def _out(self, thetas: Tensor, Xt: Tensor) -> Tensor:
+        """Outputs of B final-step models on m rows, in the units of y (through the target transformers)."""
+        out = self._core._outputs(thetas, Xt)
+        for ttr in reversed(self._targets):  # innermost first
+            shape = out.shape
+            back = ttr.transformer_.inverse_transform(out.reshape(-1, 1).cpu().double().numpy())
+            out = torch.as_tensor(np.asarray(back, dtype=np.float64).reshape(shape), dtype=out.dtype,
+                                  device=out.device)
+        return out
 
     def _check_fitted(self, method: str) -> None:
         if not self.is_fitted_and_conformalized:
@@ -159,7 +214,7 @@ class _CrossConformal:
 
     def _test_chunks(self, Xt: Tensor):
         """Test rows in chunks small enough that (models × rows) outputs stay bounded."""
-        per_row = self._thetas.shape[0] * len(getattr(self.estimator_, "classes_", [0]))  # models × outputs
+        per_row = self._thetas.shape[0] * len(getattr(self._core, "classes_", [0]))  # models × outputs
         step = max(1, _TEST_CHUNK_VALUES // max(1, per_row))
         for a in range(0, Xt.shape[0], step):
             yield a, Xt[a:a + step]
@@ -181,7 +236,10 @@ class CrossConformalRegressor(_CrossConformal):
     """Jackknife+, CV+ and their variants with MAPIE 1.x's interface; the refits are DeltaGrad replays.
 
     Args:
-      estimator: a :class:`DeltaGradRegressor` (default: ``DeltaGradRegressor()``); cloned and fitted once.
+      estimator: a :class:`DeltaGradRegressor` (default: ``DeltaGradRegressor()``), a ``Pipeline`` ending in
+        one, or a ``TransformedTargetRegressor`` around either; cloned and fitted once on all rows. The
+        fold models replay the DeltaGrad step; a pipeline's preprocessing and a target transformer stay
+        as fitted on all rows (MAPIE refits them per fold; see the module docstring).
       confidence_level: 1 − α, a number or a list of them (one interval per level).
       conformity_score: ``"absolute"`` (|y − ŷ|, MAPIE's default; the only one here).
       method: ``"plus"`` (jackknife+ / CV+), ``"base"`` or ``"minmax"``.
@@ -201,8 +259,7 @@ class CrossConformalRegressor(_CrossConformal):
     Example:
       >>> from sklearn.datasets import load_diabetes
       >>> X, y = load_diabetes(return_X_y=True)
-      >>> X = (X - X.mean(0)) / X.std(0)
-      >>> cp = CrossConformalRegressor(DeltaGradRegressor(steps=100), confidence_level=0.9, cv=-1)
+      >>> cp = CrossConformalRegressor(DeltaGradRegressor(), confidence_level=0.9, cv=-1)
       >>> y_pred, y_pis = cp.fit_conformalize(X[:300], y[:300]).predict_interval(X[300:])
       >>> y_pis.shape
       (142, 2, 1)
@@ -247,7 +304,7 @@ class CrossConformalRegressor(_CrossConformal):
 
     def _multi(self, Xt: Tensor) -> Tensor:
         """μ̂_(i)(x) for every training row i and test row x: (n, m) (each row i's fold model)."""
-        return self.estimator_._outputs(self._thetas, Xt)[self._model_of]
+        return self._out(self._thetas, Xt)[self._model_of]
 
     def _points(self, multi: Tensor, single: Tensor, aggregate: str | None) -> Tensor:
         if aggregate not in (None, False, "mean", "median"):
@@ -280,14 +337,14 @@ class CrossConformalRegressor(_CrossConformal):
         self._check_fitted("predict_interval")
         if minimize_interval_width:
             raise InputError("minimize_interval_width cannot be used with the symmetric absolute conformity score")
-        est = self.estimator_
-        Xt = est._predict_tensor(X)
+        est = self._core
+        Xt = self._rows(X)
         ks = [self._q_plus(a, allow_infinite_bounds) for a in self._alphas]
         R = self._scores_
         y_cal = self._y.to(R.dtype)
         points, bounds = [], []
         for _, part in self._test_chunks(Xt):
-            single = est._outputs(est.params_[None], part)[0]
+            single = self._out(est.params_[None], part)[0]
             multi = self._multi(part)
             points.append(self._points(multi, single, aggregate_point_predictions))
             per_level = []
@@ -306,11 +363,11 @@ class CrossConformalRegressor(_CrossConformal):
     def predict(self, X: Any, aggregate_point_predictions: str | None = "mean") -> np.ndarray:
         """Point predictions (m,): the fold models' mean (default), median, or (None) the full model's."""
         self._check_fitted("predict")
-        est = self.estimator_
-        Xt = est._predict_tensor(X)
+        est = self._core
+        Xt = self._rows(X)
         out = []
         for _, part in self._test_chunks(Xt):
-            single = est._outputs(est.params_[None], part)[0]
+            single = self._out(est.params_[None], part)[0]
             multi = self._multi(part) if aggregate_point_predictions and self.method != "base" else single[None]
             out.append(self._points(multi, single, aggregate_point_predictions))
         return torch.cat(out).cpu().double().numpy()
@@ -320,7 +377,8 @@ class CrossConformalClassifier(_CrossConformal):
     """Cross-conformal prediction sets with MAPIE 1.x's interface; the refits are DeltaGrad replays.
 
     Args:
-      estimator: a :class:`DeltaGradClassifier` (default: ``DeltaGradClassifier()``).
+      estimator: a :class:`DeltaGradClassifier` (default: ``DeltaGradClassifier()``), or a ``Pipeline``
+        ending in one (its preprocessing fitted once on all rows, as for the regressor).
       confidence_level: 1 − α, a number or a list of them (one set per level).
       conformity_score: ``"lac"`` (1 − p̂(y | x), MAPIE's default; the only one here).
       cv, n_jobs, verbose, random_state, backend, batch_size, exact: as :class:`CrossConformalRegressor`.
@@ -331,9 +389,7 @@ class CrossConformalClassifier(_CrossConformal):
     Example:
       >>> from sklearn.datasets import load_wine
       >>> X, y = load_wine(return_X_y=True)
-      >>> X = (X - X.mean(0)) / X.std(0)
-      >>> cp = CrossConformalClassifier(DeltaGradClassifier(steps=100, lr=0.5), confidence_level=0.9, cv=10,
-      ...                               random_state=0)
+      >>> cp = CrossConformalClassifier(DeltaGradClassifier(), confidence_level=0.9, cv=10, random_state=0)
       >>> labels, sets = cp.fit_conformalize(X[:150], y[:150]).predict_set(X[150:])
       >>> sets.shape
       (28, 3, 1)
@@ -384,8 +440,8 @@ class CrossConformalClassifier(_CrossConformal):
             raise InputError("conformity_score_params do not apply to the LAC score; leave them empty")
         if agg_scores not in ("mean", "crossval"):
             raise InputError(f"agg_scores must be 'mean' or 'crossval', got {agg_scores!r}")
-        est = self.estimator_
-        Xt = est._predict_tensor(X)
+        est = self._core
+        Xt = self._rows(X)
         R = self._scores_
         n = R.shape[0]
         qs = []

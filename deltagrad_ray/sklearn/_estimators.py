@@ -5,7 +5,19 @@ Wu et al. 2020, Sec. 3) in memory, or writes it as a cache at ``cache=`` through
 ``forget`` replays that trajectory without some rows (DeltaGrad, Alg. 1) instead of retraining;
 ``forget_many`` replays many such requests in batches; ``loo_predict`` gives every leave-one-out
 model's predictions. With ``exact=True`` each of them retrains exactly instead (same θ_0, learning
-rates and batch order: the ground truth DeltaGrad approximates).
+rates, batch order and scaling: the ground truth DeltaGrad approximates).
+
+Defaults that work without tuning (``standardize=True``, ``steps="auto"``, ``lr="auto"``):
+
+* the features (and a regressor's targets) are standardised with the training rows' means and
+  standard deviations, fixed at fit time; the trajectory is trained on the standardised rows, so the
+  fit does not depend on their units, and forgetting rows keeps the scaling (as a ``Pipeline`` whose
+  ``StandardScaler`` was fitted once on all rows would);
+* η = 1/L for the linear kinds (L the smoothness bound of the objective), 0.5/|λ|max(∇²F(θ_0)) for the
+  MLP (its curvature at the start, by Hessian-vector products);
+* T: gradient descent runs until ‖∇F(θ_t)‖ ≤ tol·‖∇F(θ_0)‖ (at most :data:`AUTO_MAX_STEPS` steps), and the
+  steps it took are the trajectory;
+* a fit that ends with ‖∇F(θ_T)‖ > tol·‖∇F(θ_0)‖ warns (``ConvergenceWarning``), naming ``steps`` and ``lr``.
 """
 
 from __future__ import annotations
@@ -13,23 +25,124 @@ from __future__ import annotations
 import copy
 import math
 import numbers
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
 from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin
+from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 from torch import Tensor, nn
-from torch.func import vmap
+from torch.func import grad, vjp, vmap
 
-from ..core import (ChangeSet, Dataset, DeltaGradConfig, FunctionalModel, InputError, MemoryRecorder, ModelSpec,
-                    Trajectory, deltagrad, deltagrad_batched, learning_rates, make_change_set,
-                    retrain, train)
+from ..core import (BatchPlan, ChangeSet, Dataset, DeltaGradConfig, FunctionalModel, InMemory, InputError,
+                    MemoryRecorder, ModelSpec, Trajectory, deltagrad, deltagrad_batched, learning_rates,
+                    make_change_set, retrain, run_sgd, train)
 from ..store.inputs import check_finite, is_table, read_rows
 
 _DTYPES = {"float64": torch.float64, "float32": torch.float32}
+AUTO_MAX_STEPS = 1000   # steps="auto": gradient descent stops at tol or after this many steps
+AUTO_SGD_EPOCHS = 10    # steps="auto" with optimizer="sgd": this many passes over the rows
+MLP_LR_FACTOR = 0.5     # lr="auto" for the MLP: this over |λ|max of the Hessian at θ_0
+CURVATURE_ROWS = 4096   # rows (evenly spaced) of the MLP's curvature estimate
+GRADIENT_ROWS = 65536   # rows per chunk of the full gradient behind the convergence check
+
+
+def _standardization(A: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Column means and standard deviations of (n, k) ``A``; 1 for a (numerically) constant column."""
+    mean = A.mean(axis=0)
+    scale = A.std(axis=0)
+    constant = scale <= 10 * np.finfo(np.float64).eps * np.maximum(np.abs(mean), 1.0)
+    scale[constant] = 1.0
+    return mean, scale
+
+
+def _curvature(fm: FunctionalModel, theta: Tensor, X: Tensor, y: Tensor, l2: float, iters: int = 30) -> float:
+    """|λ|max of ∇²F(θ) on (X, y): power iteration on Hessian-vector products (reverse over reverse:
+    one vjp of ∇F at θ, then H·v = vjp(v) for the symmetric H)."""
+    _, hvp = vjp(grad(lambda th: fm.loss_sum(th, X, y) / len(X) + 0.5 * l2 * (th @ th)), theta)
+    gen = torch.Generator().manual_seed(0)
+    v = torch.randn(theta.shape, generator=gen, dtype=torch.float64).to(dtype=theta.dtype, device=theta.device)
+    v = v / v.norm()
+    lam = 0.0
+    for _ in range(iters):
+        hv = hvp(v)[0]
+        new = float(hv.norm())
+        if new == 0 or not math.isfinite(new):
+            return new
+        v = hv / new
+        if abs(new - lam) <= 1e-3 * new:
+            return new
+        lam = new
+    return lam
+
+
+def _full_gradient(fm: FunctionalModel, theta: Tensor, data: Dataset, l2: float) -> Tensor:
+    """∇F(θ) = Σ_i ∇ℓ_i(θ)/n + λθ over every row of ``data`` (in chunks of rows)."""
+    total = torch.zeros_like(theta)
+    for a in range(0, len(data), GRADIENT_ROWS):
+        total += fm.grad_sum(theta, data.X[a:a + GRADIENT_ROWS], data.y[a:a + GRADIENT_ROWS])
+    return total / len(data) + l2 * theta
+
+
+class _Reached(Exception):
+    """Raised by :class:`_UntilTolerance` at the first step that meets the tolerance."""
+
+    def __init__(self, step: int, theta: Tensor) -> None:
+        super().__init__(step)
+        self.step, self.theta = step, theta
+
+
+class _UntilTolerance:
+    """A recorder for ``steps="auto"`` under GD: keeps (θ_t, g_t) (when ``keep``) and stops training, by
+    raising :class:`_Reached`, at the first θ_t with ‖g_t‖ ≤ tol·‖g_0‖, where g_t = ∇F(θ_t)."""
+
+    def __init__(self, tol: float, keep: bool) -> None:
+        self.tol, self.keep = tol, keep
+        self.g0: float | None = None
+        self.params: list[Tensor] = []
+        self.grads: list[Tensor] = []
+
+    def record(self, step: int, theta: Tensor, grad: Tensor) -> None:
+        norm = float(torch.linalg.vector_norm(grad))
+        if self.g0 is None:
+            self.g0 = norm
+        if norm <= self.tol * self.g0:
+            raise _Reached(step, theta)
+        if self.keep:  # the training loop makes new tensors each step (w = w − ηg): references suffice
+            self.params.append(theta)
+            self.grads.append(grad)
+
+    def finish(self, lrs: Tensor) -> None:
+        return None
+
+
+def _gd_to_tolerance(fm: FunctionalModel, data: Dataset, lrs: Tensor, l2: float, seed: int, tol: float,
+                     keep: bool) -> tuple[int, Trajectory | None]:
+    """T for ``steps="auto"`` under GD — the first t with ‖∇F(θ_t)‖ ≤ tol·‖∇F(θ_0)‖, else len(lrs) — and,
+    with ``keep``, the trajectory of those T steps.
+
+    Runs the loop :func:`~deltagrad_ray.core.train` runs (the same θ_0, batch plan and operations),
+    so the trajectory is the one ``train`` records for T steps, and exact retraining reproduces it.
+    """
+    plan = BatchPlan(len(data), None, seed)
+    theta0 = fm.init_params(seed, dtype=data.X.dtype, device=data.X.device)
+    rec = _UntilTolerance(tol, keep)
+    try:
+        final = run_sgd(fm, data, plan, lrs, l2, theta0, None, rec, check_growth=True)
+        steps = int(lrs.shape[0])
+    except _Reached as stop:
+        if stop.step == 0:  # stationary at θ_0: one step, recorded by train()
+            return 1, None
+        final, steps = stop.theta, stop.step
+    if not keep:
+        return steps, None
+    lrs = lrs[:steps]
+    source = InMemory(torch.stack(rec.params[:steps]), torch.stack(rec.grads[:steps]), lrs)
+    return steps, Trajectory(plan, float(l2), lrs.to(torch.float64).cpu(), theta0, final, len(data), None, source)
 
 
 def _squared(outputs: Tensor, targets: Tensor) -> Tensor:
@@ -53,6 +166,9 @@ def _mlp_regression(d: int, hidden: tuple[int, ...], seed: int) -> FunctionalMod
 _NO_TRAJECTORY = ("this estimator holds no trajectory to replay (it came from forget_many(), or from forget() "
                   "on a cache without out_cache=); forget() in memory or with out_cache= returns estimators "
                   "that can forget again")
+_UNPICKLED = ("this estimator was unpickled, and pickles carry what predict needs, not the in-memory trajectory; "
+              "to forget after pickling, fit with cache=LOCATION (the trajectory stays on storage and is "
+              "reloaded from there)")
 
 
 class _DeltaGradBase(BaseEstimator):
@@ -61,8 +177,9 @@ class _DeltaGradBase(BaseEstimator):
     _kinds: tuple[str, ...] = ()
     _task = ""
 
-    def __init__(self, model: str = "", *, hidden: Sequence[int] = (100,), optimizer: str = "gd", steps: int = 100,
-                 lr: float | str = "auto", milestones: Sequence[int] = (), gamma: float = 0.1, l2: float = 1e-3,
+    def __init__(self, model: str = "", *, hidden: Sequence[int] = (100,), optimizer: str = "gd",
+                 steps: int | str = "auto", lr: float | str = "auto", milestones: Sequence[int] = (),
+                 gamma: float = 0.1, l2: float = 1e-3, tol: float = 3e-2, standardize: bool = True,
                  batch_size: int | None = None, seed: int = 0, dtype: str = "float64", device: str = "cpu",
                  config: DeltaGradConfig | dict | None = None, cache: str | None = None) -> None:
         self.model = model
@@ -73,6 +190,8 @@ class _DeltaGradBase(BaseEstimator):
         self.milestones = milestones
         self.gamma = gamma
         self.l2 = l2
+        self.tol = tol
+        self.standardize = standardize
         self.batch_size = batch_size
         self.seed = seed
         self.dtype = dtype
@@ -92,10 +211,15 @@ class _DeltaGradBase(BaseEstimator):
             raise InputError(f"batch_size applies to optimizer sgd only, got batch_size={self.batch_size!r} with gd")
         if self.batch_size is not None and (not isinstance(self.batch_size, numbers.Integral) or self.batch_size < 1):
             raise InputError(f"batch_size must be an integer >= 1 or None, got {self.batch_size!r}")
-        if isinstance(self.steps, bool) or not isinstance(self.steps, numbers.Integral) or self.steps < 1:
-            raise InputError(f"steps must be an integer >= 1, got {self.steps!r}")
+        if self.steps != "auto" and (isinstance(self.steps, bool) or not isinstance(self.steps, numbers.Integral)
+                                     or self.steps < 1):
+            raise InputError(f"steps must be an integer >= 1 or 'auto', got {self.steps!r}")
         if not isinstance(self.l2, numbers.Real) or not self.l2 >= 0:
             raise InputError(f"l2 must be a number >= 0, got {self.l2!r}")
+        if isinstance(self.tol, bool) or not isinstance(self.tol, numbers.Real) or not 0 < self.tol < math.inf:
+            raise InputError(f"tol must be a number > 0, got {self.tol!r}")
+        if not isinstance(self.standardize, (bool, np.bool_)):
+            raise InputError(f"standardize must be True or False, got {self.standardize!r}")
         if not isinstance(self.seed, numbers.Integral):
             raise InputError(f"seed must be an integer, got {self.seed!r}")
         if self.dtype not in _DTYPES:
@@ -103,19 +227,28 @@ class _DeltaGradBase(BaseEstimator):
         if self.model == "mlp" and (not self.hidden or min(self.hidden) < 1):
             raise InputError(f"hidden must be layer sizes >= 1 for the mlp, e.g. (100,), got {self.hidden!r}")
 
-    def _learning_rate(self, X: Tensor, n_classes: int | None) -> float:
-        """``lr``, or for ``"auto"`` 1/L with L the smoothness of the linear model's objective on X.
+    def _learning_rate(self, fm: FunctionalModel, data: Dataset, n_classes: int | None) -> float:
+        """``lr``, or for ``"auto"``: 1/L for the linear kinds, 0.5/|λ|max(∇²F(θ_0)) for the MLP.
 
-        L = c·σ_max([X, 1])²/n + λ, c = 1 for squared loss, ½ for softmax cross-entropy (its Hessian
-        in the logits is at most ½I); σ_max by power iteration. η = 1/L is inside the stable range
-        η < 2/L of gradient descent, so training converges without tuning. For the MLP, 0.1/L: a
-        heuristic from the input layer's scale, not a bound.
+        Linear kinds: L = c·σ_max([X, 1])²/n + λ, c = 1 for squared loss, ½ for softmax cross-entropy
+        (its Hessian in the logits is at most ½I); σ_max by power iteration. L bounds the Hessian
+        everywhere, so η = 1/L (inside GD's stable range η < 2/L) converges without tuning.
+        MLP: the curvature at the start, by power iteration on Hessian-vector products over at most
+        :data:`CURVATURE_ROWS` evenly spaced rows; half its inverse leaves room for the curvature to
+        grow during training (a heuristic: the MLP's objective has no global bound).
         """
         if isinstance(self.lr, str):
             if self.lr != "auto":
                 raise InputError(f"lr must be a number > 0 or 'auto', got {self.lr!r}")
-            Xd = torch.cat([X, torch.ones(len(X), 1, dtype=X.dtype)], dim=1)
-            v = torch.ones(Xd.shape[1], dtype=X.dtype) / math.sqrt(Xd.shape[1])
+            X = data.X
+            if self.model == "mlp":
+                rows = torch.linspace(0, len(data) - 1, min(len(data), CURVATURE_ROWS)).round().long()
+                rows = rows.to(X.device)
+                theta0 = fm.init_params(int(self.seed), dtype=X.dtype, device=X.device)
+                lam = _curvature(fm, theta0, X[rows], data.y[rows], float(self.l2))
+                return MLP_LR_FACTOR / lam if lam > 0 and math.isfinite(lam) else 0.1
+            Xd = torch.cat([X, torch.ones(len(X), 1, dtype=X.dtype, device=X.device)], dim=1)
+            v = torch.ones(Xd.shape[1], dtype=X.dtype, device=X.device) / math.sqrt(Xd.shape[1])
             sq = 0.0
             for _ in range(100):                      # power iteration on X̃ᵀX̃
                 w = Xd.T @ (Xd @ v)
@@ -128,8 +261,7 @@ class _DeltaGradBase(BaseEstimator):
                     break
                 sq = new
             L = (1.0 if n_classes is None else 0.5) * sq / len(X) + float(self.l2)
-            # the MLP's curvature also grows with its weights: a tenth of the linear step (a heuristic)
-            return (0.1 if self.model == "mlp" else 1.0) / L if L > 0 else 0.1
+            return 1.0 / L if L > 0 else 0.1
         if isinstance(self.lr, bool) or not isinstance(self.lr, numbers.Real) or not (self.lr > 0 and
                                                                                     math.isfinite(self.lr)):
             raise InputError(f"lr must be a number > 0 or 'auto', got {self.lr!r}")
@@ -150,6 +282,15 @@ class _DeltaGradBase(BaseEstimator):
             return _mlp_regression(d, hidden, int(self.seed))
         return ModelSpec(self.model, d, 1 if c is None else c, hidden).build()
 
+    @property
+    def _fm(self) -> FunctionalModel:
+        """The functional model, built on first use (an unpickled estimator rebuilds it lazily)."""
+        fm = self.__dict__.get("_model")
+        if fm is None:
+            fm = self._build(self.n_features_in_, self._n_classes())
+            self.__dict__["_model"] = fm
+        return fm
+
     # -- data ---------------------------------------------------------------------------------
     def _fit_arrays(self, X: Any, y: Any) -> tuple[np.ndarray, np.ndarray]:
         if is_table(X):
@@ -166,13 +307,18 @@ class _DeltaGradBase(BaseEstimator):
         check_finite(X, "X", _names(self))
         return X, y
 
+    def _scaled(self, X: np.ndarray) -> np.ndarray:
+        """Rows in the units the model was trained in: (X − x_mean_) / x_scale_."""
+        return (np.asarray(X, dtype=np.float64) - self.x_mean_) / self.x_scale_
+
     def _predict_tensor(self, X: Any) -> Tensor:
+        """The rows of ``X``, validated and standardised as the training rows were, as a tensor."""
         check_is_fitted(self, "params_")
         if is_table(X):
             X = read_rows(X, labels=False, what="X").X
         X = validate_data(self, X, reset=False, dtype=[np.float64, np.float32], ensure_all_finite=False)
         check_finite(X, "X", _names(self))
-        return torch.as_tensor(np.array(X, dtype=np.float64, order="C"), dtype=self.params_.dtype,
+        return torch.as_tensor(np.ascontiguousarray(self._scaled(X)), dtype=self.params_.dtype,
                                device=self.params_.device)
 
     # -- fit ------------------------------------------------------------------------------------
@@ -180,72 +326,133 @@ class _DeltaGradBase(BaseEstimator):
         self._check_params()
         config = self._deltagrad_config()
         dt = _DTYPES[self.dtype]
-        for name in ("trajectory_", "cache_", "params_", "_data", "_fm", "forget_report_"):
+        for name in ("trajectory_", "cache_", "params_", "_data", "_model", "forget_report_", "_unpickled"):
             self.__dict__.pop(name, None)
-        y = torch.from_numpy(labels.astype(np.int64 if n_classes else np.float64))
-        data = Dataset(torch.from_numpy(np.array(X, dtype=np.float64, order="C")), y,
+        X = np.ascontiguousarray(X, dtype=np.float64)  # one memory order: the same sums for arrays and DataFrames
+        d = X.shape[1]
+        self.x_mean_, self.x_scale_ = _standardization(X) if self.standardize else (np.zeros(d), np.ones(d))
+        if n_classes is None:
+            y = labels.astype(np.float64)
+            m, s = _standardization(y[:, None]) if self.standardize else (np.zeros(1), np.ones(1))
+            self.y_mean_, self.y_scale_ = float(m[0]), float(s[0])
+            y = torch.from_numpy((y - self.y_mean_) / self.y_scale_)
+        else:
+            y = torch.from_numpy(labels.astype(np.int64))
+        data = Dataset(torch.from_numpy(np.ascontiguousarray(self._scaled(X))), y,
                        torch.arange(len(X), dtype=torch.int64))
-        fm = self._build(X.shape[1], n_classes)
+        fm = self._build(d, n_classes)
         batch = self.batch_size if self.optimizer == "sgd" else None
-        lr = self._learning_rate(data.X, n_classes)
+        work = data.to(dtype=dt, device=self.device)
+        lr = self._learning_rate(fm, work, n_classes)
+        l2 = float(self.l2)
+        traj = None
+        if self.steps != "auto":
+            steps = int(self.steps)
+        elif batch is not None:
+            steps = AUTO_SGD_EPOCHS * math.ceil(len(data) / int(batch))
+        else:  # in memory, the run that finds T is the recorded one; for a cache, a first run finds T
+            cap = learning_rates(AUTO_MAX_STEPS, lr, tuple(self.milestones), float(self.gamma))
+            steps, traj = _gd_to_tolerance(fm, work, cap, l2, int(self.seed), float(self.tol), self.cache is None)
         if self.cache is None:
-            data = data.to(dtype=dt, device=self.device)
-            lrs = learning_rates(int(self.steps), lr, tuple(self.milestones), float(self.gamma))
-            traj = train(fm, data, steps=int(self.steps), lrs=lrs, l2=float(self.l2), batch_size=batch,
-                         seed=int(self.seed))
+            if traj is None:
+                lrs = learning_rates(steps, lr, tuple(self.milestones), float(self.gamma))
+                traj = train(fm, work, steps=steps, lrs=lrs, l2=l2, batch_size=batch, seed=int(self.seed))
             self.trajectory_ = traj
-            self._data = data
-            params = traj.final
+            self._data = work
+            params, initial = traj.final, traj.initial
         else:
             if fm.spec is None:
                 raise InputError(f"cache= records the built-in models (logreg, mlp classification, linear); "
                                  f"{self.model} regression trains in memory only (cache=None)")
             from .. import api
             c = api.fit(data, self.cache, model=self.model, hidden=fm.spec.hidden, optimizer=self.optimizer,
-                        steps=int(self.steps), lr=lr, milestones=tuple(self.milestones),
-                        gamma=float(self.gamma), batch_size=batch, l2=float(self.l2), seed=int(self.seed),
+                        steps=steps, lr=lr, milestones=tuple(self.milestones),
+                        gamma=float(self.gamma), batch_size=batch, l2=l2, seed=int(self.seed),
                         dtype=self.dtype, n_classes=n_classes, device=self.device)
             self.cache_ = c.uri
             params = c.final.to(device=self.device)
+            initial = fm.init_params(int(self.seed), dtype=params.dtype, device=params.device)
         if not bool(torch.isfinite(params).all()):
-            raise InputError(f"training diverged (NaN or inf parameters after {self.steps} steps at lr={lr:g}); "
+            raise InputError(f"training diverged (NaN or inf parameters after {steps} steps at lr={lr:g}); "
                              "lower lr, or scale the features and targets")
-        self._fm = fm
+        self.__dict__["_model"] = fm
         self._config_ = config
         self.lr_ = lr
-        self.n_iter_ = int(self.steps)
+        self.n_iter_ = steps
         self._set_params(params)
+        self._check_convergence(fm, work, initial, params, l2, steps, lr)
         return self
+
+    def _check_convergence(self, fm: FunctionalModel, data: Dataset, initial: Tensor, final: Tensor, l2: float,
+                           steps: int, lr: float) -> None:
+        """Sets ``gradient_ratio_`` = ‖∇F(θ_T)‖ / ‖∇F(θ_0)‖ and warns when it is above ``tol``."""
+        g0 = float(_full_gradient(fm, initial, data, l2).norm())
+        gT = float(_full_gradient(fm, final, data, l2).norm())
+        self.gradient_ratio_ = gT / g0 if g0 > 0 else 0.0
+        if self.gradient_ratio_ > float(self.tol):
+            if self.steps == "auto" and self.optimizer == "gd":
+                change = (f"steps='auto' stops at {AUTO_MAX_STEPS}: give more steps (an integer), or a larger lr "
+                          f"(η was {lr:.3g})")
+            else:
+                change = (f"raise steps (or steps='auto' with optimizer='gd'), or change lr (η was {lr:.3g}: smaller "
+                          "if the objective oscillates, larger if it creeps)")
+            if not self.standardize:
+                change += "; or standardize=True (features and targets in units far from 1 slow gradient descent)"
+            warnings.warn(f"{type(self).__name__} ended far from a stationary point after {steps} steps: "
+                          f"‖∇F(θ_T)‖ = {self.gradient_ratio_:.3g}·‖∇F(θ_0)‖ > tol = {float(self.tol):g}; {change}",
+                          ConvergenceWarning, stacklevel=4)
 
     def _set_params(self, params: Tensor) -> None:
         self.params_ = params
         spec = self._fm.spec
         if spec is not None and spec.kind in ("logreg", "linear"):
-            W, b = self._fm.unflatten(params.detach().cpu()).values()
-            self.coef_ = W.numpy().copy() if spec.kind == "logreg" else W.numpy().reshape(-1).copy()
-            self.intercept_ = b.numpy().copy() if spec.kind == "logreg" else float(b[0])
+            # θ acts on standardised rows z = (x − μ)/σ; in the original units: W/σ and b − W·(μ/σ)
+            W, b = (v.double().numpy() for v in self._fm.unflatten(params.detach().cpu()).values())
+            W = W / self.x_scale_
+            b = b - W @ self.x_mean_
+            if spec.kind == "logreg":
+                self.coef_, self.intercept_ = W.copy(), b.copy()
+            else:
+                self.coef_ = W.reshape(-1) * self.y_scale_
+                self.intercept_ = float(b[0] * self.y_scale_ + self.y_mean_)
 
-    # -- pickling: the functional model is rebuilt, not stored ---------------------------------
+    # -- pickling: what predict needs; the trajectory stays behind -------------------------------
     def __getstate__(self) -> dict:
-        state = super().__getstate__()
-        state = dict(state)
-        state.pop("_fm", None)
+        """The state without the in-memory trajectory, the training rows or the functional model.
+
+        Pickles (joblib, MAPIE's ``n_jobs``, Ray) carry the parameters, the scaling and the fitted
+        attributes; an unpickled estimator predicts, and forgets only when fitted with ``cache=``.
+        """
+        state = dict(super().__getstate__())
+        state.pop("_model", None)
+        state.pop("_data", None)
+        if state.get("trajectory_") is not None:
+            state["trajectory_"] = None
+            state["_unpickled"] = True
         return state
 
-    def __setstate__(self, state: dict) -> None:
-        super().__setstate__(state)
-        if "params_" in self.__dict__:
-            self._fm = self._build(self.n_features_in_, self._n_classes())
+    def __copy__(self) -> _DeltaGradBase:
+        new = type(self).__new__(type(self))
+        new.__dict__.update(self.__dict__)
+        return new
+
+    def __deepcopy__(self, memo: dict) -> _DeltaGradBase:
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        new.__dict__.update(copy.deepcopy({k: v for k, v in self.__dict__.items() if k != "_model"}, memo))
+        return new
 
     def _n_classes(self) -> int | None:
         return None
 
     # -- evaluation -----------------------------------------------------------------------------
     def _outputs(self, thetas: Tensor, X: Tensor) -> Tensor:
-        """Raw outputs of B models on m rows: (B, m, c) logits or (B, m) predictions."""
+        """Outputs of B models on m standardised rows: (B, m, c) logits, or (B, m) predictions in y's units."""
         with torch.no_grad():
             out = vmap(self._fm.forward, in_dims=(0, None))(thetas, X)
-        return out.reshape(thetas.shape[0], X.shape[0]) if self._task == "regression" else out
+        if self._task == "regression":
+            return out.reshape(thetas.shape[0], X.shape[0]) * self.y_scale_ + self.y_mean_
+        return out
 
     # -- unlearning -----------------------------------------------------------------------------
     def _rows(self, indices: Any, what: str = "indices") -> Tensor:
@@ -271,12 +478,15 @@ class _DeltaGradBase(BaseEstimator):
     def _open_cache(self):
         from ..store.cache import open_cache
         if self.__dict__.get("cache_") is None:
-            raise InputError(_NO_TRAJECTORY)
+            raise self._no_trajectory()
         return open_cache(self.cache_)
+
+    def _no_trajectory(self) -> InputError:
+        return InputError(_UNPICKLED if self.__dict__.get("_unpickled") else _NO_TRAJECTORY)
 
     def _trajectory(self) -> tuple[Trajectory, Dataset]:
         if self.__dict__.get("trajectory_") is None:
-            raise InputError(_NO_TRAJECTORY)
+            raise self._no_trajectory()
         return self.trajectory_, self._data
 
     def _in_memory(self) -> bool:
@@ -297,7 +507,7 @@ class _DeltaGradBase(BaseEstimator):
 
         Args:
           indices: row numbers of the data given to :meth:`fit` (0 … n−1).
-          exact: retrain exactly (same θ_0, learning rates and batch order) instead of DeltaGrad.
+          exact: retrain exactly (same θ_0, learning rates, batch order and scaling) instead of DeltaGrad.
           out_cache: (estimators fitted with ``cache=``) where to write the replayed trajectory as a new
             cache, so that the copy can forget again; without it the copy predicts but cannot forget.
 
@@ -308,11 +518,11 @@ class _DeltaGradBase(BaseEstimator):
         Example:
           >>> from sklearn.datasets import load_breast_cancer
           >>> X, y = load_breast_cancer(return_X_y=True)
-          >>> X = (X - X.mean(0)) / X.std(0)
-          >>> clf = DeltaGradClassifier(steps=50, lr=0.5).fit(X, y)
+          >>> clf = DeltaGradClassifier().fit(X, y)
           >>> without = clf.forget([3, 14, 15])            # DeltaGrad
           >>> exact = clf.forget([3, 14, 15], exact=True)  # the ground truth
-          >>> bool(np.abs(without.coef_ - exact.coef_).max() < 1e-3)
+          >>> moved = np.abs(exact.predict_proba(X) - clf.predict_proba(X)).max()   # the deletion's effect
+          >>> bool(np.abs(without.predict_proba(X) - exact.predict_proba(X)).max() < 0.05 * moved)
           True
         """
         rows = self._rows(indices)
@@ -423,15 +633,17 @@ class _DeltaGradBase(BaseEstimator):
         return rep.params.to(dtype=self.params_.dtype, device=self.device)
 
     def _training_data(self) -> Dataset:
-        """The rows given to fit, as the core's Dataset (labels as class indices)."""
+        """The rows the trajectory was trained on: standardised features, class indices or standardised targets."""
         if self._in_memory():
             return self._data
         return self._open_cache().data(device=self.device)
 
     def _training_labels(self) -> np.ndarray:
-        """The labels given to fit, as given (class labels, or float targets)."""
+        """The labels given to fit, in their own units (class labels, or float targets)."""
         y = self._training_data().y.cpu().numpy()
-        return self.classes_[y] if self._task == "classification" else y
+        if self._task == "classification":
+            return self.classes_[y]
+        return y.astype(np.float64) * self.y_scale_ + self.y_mean_
 
     def _active_rows(self) -> Tensor:
         if self._in_memory():
@@ -474,16 +686,33 @@ def _names(est) -> list[str] | None:
 class DeltaGradClassifier(ClassifierMixin, _DeltaGradBase):
     """Multinomial logistic regression or a ReLU MLP, trained by recorded GD/SGD, able to forget rows.
 
+    The defaults fit scikit-learn's bundled data sets as given, unscaled: the features are
+    standardised inside, η and T are chosen from the data, and a fit that ends far from a stationary
+    point warns.
+
     Args:
       model: ``"logreg"`` (softmax regression) or ``"mlp"`` (ReLU network with ``hidden`` sizes).
       hidden: hidden layer sizes of the MLP.
       optimizer: ``"gd"`` (full batch) or ``"sgd"`` (mini-batches of ``batch_size``).
-      steps: T, the number of steps.
+      steps: T, the number of steps; ``"auto"`` (default): with ``gd``, the first t at which
+        ‖∇F(θ_t)‖ ≤ ``tol``·‖∇F(θ_0)‖, at most 1000 (in memory the run that finds T is the one
+        recorded; with ``cache=`` a first, unrecorded run finds T); with ``sgd``, 10 passes over the rows.
       lr, milestones, gamma: learning rate η, multiplied by ``gamma`` at each milestone step;
-        ``"auto"`` (default): η = 1/L for the smoothness L of the linear model's objective on the
-        training rows (stable gradient descent without tuning; 0.1/L for the MLP, a heuristic); the
-        fitted ``lr_`` holds the value.
-      l2: λ of the objective mean loss + (λ/2)‖θ‖².
+        ``"auto"`` (default): η = 1/L for the smoothness bound L of the linear model's objective on the
+        (standardised) training rows, stable for gradient descent; for the MLP, 0.5/|λ|max of the
+        Hessian of the objective at θ_0 (its curvature at the start, by Hessian-vector products on at
+        most 4096 rows; a heuristic, the MLP's curvature changes as it trains). The fitted ``lr_``
+        holds the value. A number is used as given, on the standardised problem.
+      l2: λ of the objective mean loss + (λ/2)‖θ‖², over the standardised rows (all parameters,
+        biases included); comparable to scikit-learn's ``LogisticRegression(C=1/(n·λ))`` and
+        ``MLPClassifier(alpha=n·λ)`` on standardised features.
+      tol: the fit counts as converged when ‖∇F(θ_T)‖ ≤ tol·‖∇F(θ_0)‖ (F the objective over all training
+        rows, θ_0 the start): ``steps="auto"`` stops there, and a fit that ends above it warns with a
+        :class:`~sklearn.exceptions.ConvergenceWarning` naming ``steps`` and ``lr``. The fitted
+        ``gradient_ratio_`` holds the ratio.
+      standardize: train on (x − mean)/std of the training rows (True, default; the means and
+        standard deviations are fixed at fit time, kept as ``x_mean_`` and ``x_scale_``, and applied
+        to the rows given to ``predict``); False trains on the features as given.
       batch_size: mini-batch size (``sgd`` only).
       seed: initialisation (MLP) and batch order.
       dtype: ``"float64"`` or ``"float32"``.
@@ -493,15 +722,26 @@ class DeltaGradClassifier(ClassifierMixin, _DeltaGradBase):
       cache: optional location (path, ``file://``, ``s3://``) where ``fit`` records the trajectory as a
         cache through the storage API (a new location per fit); default: in memory.
 
+    Forgetting keeps the scaling: ``forget`` and exact retraining (``exact=True``) train on the
+    remaining rows standardised with the means and standard deviations of all the rows given to
+    ``fit`` (as a ``Pipeline`` whose ``StandardScaler`` was fitted once would), with the same θ_0, η
+    and T; a new ``fit`` on the remaining rows would rescale them and may choose another η and T.
+
+    Pickling (joblib, MAPIE's ``n_jobs``, Ray) carries what ``predict`` needs — parameters, scaling,
+    fitted attributes — and not the in-memory trajectory or training rows; an unpickled estimator
+    predicts, and ``forget`` on it raises an error saying to fit with ``cache=`` (whose trajectory
+    stays on storage and is reloaded). ``copy.deepcopy`` keeps everything.
+
     Fitted attributes: ``classes_`` (labels of any type, sorted), ``n_features_in_``,
-    ``feature_names_in_`` (DataFrames), ``params_`` (θ_T, a tensor), ``coef_`` and ``intercept_``
-    (logreg), ``trajectory_`` (in memory) or ``cache_`` (its location), ``lr_``, ``n_iter_``.
+    ``feature_names_in_`` (DataFrames), ``x_mean_`` and ``x_scale_`` (d,), ``params_`` (θ_T, a tensor,
+    acting on standardised rows), ``coef_`` (c, d) and ``intercept_`` (c,) (logreg; in the units of
+    the features given), ``trajectory_`` (in memory) or ``cache_`` (its location), ``lr_``, ``n_iter_``
+    (T), ``gradient_ratio_``.
 
     Example:
       >>> from sklearn.datasets import load_wine
-      >>> X, y = load_wine(return_X_y=True)
-      >>> X = (X - X.mean(0)) / X.std(0)
-      >>> clf = DeltaGradClassifier(steps=100, lr=0.5).fit(X, y)
+      >>> X, y = load_wine(return_X_y=True)                 # unscaled: standardised inside
+      >>> clf = DeltaGradClassifier().fit(X, y)
       >>> clf.score(X, y) > 0.95
       True
       >>> loo = clf.loo_predict(X[:5])     # (178, 5): each leave-one-out model's labels
@@ -511,12 +751,13 @@ class DeltaGradClassifier(ClassifierMixin, _DeltaGradBase):
     _task = "classification"
 
     def __init__(self, model: str = "logreg", *, hidden: Sequence[int] = (100,), optimizer: str = "gd",
-                 steps: int = 100, lr: float | str = "auto", milestones: Sequence[int] = (), gamma: float = 0.1,
-                 l2: float = 1e-3, batch_size: int | None = None, seed: int = 0, dtype: str = "float64",
-                 device: str = "cpu", config: DeltaGradConfig | dict | None = None, cache: str | None = None) -> None:
+                 steps: int | str = "auto", lr: float | str = "auto", milestones: Sequence[int] = (),
+                 gamma: float = 0.1, l2: float = 1e-3, tol: float = 3e-2, standardize: bool = True,
+                 batch_size: int | None = None, seed: int = 0, dtype: str = "float64", device: str = "cpu",
+                 config: DeltaGradConfig | dict | None = None, cache: str | None = None) -> None:
         super().__init__(model, hidden=hidden, optimizer=optimizer, steps=steps, lr=lr, milestones=milestones,
-                         gamma=gamma, l2=l2, batch_size=batch_size, seed=seed, dtype=dtype, device=device,
-                         config=config, cache=cache)
+                         gamma=gamma, l2=l2, tol=tol, standardize=standardize, batch_size=batch_size, seed=seed,
+                         dtype=dtype, device=device, config=config, cache=cache)
 
     def fit(self, X: Any, y: Any = None) -> DeltaGradClassifier:
         """Train on ``X`` (n, d) and labels ``y`` (any type), recording the trajectory.
@@ -601,17 +842,24 @@ class DeltaGradRegressor(RegressorMixin, _DeltaGradBase):
     """Least squares or a ReLU MLP regressor, trained by recorded GD/SGD, able to forget rows.
 
     Args: as :class:`DeltaGradClassifier`, with ``model`` ``"linear"`` (½(xᵀw + b − y)², the
-    default) or ``"mlp"`` (a ReLU network with one output and squared loss; in memory only).
+    default) or ``"mlp"`` (a ReLU network with one output and squared loss; in memory only). With
+    ``standardize=True`` (default) the targets are standardised too (``y_mean_``, ``y_scale_``, fixed
+    at fit time like the features' scaling): predictions come back in y's units, and the fit is the
+    same for targets at any scale. ``l2`` is then comparable to ``Ridge(alpha=n·λ)`` and
+    ``MLPRegressor(alpha=n·λ)`` on standardised features and targets.
 
-    Fitted attributes: ``n_features_in_``, ``feature_names_in_`` (DataFrames), ``params_``,
-    ``coef_`` (d,) and ``intercept_`` (linear), ``trajectory_`` or ``cache_``, ``lr_``, ``n_iter_``.
+    Fitted attributes: ``n_features_in_``, ``feature_names_in_`` (DataFrames), ``x_mean_``, ``x_scale_``,
+    ``y_mean_``, ``y_scale_``, ``params_`` (on the standardised problem), ``coef_`` (d,) and
+    ``intercept_`` (linear; in the units of X and y), ``trajectory_`` or ``cache_``, ``lr_``, ``n_iter_``,
+    ``gradient_ratio_``.
 
     Example:
       >>> from sklearn.datasets import load_diabetes
       >>> X, y = load_diabetes(return_X_y=True)
-      >>> X = (X - X.mean(0)) / X.std(0)
-      >>> reg = DeltaGradRegressor(steps=200, lr=0.1).fit(X, y)
+      >>> reg = DeltaGradRegressor().fit(X, y)
       >>> reg.score(X, y) > 0.5
+      True
+      >>> bool(np.allclose(X @ reg.coef_ + reg.intercept_, reg.predict(X)))
       True
     """
 
@@ -619,12 +867,13 @@ class DeltaGradRegressor(RegressorMixin, _DeltaGradBase):
     _task = "regression"
 
     def __init__(self, model: str = "linear", *, hidden: Sequence[int] = (100,), optimizer: str = "gd",
-                 steps: int = 100, lr: float | str = "auto", milestones: Sequence[int] = (), gamma: float = 0.1,
-                 l2: float = 1e-3, batch_size: int | None = None, seed: int = 0, dtype: str = "float64",
-                 device: str = "cpu", config: DeltaGradConfig | dict | None = None, cache: str | None = None) -> None:
+                 steps: int | str = "auto", lr: float | str = "auto", milestones: Sequence[int] = (),
+                 gamma: float = 0.1, l2: float = 1e-3, tol: float = 3e-2, standardize: bool = True,
+                 batch_size: int | None = None, seed: int = 0, dtype: str = "float64", device: str = "cpu",
+                 config: DeltaGradConfig | dict | None = None, cache: str | None = None) -> None:
         super().__init__(model, hidden=hidden, optimizer=optimizer, steps=steps, lr=lr, milestones=milestones,
-                         gamma=gamma, l2=l2, batch_size=batch_size, seed=seed, dtype=dtype, device=device,
-                         config=config, cache=cache)
+                         gamma=gamma, l2=l2, tol=tol, standardize=standardize, batch_size=batch_size, seed=seed,
+                         dtype=dtype, device=device, config=config, cache=cache)
 
     def fit(self, X: Any, y: Any = None) -> DeltaGradRegressor:
         """Train on ``X`` (n, d) and float targets ``y``, recording the trajectory.

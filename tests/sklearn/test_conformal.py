@@ -14,8 +14,11 @@ import mapie.classification
 import mapie.regression
 import numpy as np
 import pytest
+from sklearn.compose import TransformedTargetRegressor
 from sklearn.linear_model import LinearRegression
 from sklearn.model_selection import KFold, LeaveOneOut
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
 
 from deltagrad_ray.core import InputError
 from deltagrad_ray.sklearn import (CrossConformalClassifier, CrossConformalRegressor, DeltaGradClassifier,
@@ -24,11 +27,11 @@ from deltagrad_ray.sklearn import (CrossConformalClassifier, CrossConformalRegre
 LEVELS = [0.9, 0.8]
 
 
-def _scores_moved(ours, ref, no_op):
+def _scores_moved(ours, ref, no_op, within=0.05):
     """Ours within 5% of MAPIE's scores, measured against how far a no-op replay would be."""
     ref_s = np.ravel(ref.conformity_scores)
     off, noop = np.abs(ours.conformity_scores - ref_s).max(), np.abs(no_op - ref_s).max()
-    assert noop > 0 and off < 0.05 * noop, (off, noop)
+    assert noop > 0 and off < within * noop, (off, noop)
 
 
 GRID = [("plus", -1), ("plus", LeaveOneOut()), ("plus", 10), ("minmax", -1), ("minmax", 10), ("base", -1),
@@ -39,7 +42,9 @@ GRID = [("plus", -1), ("plus", LeaveOneOut()), ("plus", 10), ("minmax", -1), ("m
 def test_regression_intervals_match_mapie(diabetes, cv, method):
     X, y = diabetes
     Xtr, ytr, Xte = X[:300], y[:300], X[300:]
-    est = DeltaGradRegressor(steps=100, lr=0.1)
+    # standardize=False: MAPIE refits the estimator per fold, and an estimator that standardises would
+    # rescale each fold's rows (ours keep the all-rows scaling); the rows here are standardised already
+    est = DeltaGradRegressor(steps=100, lr=0.1, standardize=False)
     ours = CrossConformalRegressor(est, confidence_level=LEVELS, method=method, cv=cv, random_state=3)
     ref = mapie.regression.CrossConformalRegressor(est, confidence_level=LEVELS, method=method, cv=cv,
                                                    random_state=3)
@@ -67,7 +72,7 @@ def test_classification_sets_match_mapie(request, data, cv):
     X, y = request.getfixturevalue(data)
     n_tr = 300 if data == "breast_cancer" else 124
     Xtr, ytr, Xte = X[:n_tr], y[:n_tr], X[n_tr:]
-    est = DeltaGradClassifier(steps=100, lr=0.5)
+    est = DeltaGradClassifier(steps=100, lr=0.5, standardize=False)   # as in the regression test above
     ours = CrossConformalClassifier(est, confidence_level=LEVELS, cv=cv, random_state=5).fit_conformalize(Xtr, ytr)
     ref = mapie.classification.CrossConformalClassifier(est, confidence_level=LEVELS, cv=cv,
                                                         random_state=5).fit_conformalize(Xtr, ytr)
@@ -137,3 +142,71 @@ def test_replays_on_ray_equal_serial(ray_cluster, tmp_path, diabetes):
         cp = CrossConformalRegressor(est, cv=5, random_state=0, backend=backend, batch_size=2)
         out.append(cp.fit_conformalize(X[:200], y[:200]).predict_interval(X[200:])[1])
     assert np.array_equal(out[0], out[1])
+
+
+# Pipelines: preprocessing fitted once on all training rows, the fold models DeltaGrad replays of the last step;
+# MAPIE refits the whole pipeline per fold. Measured on diabetes (300 training rows, largest end-point
+# difference / mean width, replays and exact=True alike): jackknife+ 0.23% (StandardScaler), 0.23% (and a
+# StandardScaler target transformer), 0.39% (log target); CV+ with K = 10: 0.89%, 0.89%, 1.3%. Breast cancer
+# sets: 100% identical for leave-one-out, 99.8% for K = 10, both aggregations. Acceptance 2% of the mean width
+# (3% with the log target) and 99% of the sets. Single conformity scores move more (each fold scales its rows
+# and picks its T in MAPIE): their largest difference from MAPIE's is 14–35% of a no-op replay's (largest
+# for breast cancer with K = 10), so the check that the replays did something asks for less than half.
+PIPELINES = {"scaler": lambda: make_pipeline(StandardScaler(), DeltaGradRegressor()),
+             "scaler-ttr": lambda: TransformedTargetRegressor(make_pipeline(StandardScaler(), DeltaGradRegressor()),
+                                                              transformer=StandardScaler()),
+             "log-ttr": lambda: TransformedTargetRegressor(make_pipeline(StandardScaler(), DeltaGradRegressor()),
+                                                           func=np.log, inverse_func=np.exp)}
+
+
+@pytest.mark.parametrize("pipe, cv", [("scaler", -1), ("scaler", 10), ("scaler-ttr", 10), ("log-ttr", -1),
+                                      ("log-ttr", 10)])
+def test_pipelines_against_mapie_refitting_them(pipe, cv):
+    from sklearn.datasets import load_diabetes
+    X, y = load_diabetes(return_X_y=True)                      # raw: the pipeline scales
+    perm = np.random.RandomState(0).permutation(len(X))
+    X, y = X[perm], y[perm]
+    est = PIPELINES[pipe]()
+    ours = CrossConformalRegressor(est, confidence_level=LEVELS, cv=cv, random_state=3).fit_conformalize(X[:300],
+                                                                                                      y[:300])
+    ref = mapie.regression.CrossConformalRegressor(est, confidence_level=LEVELS, cv=cv,
+                                                   random_state=3).fit_conformalize(X[:300], y[:300])
+    p1, i1 = ours.predict_interval(X[300:])
+    p2, i2 = ref.predict_interval(X[300:])
+    width = (i2[:, 1] - i2[:, 0]).mean(0)
+    assert (np.abs(i1 - i2).max(axis=(0, 1)) < (0.03 if pipe == "log-ttr" else 0.02) * width).all()
+    assert np.abs(ours.predict(X[300:], None) - ref.predict(X[300:], None)).max() < 1e-9 * width.min()
+    # the fold models are not the full model: the scores moved as MAPIE's did
+    full = ours.estimator_.predict(X[:300])
+    _scores_moved(ours, ref, np.abs(y[:300] - full), within=0.5)
+    assert isinstance(ours.estimator_, type(est)) and ours.predict(X[300:]).shape == (142,)
+
+
+@pytest.mark.parametrize("cv", [-1, 10])
+def test_classifier_pipeline_against_mapie(cv):
+    from sklearn.datasets import load_breast_cancer
+    X, y = load_breast_cancer(return_X_y=True)
+    perm = np.random.RandomState(0).permutation(len(X))
+    X, y = X[perm], y[perm]
+    est = make_pipeline(StandardScaler(), DeltaGradClassifier())
+    ours = CrossConformalClassifier(est, confidence_level=LEVELS, cv=cv, random_state=5).fit_conformalize(X[:300],
+                                                                                                        y[:300])
+    ref = mapie.classification.CrossConformalClassifier(est, confidence_level=LEVELS, cv=cv,
+                                                        random_state=5).fit_conformalize(X[:300], y[:300])
+    for agg in ("mean", "crossval"):
+        s1, s2 = ours.predict_set(X[300:], agg_scores=agg)[1], ref.predict_set(X[300:], agg_scores=agg)[1]
+        assert (s1 == s2).all(axis=1).mean() >= 0.99
+    full = ours.estimator_.predict_proba(X[:300])
+    _scores_moved(ours, ref, 1 - full[np.arange(300), y[:300]], within=0.5)
+
+
+def test_pipeline_errors():
+    from sklearn.linear_model import Ridge
+    with pytest.raises(InputError, match="estimator must be a DeltaGradRegressor or a Pipeline ending in one or a "
+                                         "TransformedTargetRegressor around one .* got Ridge"):
+        CrossConformalRegressor(make_pipeline(StandardScaler(), Ridge())).fit_conformalize(np.ones((9, 2)),
+                                                                                           np.arange(9.0))
+    with pytest.raises(InputError, match="estimator must be a DeltaGradClassifier or a Pipeline ending in one "
+                                         r"\(its refits"):
+        CrossConformalClassifier(TransformedTargetRegressor(DeltaGradRegressor())).fit_conformalize(
+            np.ones((9, 2)), np.arange(9) % 2)

@@ -18,28 +18,42 @@ def ratio(dg, exact, full):
     return float((dg.params_ - exact.params_).norm() / (exact.params_ - full.params_).norm())
 
 
-# Bounds as in the core's tests: convex models 0.05, the ReLU MLP 0.15 (README, Accuracy).
+# Bounds as in the core's tests: convex models 0.05, the ReLU MLP 0.15 (README, Accuracy). The MLP
+# cases train 80 steps at a fixed η, short of tol = 0.03 (ratios 0.04 and 0.18): their tol says that this
+# test checks the replays, not convergence.
 CASES = [("logreg", DeltaGradClassifier, dict(steps=80, lr=0.5), 0.05),
          ("linear", DeltaGradRegressor, dict(steps=80, lr=0.1), 0.05),
-         ("mlp-c", DeltaGradClassifier, dict(model="mlp", hidden=(16,), steps=80, lr=0.3), 0.15),
-         ("mlp-r", DeltaGradRegressor, dict(model="mlp", hidden=(16,), steps=80, lr=0.05), 0.15)]
+         ("mlp-c", DeltaGradClassifier, dict(model="mlp", hidden=(16,), steps=80, lr=0.3, tol=0.1), 0.15),
+         ("mlp-r", DeltaGradRegressor, dict(model="mlp", hidden=(16,), steps=80, lr=0.05, tol=0.3), 0.15)]
+
+
+def pinned(full, cls, kw, X, y, keep):
+    """A fresh fit on rows ``keep`` with ``full``'s scaling, η and T pinned: what exact retraining must equal."""
+    Z = (X[keep] - full.x_mean_) / full.x_scale_
+    t = (y[keep] - full.y_mean_) / full.y_scale_ if cls is DeltaGradRegressor else y[keep]
+    return cls(**{**kw, "standardize": False, "lr": full.lr_, "steps": full.n_iter_}).fit(Z, t)
 
 
 @pytest.mark.parametrize("name, cls, kw, bound", CASES, ids=[c[0] for c in CASES])
 def test_forget_against_exact_retraining(name, cls, kw, bound, breast_cancer, diabetes):
     X, y = breast_cancer if cls is DeltaGradClassifier else diabetes
-    if name == "mlp-r":
-        y = (y - y.mean()) / y.std()
     full = cls(**kw).fit(X, y)
     rows = [3, 14, 15, 92, 65]
     dg, exact = full.forget(rows), full.forget(rows, exact=True)
     assert float((exact.params_ - full.params_).norm()) > 1e-4       # the deletion moves the model
     assert ratio(dg, exact, full) < bound
     assert dg.forget_report_["explicit_steps"] < kw["steps"]           # approximate steps were taken
-    # exact retraining equals a fresh fit on the remaining rows (GD: same θ_0, steps, learning rates)
+    # exact retraining equals a fresh fit on the remaining rows under the scaling fixed at fit time
+    # (GD: same θ_0, steps, learning rates); forgetting does not rescale
     keep = np.setdiff1d(np.arange(len(X)), rows)
-    fresh = cls(**kw).fit(X[keep], y[keep])
-    assert torch.allclose(exact.params_, fresh.params_, rtol=0, atol=1e-9)
+    assert torch.allclose(exact.params_, pinned(full, cls, kw, X, y, keep).params_, rtol=0, atol=1e-9)
+    assert exact.x_mean_ is full.x_mean_ and dg.x_scale_ is full.x_scale_
+    # without standardisation, a plain fresh fit on the remaining rows is the same thing (targets scaled
+    # by hand: the MLP at η = 0.05 diverges on diabetes' raw targets, ~150)
+    yr = (y - y.mean()) / y.std() if cls is DeltaGradRegressor else y
+    raw = cls(**kw, standardize=False).fit(X, yr)
+    fresh = cls(**kw, standardize=False).fit(X[keep], yr[keep])
+    assert torch.allclose(raw.forget(rows, exact=True).params_, fresh.params_, rtol=0, atol=1e-9)
     # the original is untouched
     assert torch.equal(full.params_, cls(**kw).fit(X, y).params_)
 
@@ -132,7 +146,7 @@ def test_bad_input_names_row_and_column(diabetes):
     yy[5] = np.inf
     with pytest.raises(ValueError, match=r"Input y contains inf in row 5"):
         DeltaGradRegressor().fit(X, yy)
-    reg = DeltaGradRegressor(steps=5).fit(X, y)
+    reg = DeltaGradRegressor().fit(X, y)
     Xb = X[:4].copy()
     Xb[2, 9] = -np.inf
     with pytest.raises(InputError, match=r"X: -inf in row 2, column 9"):
@@ -192,12 +206,15 @@ def test_forget_many_on_ray_equals_serial(ray_cluster, tmp_path, diabetes):
 
 
 def test_auto_learning_rate_is_one_over_the_smoothness(diabetes):
-    X, y = diabetes
+    X, y = diabetes                                              # standardised already: L of these rows
     Xt = np.hstack([X, np.ones((len(X), 1))])
     L = np.linalg.eigvalsh(Xt.T @ Xt / len(X)).max() + 1e-3
-    reg = DeltaGradRegressor(steps=100).fit(X * 100, y)             # unscaled features: still stable
-    assert reg.lr_ == pytest.approx(1 / (L * 1e4), rel=1e-3)
-    assert DeltaGradRegressor(steps=100).fit(X, y).score(X, y) > 0.5
+    reg = DeltaGradRegressor().fit(X * 100, y)                   # features in other units: the same η, the same fit
+    assert reg.lr_ == pytest.approx(1 / L, rel=1e-3)
+    assert np.allclose(reg.predict(X * 100), DeltaGradRegressor().fit(X, y).predict(X), rtol=1e-9)
+    raw = DeltaGradRegressor(steps=100, standardize=False).fit(X * 100, y)   # unscaled: still stable
+    assert raw.lr_ == pytest.approx(1 / (L * 1e4), rel=1e-3)
+    assert DeltaGradRegressor().fit(X, y).score(X, y) > 0.5
     clf = DeltaGradClassifier().fit(X, y > 140)
     assert clf.lr_ == pytest.approx(1 / (0.5 * (L - 1e-3) + 1e-3), rel=1e-3)
     with pytest.raises(InputError, match="lr must be a number > 0 or 'auto', got 'fast'"):
