@@ -44,7 +44,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from . import lbfgs
+from . import certificate, lbfgs
 from .batches import BatchIndex, StepBatch
 from .config import DeltaGradConfig
 from .data import ChangeSet, Dataset, check_not_removed, make_change_set
@@ -89,6 +89,12 @@ class ReplayState(Batched):
                      with exact gradients, −1 while they are fine. A failed request is put back on
                      the cached path (``synced``), costs nothing more, and is reported as failed: the
                      other requests of its batch go on, unaffected
+      err_bound:     (B,) float64 the error estimate's priced part: Σ over the approximate steps whose
+                     interval an explicit step has measured of (Π ρ)·η·‖δ‖ (:mod:`.certificate`, eq. 1)
+      err_open:      (B,) float64 Σ (Π ρ)·η·(|B|/|B'|)·‖B·v‖ over the approximate steps since the last
+                     explicit step, awaiting the next measurement
+      rate_last, rate_prev: (B,) float64 the last two measured ‖B·s − y‖/‖B·s‖ (0 before any)
+      roundoff_sq:   (B,) float64 the square of the estimate's round-off part (accumulated in quadrature)
       secant:        the curvature approximate steps use when it is not the own history alone
                      (``config.curvature``): the batch's shared multi-secant model, or each request's
                      own pairs with the path's; None for ``"own"``
@@ -110,6 +116,11 @@ class ReplayState(Batched):
     pred_sum: Tensor
     pred_n: Tensor
     failed_at: Tensor
+    err_bound: Tensor
+    err_open: Tensor
+    rate_last: Tensor
+    rate_prev: Tensor
+    roundoff_sq: Tensor
     secant: Histories | Secants | SharedPairs | None = None
     path: PathPairs | None = None
 
@@ -119,11 +130,20 @@ class ReplayState(Batched):
 
 
 COUNTERS = ("explicit_steps", "approx_steps", "fallbacks", "skipped_pairs")
+_ESTIMATE = ("err_bound", "err_open", "rate_last", "rate_prev", "roundoff_sq")  # the error estimate's accumulators
 
 
 @dataclass(frozen=True, eq=False)
 class BatchedResult:
-    """Final parameters (B, p) and per-request counters (B,) of a batched replay."""
+    """Final parameters (B, p) and per-request counters (B,) of a batched replay.
+
+    ``error_estimate`` (B,): an estimate of ‖θ_DG − θ_exact‖ / ‖θ_exact − θ_parent‖ from the replay's own
+    measurements (:mod:`.certificate`; inf when the replay is not distinguishable from its parent);
+    ``error_absolute`` (B,) its numerator, ≈ ‖θ_DG − θ_exact‖ (what chains compose,
+    :func:`~.certificate.drift_estimate`); ``error_reliable`` (B,) bool and ``error_basis`` (one string
+    per request): whether the estimate rests on the convex contraction it is derived from (for an MLP it
+    does not: verify such replays by sampled exact retraining).
+    """
 
     params: Tensor
     steps: int
@@ -134,6 +154,10 @@ class BatchedResult:
     prediction_error_max: Tensor
     prediction_error_mean: Tensor
     failed_at: Tensor
+    error_estimate: Tensor
+    error_absolute: Tensor
+    error_reliable: Tensor
+    error_basis: tuple[str, ...]
 
     def diagnostics(self, b: int) -> dict:
         return self.one(b).diagnostics()
@@ -143,14 +167,17 @@ class BatchedResult:
         return ReplayResult(self.params[b], self.steps, int(self.explicit_steps[b]), int(self.approx_steps[b]),
                             int(self.fallbacks[b]), int(self.skipped_pairs[b]), trajectory,
                             float(self.prediction_error_max[b]), float(self.prediction_error_mean[b]),
-                            int(self.failed_at[b]))
+                            int(self.failed_at[b]), float(self.error_estimate[b]), float(self.error_absolute[b]),
+                            bool(self.error_reliable[b]), self.error_basis[b])
 
     @classmethod
     def concat(cls, parts: Sequence[BatchedResult]) -> BatchedResult:
         first = parts[0]
         return cls(torch.cat([r.params for r in parts]), first.steps,
                    *(torch.cat([getattr(r, f) for r in parts])
-                     for f in (*COUNTERS, "prediction_error_max", "prediction_error_mean", "failed_at")))
+                     for f in (*COUNTERS, "prediction_error_max", "prediction_error_mean", "failed_at",
+                               "error_estimate", "error_absolute", "error_reliable")),
+                   tuple(b for r in parts for b in r.error_basis))
 
 
 @dataclass(frozen=True, eq=False)
@@ -161,6 +188,11 @@ class ReplayResult:
     gradient difference at the explicit steps (0 = perfect, 1 = no better than predicting
     nothing). Values near 1 warn that approximate steps were inaccurate: use a smaller period,
     a longer history, or ``schedule="adaptive"``.
+
+    ``error_estimate``: an estimate of ‖θ_DG − θ_exact‖ / ‖θ_exact − θ_parent‖ (inf: the replay cannot
+    be told apart from its parent), ``error_absolute`` its numerator, ``error_reliable`` / ``error_basis``
+    whether it rests on the convex contraction it is derived from (:mod:`.certificate`). An exact result
+    (an empty change, exact retraining) has 0 and basis ``"exact"``.
     """
 
     params: Tensor
@@ -173,13 +205,21 @@ class ReplayResult:
     prediction_error_max: float = 0.0
     prediction_error_mean: float = 0.0
     failed_at: int = -1
+    error_estimate: float = 0.0
+    error_absolute: float = 0.0
+    error_reliable: bool = True
+    error_basis: str = "exact"
 
     def diagnostics(self) -> dict:
         return {"steps": self.steps, "explicit_steps": self.explicit_steps,
                 "approx_steps": self.approx_steps, "fallbacks": self.fallbacks,
                 "skipped_pairs": self.skipped_pairs,
                 "prediction_error_max": round(self.prediction_error_max, 6),
-                "prediction_error_mean": round(self.prediction_error_mean, 6)}
+                "prediction_error_mean": round(self.prediction_error_mean, 6),
+                # None when not finite (JSON has no inf): the replay is not certified closer than its parent
+                "error_estimate": float(f"{self.error_estimate:.4g}") if math.isfinite(self.error_estimate) else None,
+                "error_absolute": float(f"{self.error_absolute:.4g}") if math.isfinite(self.error_absolute) else None,
+                "error_reliable": self.error_reliable, "error_basis": self.error_basis}
 
 
 class LocalRows:
@@ -425,6 +465,9 @@ class Replay:
             model, data, traj.plan.n_base, gemm_dtype=gemm_dtype, gemm_bytes=gemm_bytes,
             batch_rows=traj.plan.batch_size)
         self.entries = _Entries(self, changes)
+        # the error estimate's safety factor c (per optimizer) and one unit of round-off of a step's update
+        self._safety = certificate.safety(traj.plan.full_batch)
+        self._unit = certificate.ROUNDOFF * torch.finfo(traj.dtype).eps
 
     # -- state --------------------------------------------------------------------------------
     def start(self) -> ReplayState:
@@ -438,6 +481,7 @@ class Replay:
                            torch.full((B,), self.config.period, dtype=torch.int64, device=dev),
                            torch.full((B,), self.config.burn_in, dtype=torch.int64, device=dev),
                            fz.clone(), fz.clone(), zeros.clone(), torch.full((B,), -1, dtype=torch.int64, device=dev),
+                           *(fz.clone() for _ in range(5)),
                            secant=lbfgs.shared_empty(t.p, dev, self.config.shared_rtol)
                            if self.config.curvature == "shared" else
                            lbfgs.secants_empty(B, self.config.shared_history, t.p, dev, self.config.shared_rtol)
@@ -454,18 +498,19 @@ class Replay:
             return lbfgs.secants_hvp(secant, V)
         return lbfgs.hvp(history if secant is None else secant, V)
 
-    def _approximate(self, st: ReplayState, V: Tensor, lr: float) -> tuple[Tensor, Tensor]:
-        """(B·v_b, accepted) — Alg. 1, line 10, behind every guard: a usable compact form within its
-        norm bound (:func:`~.lbfgs.hvp`), within κ·L̂ (and the known bound L), and non-expansive
-        (η‖Bv‖² ≤ 2·vᵀBv; see :class:`~.config.DeltaGradConfig`)."""
+    def _approximate(self, st: ReplayState, V: Tensor, lr: float) -> tuple[Tensor, Tensor, Tensor]:
+        """(B·v_b, accepted, ‖B·v_b‖ float64) — Alg. 1, line 10, behind every guard: a usable compact
+        form within its norm bound (:func:`~.lbfgs.hvp`), within κ·L̂ (and the known bound L), and
+        non-expansive (η‖Bv‖² ≤ 2·vᵀBv; see :class:`~.config.DeltaGradConfig`)."""
         cfg = self.config
         Bv, ratio, usable = self._products(st.history, st.secant, V)
         limit = cfg.curvature_guard * st.curvature
         if cfg.max_curvature is not None:
             limit = limit.clamp(max=cfg.max_curvature)
         Bd, Vd = Bv.double(), V.double()
-        stable = lr * (Bd * Bd).sum(1) <= (2 * (1 + 1e-12)) * (Vd * Bd).sum(1)
-        return Bv, usable & (ratio <= limit) & stable
+        bb = (Bd * Bd).sum(1)
+        stable = lr * bb <= (2 * (1 + 1e-12)) * (Vd * Bd).sum(1)
+        return Bv, usable & (ratio <= limit) & stable, bb.sqrt()
 
     def _explicit(self, mask: Tensor, st: ReplayState, V: Tensor, sb: StepBatch, w_t: Tensor, g_t: Tensor,
                   G: Tensor, full: Tensor, t: int, track: dict) -> tuple[Tensor, Tensor]:
@@ -491,6 +536,18 @@ class Replay:
         track["pred_max"] = torch.where(measured, torch.maximum(track["pred_max"], e), track["pred_max"])
         track["pred_sum"] = track["pred_sum"] + e
         track["pred_n"] = track["pred_n"] + measured
+        # the error estimate (certificate.py): this measurement prices the approximate steps since the
+        # request's last explicit step, which used the very model measured here; relative to ‖B·s‖, the
+        # scale the approximate steps know (‖B·v‖). Unmeasurable (the model unusable at s): as if no
+        # better than predicting nothing.
+        pd = pred.double()
+        rate = (pd - y.double()).norm(dim=1) / pd.norm(dim=1).clamp_min(1e-300)
+        rate = torch.where(measured, rate, torch.maximum(track["rate_last"], torch.ones_like(rate)))
+        priced = self._safety * torch.maximum(rate, track["rate_last"]) * track["err_open"]
+        track["err_bound"] = torch.where(mask, track["err_bound"] + priced, track["err_bound"])
+        track["err_open"] = torch.where(mask, torch.zeros_like(rate), track["err_open"])
+        track["rate_prev"] = torch.where(mask, track["rate_last"], track["rate_prev"])
+        track["rate_last"] = torch.where(mask, rate, track["rate_last"])
         if self.adaptive and t >= cfg.burn_in:
             tol, gap = cfg.adaptive_tol, track["gap"]
             new_gap = torch.where(e > tol, (gap // 2).clamp(min=1),
@@ -529,7 +586,7 @@ class Replay:
         V = W - w_t
         active = ~st.synced                        # requests off the cached path (v ≠ 0)
         track = {k: getattr(st, k) for k in ("history", "curvature", *COUNTERS, "gap", "next_explicit",
-                                             "pred_max", "pred_sum", "pred_n", "secant")}
+                                             "pred_max", "pred_sum", "pred_n", "secant", *_ESTIMATE)}
         track["path"] = path
         full = g_t.expand_as(W)                    # ∇F_{B_t}(w_b): exact for synced requests (v = 0)
         scheduled = bool(self.explicit[t])
@@ -538,8 +595,9 @@ class Replay:
             need, approx = active & due if not scheduled else active, active & ~due if not scheduled else None
         else:
             need, approx = (active, None) if scheduled else (None, active)
+        take = norm_bv = None
         if approx is not None and bool(approx.any()):
-            Bv, accepted = self._approximate(st, V, lr)
+            Bv, accepted, norm_bv = self._approximate(st, V, lr)
             take = approx & accepted
             full = torch.where(take[:, None], g_t + Bv, full)
             refused = approx & ~take
@@ -567,6 +625,7 @@ class Replay:
             finite = torch.isfinite(W_next).all(dim=1)
             bad = ~finite & active & (~need if need is not None else True)
             if bool(bad.any()):  # an approximation produced inf/NaN: redo those steps explicitly
+                take = None if take is None else take & ~bad
                 track["approx_steps"] = track["approx_steps"] - bad
                 track["fallbacks"] = track["fallbacks"] + bad
                 G, full = self._explicit(bad, st, V, sb, w_t, g_t, G, full, t, track)
@@ -579,11 +638,29 @@ class Replay:
                 W_next = torch.where(failed[:, None], w_t - lr * g_t, W_next)  # back on the cached path
                 keep = failed if keep is None else keep | failed
         _record(recorders, t, W, g)
+        self._estimate(track, lr, size, w_t, g_t, active, take, norm_bv, den)
         synced = keep if keep is not None else st.synced & ~ch.changed if ch.any else st.synced
         return ReplayState(W_next, track["history"], t + 1, synced, track["curvature"], track["explicit_steps"],
                            track["approx_steps"], track["fallbacks"], track["skipped_pairs"], track["gap"],
                            track["next_explicit"], track["pred_max"], track["pred_sum"], track["pred_n"],
-                           track.get("failed_at", st.failed_at), track["secant"], path)
+                           track.get("failed_at", st.failed_at), *(track[k] for k in _ESTIMATE),
+                           track["secant"], path)
+
+    def _estimate(self, track: dict, lr: float, size: int, w_t: Tensor, g_t: Tensor, active: Tensor,
+                  take: Tensor | None, norm_bv: Tensor | None, den: Tensor) -> None:
+        """Step t of the error estimate (certificate.py, eq. 1): both parts contract by ρ_t; an accepted
+        approximate step adds η·(|B|/|B'|)·‖B·v‖ to the open part (a batch left with no rows has an exact,
+        data-free gradient); every request off the cached path adds its step's round-off, in quadrature
+        (independent rounding errors: the probabilistic model of Higham & Mary 2019)."""
+        rho = certificate.contraction(lr, self.l2, track["curvature"])
+        opened = rho * track["err_open"]
+        if take is not None:
+            scale = torch.where(den[:, 0] > 0, size / den[:, 0].clamp(min=1).double(), torch.zeros_like(rho))
+            opened = opened + torch.where(take, lr * scale * norm_bv, torch.zeros_like(rho))
+        track["err_open"] = opened
+        track["err_bound"] = rho * track["err_bound"]
+        unit = self._unit * (float(w_t.double().norm()) + lr * float(g_t.double().norm()))
+        track["roundoff_sq"] = rho * rho * track["roundoff_sq"] + active.double() * unit * unit
 
     # -- segments and whole replays ---------------------------------------------------------------
     def run_segment(self, st: ReplayState, seg: Segment,
@@ -607,11 +684,23 @@ class Replay:
             st = self.run_segment(st, seg, recorders)
         return st
 
+    def certificate(self, st: ReplayState) -> certificate.Certificate:
+        """The error estimate of a finished replay (:mod:`.certificate`), NaN for failed requests."""
+        moved = (st.W.double() - self.traj.final.double()).norm(dim=1)
+        cert = certificate.certify(st.err_bound, st.err_open, st.rate_last, st.rate_prev, st.roundoff_sq.sqrt(), moved,
+                                   safety=self._safety, kind=None if self.model.spec is None else self.model.spec.kind,
+                                   max_lr=float(self.traj.lrs.max()), curvature=st.curvature)
+        failed = st.failed_at >= 0
+        return cert._replace(absolute=torch.where(failed, math.nan, cert.absolute),
+                             ratio=torch.where(failed, math.nan, cert.ratio), reliable=cert.reliable & ~failed)
+
     def result(self, st: ReplayState) -> BatchedResult:
         """The final parameters and counters (NaN parameters for requests that failed)."""
         W = torch.where((st.failed_at >= 0)[:, None], float("nan"), st.W)
+        cert = self.certificate(st)
         return BatchedResult(W, self.traj.steps, st.explicit_steps, st.approx_steps, st.fallbacks,
-                             st.skipped_pairs, st.pred_max, st.pred_sum / st.pred_n.clamp(min=1), st.failed_at)
+                             st.skipped_pairs, st.pred_max, st.pred_sum / st.pred_n.clamp(min=1), st.failed_at,
+                             cert.ratio, cert.absolute, cert.reliable, cert.basis)
 
 
 def failure_reason(step: int) -> str:

@@ -46,6 +46,10 @@ def test_batched_equals_looped_single_replays(kind, optimizer, schedule):
         got, want = batched.diagnostics(b), single.diagnostics()
         for k in ("prediction_error_max", "prediction_error_mean"):
             assert got.pop(k) == pytest.approx(want.pop(k), rel=1e-6, abs=1e-9)
+        # the error estimate sums measured prediction errors and norms: the same round-off, relatively
+        for k in ("error_estimate", "error_absolute"):
+            assert float(getattr(batched, k)[b]) == pytest.approx(getattr(single, k), rel=1e-6, abs=1e-15)
+            got.pop(k), want.pop(k)
         assert got == want
 
 
