@@ -46,9 +46,12 @@ def test_batched_equals_looped_single_replays(kind, optimizer, schedule):
         got, want = batched.diagnostics(b), single.diagnostics()
         for k in ("prediction_error_max", "prediction_error_mean"):
             assert got.pop(k) == pytest.approx(want.pop(k), rel=1e-6, abs=1e-9)
-        # the error estimate sums measured prediction errors and norms: the same round-off, relatively
+        # The error estimate prices approximate steps by the measured ‖B·s − y‖: with own pairs batched
+        # and single agree to ≤ 1e-11; the multi-secant model predicts a least-squares y to ~1e-8, so that
+        # difference is itself near round-off and the estimates agree to ≤ 7e-6 (measured). A missing or
+        # misplaced accumulator changes them by O(1).
         for k in ("error_estimate", "error_absolute"):
-            assert float(getattr(batched, k)[b]) == pytest.approx(getattr(single, k), rel=1e-6, abs=1e-15)
+            assert float(getattr(batched, k)[b]) == pytest.approx(getattr(single, k), rel=1e-4, abs=1e-15)
             got.pop(k), want.pop(k)
         assert got == want
 
