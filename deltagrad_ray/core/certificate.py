@@ -58,9 +58,17 @@ SAFETY_SGD = 2.0
 # ROUNDOFF·u·(‖w_t‖ + η_t‖g_t‖), in quadrature (independent roundings; Higham & Mary 2019).
 ROUNDOFF = 2.0
 
+BASIS_EXACT = "exact"            # no approximate step: an empty change, or exact retraining
 BASIS_CONVEX = "convex"          # (1) holds: λ-strongly convex loss (logreg, linear), η·L̂ ≤ 2
 BASIS_UNSTABLE = "step-size"     # convex, but η·L̂ > 2 was measured: no contraction guaranteed
 BASIS_NONCONVEX = "non-convex"   # an MLP or another module: (1) does not hold
+BASES = (BASIS_EXACT, BASIS_CONVEX, BASIS_UNSTABLE, BASIS_NONCONVEX)   # from the firmest to the weakest
+RELIABLE = (BASIS_EXACT, BASIS_CONVEX)
+
+
+def worst_basis(bases: Sequence[str]) -> str:
+    """The weakest of some bases (a chain is as reliable as its least reliable version)."""
+    return max(bases, key=BASES.index, default=BASIS_EXACT)
 
 
 def safety(full_batch: bool) -> float:

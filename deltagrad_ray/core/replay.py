@@ -855,21 +855,45 @@ def deltagrad_online(model: FunctionalModel, traj: Trajectory, data: Dataset,
 
     Returns:
       The last :class:`ReplayResult`; its ``trajectory`` is the final cache (over the same
-      ``data``, with the deleted rows flagged) and its counters are summed over all requests.
+      ``data``, with the deleted rows flagged) and its counters are summed over all requests. Its
+      error estimate is the chain's (:func:`~.certificate.drift_estimate`): ``error_absolute`` ≈
+      ‖θ_k − θ_exact,k‖ and ``error_estimate`` ≈ that over ‖θ_exact,k − θ_base‖, where θ_exact,k is
+      exact retraining from ``traj`` without every id deleted, and θ_base = ``traj.final``.
     """
     if not deletions:
         raise InputError("no deletion requests given")
     totals = dict.fromkeys(COUNTERS, 0)
     worst = 0.0
     res = None
+    base, first = traj, None
+    absolutes, bases = [], []
     for ids in deletions:
         change = make_change_set(data, delete_ids=ids, removed=traj.removed, n_classes=n_classes)
         res = deltagrad(model, traj, data, change, config, record=True)
         for k in totals:
             totals[k] += getattr(res, k)
         worst = max(worst, res.prediction_error_max)
+        absolutes.append(res.error_absolute)
+        bases.append(res.error_basis)
         traj = res.trajectory
-    return replace(res, **totals, prediction_error_max=worst)
+        first = first or traj
+    drift = certificate.drift_estimate(absolutes, float((res.params - base.final).double().norm()),
+                                       growth=_size_growth(first, traj, data))
+    basis = certificate.worst_basis(bases)
+    return replace(res, **totals, prediction_error_max=worst, error_estimate=drift.ratio,
+                   error_absolute=drift.absolute, error_reliable=basis in certificate.RELIABLE, error_basis=basis)
+
+
+def _size_growth(first: Trajectory, last: Trajectory, data: Dataset) -> float:
+    """max over steps of |B_t| after the first version / |B_t| after the last one (≥ 1): how much a
+    gradient error of an early version grows when later versions divide by fewer rows."""
+    a, b = BatchIndex(first.plan, data, first.removed), BatchIndex(last.plan, data, last.removed)
+    growth = 1.0
+    for t in range(1 if first.plan.full_batch else first.steps):
+        na, nb = a.at(t).size, b.at(t).size
+        if nb > 0:  # a batch left with no rows has a data-free, exact gradient
+            growth = max(growth, na / nb)
+    return growth
 
 
 def relative_error(approx: Tensor, exact: Tensor, reference: Tensor) -> float:
