@@ -79,7 +79,7 @@ def safety(full_batch: bool) -> float:
 def contraction(lr: float, l2: float, curvature: Tensor) -> Tensor:
     """ρ_t = max(|1 − η·λ|, |1 − η·L̂|) per request (B,), float64: the factor by which a step of
     gradient descent on a λ-strongly convex, L̂-smooth objective contracts a difference of iterates."""
-    return torch.maximum(torch.full_like(curvature, abs(1.0 - lr * l2)), (1.0 - lr * curvature).abs())
+    return (1.0 - lr * curvature).abs().clamp_(min=abs(1.0 - lr * l2))
 
 
 class Certificate(NamedTuple):

@@ -348,17 +348,20 @@ class _Entries:
         self.X, self.y = torch.cat(Xs), torch.cat(ys)
         self.sign, self.owner = torch.cat(signs), torch.cat(owners)
         self.base, self.ids, self.hashed = torch.cat(base_rows), torch.cat(extra_ids), torch.cat(kinds)
+        # the entries placed by the plan's permutation and those placed by the hash of their id (fixed)
+        plain = ~self.hashed
+        self._plain = (plain, self.base[plain]) if bool(plain.any()) else None
+        self._by_id = (self.hashed, self.ids[self.hashed]) if bool(self.hashed.any()) else None
         self._epoch = -1
         self._none = self._table(torch.zeros(0, dtype=torch.int64, device=dev))
         self._gd = self._table(torch.arange(len(self.owner), device=dev)) if plan.full_batch else None
 
     def _load_epoch(self, epoch: int) -> None:
         k = torch.empty(len(self.owner), dtype=torch.int64, device=self.dev)
-        base = ~self.hashed
-        if bool(base.any()):
-            k[base] = self.plan.batch_of_base_rows(self.base[base], epoch).to(self.dev)
-        if bool(self.hashed.any()):
-            k[self.hashed] = self.plan.batch_of_added_ids(self.ids[self.hashed], epoch).to(self.dev)
+        if self._plain is not None:
+            k[self._plain[0]] = self.plan.batch_of_base_rows(self._plain[1], epoch).to(self.dev)
+        if self._by_id is not None:
+            k[self._by_id[0]] = self.plan.batch_of_added_ids(self._by_id[1], epoch).to(self.dev)
         self._by_k = {key: self._table(entries) for key, entries in _group(k, torch.arange(len(k),
                                                                                            device=self.dev)).items()}
         self._epoch = epoch
@@ -366,6 +369,13 @@ class _Entries:
     def _table(self, entries: Tensor) -> StepChanges:
         """The padded rows of some entries, with their counts."""
         B, dev = self.B, self.dev
+        if B == 1:  # one request: its entries in order, no padding (the same table, in a few operations)
+            w = self.sign[entries][None]
+            n_del = int((w < 0).sum()) if len(entries) else 0
+            delta = len(entries) - 2 * n_del
+            return StepChanges(self.X[entries][None], self.y[entries][None], w,
+                               torch.tensor([len(entries) > 0], device=dev),
+                               torch.full((1, 1), delta, dtype=self.sign.dtype, device=dev), delta, len(entries) > 0)
         entries = entries[torch.argsort(self.owner[entries], stable=True)]
         owner = self.owner[entries]
         counts = torch.bincount(owner, minlength=B)
@@ -570,7 +580,8 @@ class Replay:
         return G, full
 
     def _step(self, st: ReplayState, t: int, w_t: Tensor, g_t: Tensor, lr: float,
-              recorders: Sequence[Recorder | None] | None) -> ReplayState:
+              recorders: Sequence[Recorder | None] | None, unit: float | None = None) -> ReplayState:
+        """One step of every request; ``unit``: the step's round-off unit (default: computed here)."""
         sb = self.index.at(t)
         ch = self.entries.at(t)
         W = st.W
@@ -621,7 +632,8 @@ class Replay:
 
         g = gradient(G)
         W_next = W - lr * g
-        if not bool(torch.isfinite(W_next).all()):
+        # one reduction screens for NaN/inf (as training does); a sum that merely overflows finds nothing below
+        if not math.isfinite(float(W_next.sum())):
             finite = torch.isfinite(W_next).all(dim=1)
             bad = ~finite & active & (~need if need is not None else True)
             if bool(bad.any()):  # an approximation produced inf/NaN: redo those steps explicitly
@@ -638,7 +650,9 @@ class Replay:
                 W_next = torch.where(failed[:, None], w_t - lr * g_t, W_next)  # back on the cached path
                 keep = failed if keep is None else keep | failed
         _record(recorders, t, W, g)
-        self._estimate(track, lr, size, w_t, g_t, active, take, norm_bv, den)
+        if unit is None:
+            unit = self._unit * (float(w_t.double().norm()) + lr * float(g_t.double().norm()))
+        self._estimate(track, lr, size, unit, active, take, norm_bv, den, size + ch.min_delta > 0)
         synced = keep if keep is not None else st.synced & ~ch.changed if ch.any else st.synced
         return ReplayState(W_next, track["history"], t + 1, synced, track["curvature"], track["explicit_steps"],
                            track["approx_steps"], track["fallbacks"], track["skipped_pairs"], track["gap"],
@@ -646,8 +660,8 @@ class Replay:
                            track.get("failed_at", st.failed_at), *(track[k] for k in _ESTIMATE),
                            track["secant"], path)
 
-    def _estimate(self, track: dict, lr: float, size: int, w_t: Tensor, g_t: Tensor, active: Tensor,
-                  take: Tensor | None, norm_bv: Tensor | None, den: Tensor) -> None:
+    def _estimate(self, track: dict, lr: float, size: int, unit: float, active: Tensor,
+                  take: Tensor | None, norm_bv: Tensor | None, den: Tensor, den_ok: bool) -> None:
         """Step t of the error estimate (certificate.py, eq. 1): both parts contract by ρ_t; an accepted
         approximate step adds η·(|B|/|B'|)·‖B·v‖ to the open part (a batch left with no rows has an exact,
         data-free gradient); every request off the cached path adds its step's round-off, in quadrature
@@ -655,12 +669,12 @@ class Replay:
         rho = certificate.contraction(lr, self.l2, track["curvature"])
         opened = rho * track["err_open"]
         if take is not None:
-            scale = torch.where(den[:, 0] > 0, size / den[:, 0].clamp(min=1).double(), torch.zeros_like(rho))
-            opened = opened + torch.where(take, lr * scale * norm_bv, torch.zeros_like(rho))
+            dd = den[:, 0].double()
+            scale = (lr * size) / dd if den_ok else torch.where(dd > 0, (lr * size) / dd.clamp(min=1), 0.0)
+            opened += torch.where(take, scale * norm_bv, 0.0)
         track["err_open"] = opened
         track["err_bound"] = rho * track["err_bound"]
-        unit = self._unit * (float(w_t.double().norm()) + lr * float(g_t.double().norm()))
-        track["roundoff_sq"] = rho * rho * track["roundoff_sq"] + active.double() * unit * unit
+        track["roundoff_sq"] = (rho * rho * track["roundoff_sq"]).add_(active.to(rho.dtype), alpha=unit * unit)
 
     # -- segments and whole replays ---------------------------------------------------------------
     def run_segment(self, st: ReplayState, seg: Segment,
@@ -672,8 +686,12 @@ class Replay:
         if st.B != self.B:
             raise ValueError(f"the state holds {st.B} requests, this replay {self.B}")
         lrs = seg.lrs.tolist()
+        # each step's round-off unit ROUNDOFF·u·(‖w_t‖ + η_t‖g_t‖) (certificate.py), for the whole segment at once
+        units = (self._unit * (_row_norms(seg.params)
+                               + seg.lrs.to(device=seg.params.device, dtype=torch.float64)
+                               * _row_norms(seg.grads))).tolist()
         for i in range(seg.stop - seg.start):
-            st = self._step(st, seg.start + i, seg.params[i], seg.grads[i], lrs[i], recorders)
+            st = self._step(st, seg.start + i, seg.params[i], seg.grads[i], lrs[i], recorders, units[i])
         return st
 
     def run(self, state: ReplayState | None = None,
@@ -707,6 +725,14 @@ def failure_reason(step: int) -> str:
     """Why a request whose parameters became non-finite at ``step`` failed (one message everywhere)."""
     return (f"the replay produced non-finite parameters at step {step}, with exact gradients too: the change "
             "set holds values the model cannot take (check the rows' features for extreme values)")
+
+
+def _row_norms(x: Tensor) -> Tensor:
+    """‖x_i‖ of each row of a (k, p) tensor in float64, a few MiB of rows at a time (a float32 segment
+    cast whole to float64 would double its memory)."""
+    rows = max(1, (1 << 22) // max(x.shape[1], 1))
+    return torch.cat([torch.linalg.vector_norm(x[i:i + rows].double(), dim=1)
+                      for i in range(0, len(x), rows)]) if len(x) else x.new_zeros(0, dtype=torch.float64)
 
 
 def _record(recorders, t: int, W: Tensor, g: Tensor) -> None:
