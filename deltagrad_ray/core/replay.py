@@ -44,7 +44,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from . import lbfgs
+from . import certificate, lbfgs
 from .batches import BatchIndex, StepBatch
 from .config import DeltaGradConfig
 from .data import ChangeSet, Dataset, check_not_removed, make_change_set
@@ -89,6 +89,12 @@ class ReplayState(Batched):
                      with exact gradients, −1 while they are fine. A failed request is put back on
                      the cached path (``synced``), costs nothing more, and is reported as failed: the
                      other requests of its batch go on, unaffected
+      err_bound:     (B,) float64 the error estimate's priced part: Σ over the approximate steps whose
+                     interval an explicit step has measured of (Π ρ)·η·‖δ‖ (:mod:`.certificate`, eq. 1)
+      err_open:      (B,) float64 Σ (Π ρ)·η·(|B|/|B'|)·‖B·v‖ over the approximate steps since the last
+                     explicit step, awaiting the next measurement
+      rate_last, rate_prev: (B,) float64 the last two measured ‖B·s − y‖/‖B·s‖ (0 before any)
+      roundoff_sq:   (B,) float64 the square of the estimate's round-off part (accumulated in quadrature)
       secant:        the curvature approximate steps use when it is not the own history alone
                      (``config.curvature``): the batch's shared multi-secant model, or each request's
                      own pairs with the path's; None for ``"own"``
@@ -110,6 +116,11 @@ class ReplayState(Batched):
     pred_sum: Tensor
     pred_n: Tensor
     failed_at: Tensor
+    err_bound: Tensor
+    err_open: Tensor
+    rate_last: Tensor
+    rate_prev: Tensor
+    roundoff_sq: Tensor
     secant: Histories | Secants | SharedPairs | None = None
     path: PathPairs | None = None
 
@@ -119,11 +130,20 @@ class ReplayState(Batched):
 
 
 COUNTERS = ("explicit_steps", "approx_steps", "fallbacks", "skipped_pairs")
+_ESTIMATE = ("err_bound", "err_open", "rate_last", "rate_prev", "roundoff_sq")  # the error estimate's accumulators
 
 
 @dataclass(frozen=True, eq=False)
 class BatchedResult:
-    """Final parameters (B, p) and per-request counters (B,) of a batched replay."""
+    """Final parameters (B, p) and per-request counters (B,) of a batched replay.
+
+    ``error_estimate`` (B,): an estimate of ‖θ_DG − θ_exact‖ / ‖θ_exact − θ_parent‖ from the replay's own
+    measurements (:mod:`.certificate`; inf when the replay is not distinguishable from its parent);
+    ``error_absolute`` (B,) its numerator, ≈ ‖θ_DG − θ_exact‖ (what chains compose,
+    :func:`~.certificate.drift_estimate`); ``error_reliable`` (B,) bool and ``error_basis`` (one string
+    per request): whether the estimate rests on the convex contraction it is derived from (for an MLP it
+    does not: verify such replays by sampled exact retraining).
+    """
 
     params: Tensor
     steps: int
@@ -134,6 +154,10 @@ class BatchedResult:
     prediction_error_max: Tensor
     prediction_error_mean: Tensor
     failed_at: Tensor
+    error_estimate: Tensor
+    error_absolute: Tensor
+    error_reliable: Tensor
+    error_basis: tuple[str, ...]
 
     def diagnostics(self, b: int) -> dict:
         return self.one(b).diagnostics()
@@ -143,14 +167,17 @@ class BatchedResult:
         return ReplayResult(self.params[b], self.steps, int(self.explicit_steps[b]), int(self.approx_steps[b]),
                             int(self.fallbacks[b]), int(self.skipped_pairs[b]), trajectory,
                             float(self.prediction_error_max[b]), float(self.prediction_error_mean[b]),
-                            int(self.failed_at[b]))
+                            int(self.failed_at[b]), float(self.error_estimate[b]), float(self.error_absolute[b]),
+                            bool(self.error_reliable[b]), self.error_basis[b])
 
     @classmethod
     def concat(cls, parts: Sequence[BatchedResult]) -> BatchedResult:
         first = parts[0]
         return cls(torch.cat([r.params for r in parts]), first.steps,
                    *(torch.cat([getattr(r, f) for r in parts])
-                     for f in (*COUNTERS, "prediction_error_max", "prediction_error_mean", "failed_at")))
+                     for f in (*COUNTERS, "prediction_error_max", "prediction_error_mean", "failed_at",
+                               "error_estimate", "error_absolute", "error_reliable")),
+                   tuple(b for r in parts for b in r.error_basis))
 
 
 @dataclass(frozen=True, eq=False)
@@ -161,6 +188,11 @@ class ReplayResult:
     gradient difference at the explicit steps (0 = perfect, 1 = no better than predicting
     nothing). Values near 1 warn that approximate steps were inaccurate: use a smaller period,
     a longer history, or ``schedule="adaptive"``.
+
+    ``error_estimate``: an estimate of ‖θ_DG − θ_exact‖ / ‖θ_exact − θ_parent‖ (inf: the replay cannot
+    be told apart from its parent), ``error_absolute`` its numerator, ``error_reliable`` / ``error_basis``
+    whether it rests on the convex contraction it is derived from (:mod:`.certificate`). An exact result
+    (an empty change, exact retraining) has 0 and basis ``"exact"``.
     """
 
     params: Tensor
@@ -173,13 +205,21 @@ class ReplayResult:
     prediction_error_max: float = 0.0
     prediction_error_mean: float = 0.0
     failed_at: int = -1
+    error_estimate: float = 0.0
+    error_absolute: float = 0.0
+    error_reliable: bool = True
+    error_basis: str = "exact"
 
     def diagnostics(self) -> dict:
         return {"steps": self.steps, "explicit_steps": self.explicit_steps,
                 "approx_steps": self.approx_steps, "fallbacks": self.fallbacks,
                 "skipped_pairs": self.skipped_pairs,
                 "prediction_error_max": round(self.prediction_error_max, 6),
-                "prediction_error_mean": round(self.prediction_error_mean, 6)}
+                "prediction_error_mean": round(self.prediction_error_mean, 6),
+                # None when not finite (JSON has no inf): the replay is not certified closer than its parent
+                "error_estimate": float(f"{self.error_estimate:.4g}") if math.isfinite(self.error_estimate) else None,
+                "error_absolute": float(f"{self.error_absolute:.4g}") if math.isfinite(self.error_absolute) else None,
+                "error_reliable": self.error_reliable, "error_basis": self.error_basis}
 
 
 class LocalRows:
@@ -308,17 +348,20 @@ class _Entries:
         self.X, self.y = torch.cat(Xs), torch.cat(ys)
         self.sign, self.owner = torch.cat(signs), torch.cat(owners)
         self.base, self.ids, self.hashed = torch.cat(base_rows), torch.cat(extra_ids), torch.cat(kinds)
+        # the entries placed by the plan's permutation and those placed by the hash of their id (fixed)
+        plain = ~self.hashed
+        self._plain = (plain, self.base[plain]) if bool(plain.any()) else None
+        self._by_id = (self.hashed, self.ids[self.hashed]) if bool(self.hashed.any()) else None
         self._epoch = -1
         self._none = self._table(torch.zeros(0, dtype=torch.int64, device=dev))
         self._gd = self._table(torch.arange(len(self.owner), device=dev)) if plan.full_batch else None
 
     def _load_epoch(self, epoch: int) -> None:
         k = torch.empty(len(self.owner), dtype=torch.int64, device=self.dev)
-        base = ~self.hashed
-        if bool(base.any()):
-            k[base] = self.plan.batch_of_base_rows(self.base[base], epoch).to(self.dev)
-        if bool(self.hashed.any()):
-            k[self.hashed] = self.plan.batch_of_added_ids(self.ids[self.hashed], epoch).to(self.dev)
+        if self._plain is not None:
+            k[self._plain[0]] = self.plan.batch_of_base_rows(self._plain[1], epoch).to(self.dev)
+        if self._by_id is not None:
+            k[self._by_id[0]] = self.plan.batch_of_added_ids(self._by_id[1], epoch).to(self.dev)
         self._by_k = {key: self._table(entries) for key, entries in _group(k, torch.arange(len(k),
                                                                                            device=self.dev)).items()}
         self._epoch = epoch
@@ -326,6 +369,13 @@ class _Entries:
     def _table(self, entries: Tensor) -> StepChanges:
         """The padded rows of some entries, with their counts."""
         B, dev = self.B, self.dev
+        if B == 1:  # one request: its entries in order, no padding (the same table, in a few operations)
+            w = self.sign[entries][None]
+            n_del = int((w < 0).sum()) if len(entries) else 0
+            delta = len(entries) - 2 * n_del
+            return StepChanges(self.X[entries][None], self.y[entries][None], w,
+                               torch.tensor([len(entries) > 0], device=dev),
+                               torch.full((1, 1), delta, dtype=self.sign.dtype, device=dev), delta, len(entries) > 0)
         entries = entries[torch.argsort(self.owner[entries], stable=True)]
         owner = self.owner[entries]
         counts = torch.bincount(owner, minlength=B)
@@ -425,6 +475,9 @@ class Replay:
             model, data, traj.plan.n_base, gemm_dtype=gemm_dtype, gemm_bytes=gemm_bytes,
             batch_rows=traj.plan.batch_size)
         self.entries = _Entries(self, changes)
+        # the error estimate's safety factor c (per optimizer) and one unit of round-off of a step's update
+        self._safety = certificate.safety(traj.plan.full_batch)
+        self._unit = certificate.ROUNDOFF * torch.finfo(traj.dtype).eps
 
     # -- state --------------------------------------------------------------------------------
     def start(self) -> ReplayState:
@@ -438,6 +491,7 @@ class Replay:
                            torch.full((B,), self.config.period, dtype=torch.int64, device=dev),
                            torch.full((B,), self.config.burn_in, dtype=torch.int64, device=dev),
                            fz.clone(), fz.clone(), zeros.clone(), torch.full((B,), -1, dtype=torch.int64, device=dev),
+                           *(fz.clone() for _ in range(5)),
                            secant=lbfgs.shared_empty(t.p, dev, self.config.shared_rtol)
                            if self.config.curvature == "shared" else
                            lbfgs.secants_empty(B, self.config.shared_history, t.p, dev, self.config.shared_rtol)
@@ -454,18 +508,19 @@ class Replay:
             return lbfgs.secants_hvp(secant, V)
         return lbfgs.hvp(history if secant is None else secant, V)
 
-    def _approximate(self, st: ReplayState, V: Tensor, lr: float) -> tuple[Tensor, Tensor]:
-        """(B·v_b, accepted) — Alg. 1, line 10, behind every guard: a usable compact form within its
-        norm bound (:func:`~.lbfgs.hvp`), within κ·L̂ (and the known bound L), and non-expansive
-        (η‖Bv‖² ≤ 2·vᵀBv; see :class:`~.config.DeltaGradConfig`)."""
+    def _approximate(self, st: ReplayState, V: Tensor, lr: float) -> tuple[Tensor, Tensor, Tensor]:
+        """(B·v_b, accepted, ‖B·v_b‖ float64) — Alg. 1, line 10, behind every guard: a usable compact
+        form within its norm bound (:func:`~.lbfgs.hvp`), within κ·L̂ (and the known bound L), and
+        non-expansive (η‖Bv‖² ≤ 2·vᵀBv; see :class:`~.config.DeltaGradConfig`)."""
         cfg = self.config
         Bv, ratio, usable = self._products(st.history, st.secant, V)
         limit = cfg.curvature_guard * st.curvature
         if cfg.max_curvature is not None:
             limit = limit.clamp(max=cfg.max_curvature)
         Bd, Vd = Bv.double(), V.double()
-        stable = lr * (Bd * Bd).sum(1) <= (2 * (1 + 1e-12)) * (Vd * Bd).sum(1)
-        return Bv, usable & (ratio <= limit) & stable
+        bb = (Bd * Bd).sum(1)
+        stable = lr * bb <= (2 * (1 + 1e-12)) * (Vd * Bd).sum(1)
+        return Bv, usable & (ratio <= limit) & stable, bb.sqrt()
 
     def _explicit(self, mask: Tensor, st: ReplayState, V: Tensor, sb: StepBatch, w_t: Tensor, g_t: Tensor,
                   G: Tensor, full: Tensor, t: int, track: dict) -> tuple[Tensor, Tensor]:
@@ -491,6 +546,18 @@ class Replay:
         track["pred_max"] = torch.where(measured, torch.maximum(track["pred_max"], e), track["pred_max"])
         track["pred_sum"] = track["pred_sum"] + e
         track["pred_n"] = track["pred_n"] + measured
+        # the error estimate (certificate.py): this measurement prices the approximate steps since the
+        # request's last explicit step, which used the very model measured here; relative to ‖B·s‖, the
+        # scale the approximate steps know (‖B·v‖). Unmeasurable (the model unusable at s): as if no
+        # better than predicting nothing.
+        pd = pred.double()
+        rate = (pd - y.double()).norm(dim=1) / pd.norm(dim=1).clamp_min(1e-300)
+        rate = torch.where(measured, rate, torch.maximum(track["rate_last"], torch.ones_like(rate)))
+        priced = self._safety * torch.maximum(rate, track["rate_last"]) * track["err_open"]
+        track["err_bound"] = torch.where(mask, track["err_bound"] + priced, track["err_bound"])
+        track["err_open"] = torch.where(mask, torch.zeros_like(rate), track["err_open"])
+        track["rate_prev"] = torch.where(mask, track["rate_last"], track["rate_prev"])
+        track["rate_last"] = torch.where(mask, rate, track["rate_last"])
         if self.adaptive and t >= cfg.burn_in:
             tol, gap = cfg.adaptive_tol, track["gap"]
             new_gap = torch.where(e > tol, (gap // 2).clamp(min=1),
@@ -513,7 +580,8 @@ class Replay:
         return G, full
 
     def _step(self, st: ReplayState, t: int, w_t: Tensor, g_t: Tensor, lr: float,
-              recorders: Sequence[Recorder | None] | None) -> ReplayState:
+              recorders: Sequence[Recorder | None] | None, unit: float | None = None) -> ReplayState:
+        """One step of every request; ``unit``: the step's round-off unit (default: computed here)."""
         sb = self.index.at(t)
         ch = self.entries.at(t)
         W = st.W
@@ -529,7 +597,7 @@ class Replay:
         V = W - w_t
         active = ~st.synced                        # requests off the cached path (v ≠ 0)
         track = {k: getattr(st, k) for k in ("history", "curvature", *COUNTERS, "gap", "next_explicit",
-                                             "pred_max", "pred_sum", "pred_n", "secant")}
+                                             "pred_max", "pred_sum", "pred_n", "secant", *_ESTIMATE)}
         track["path"] = path
         full = g_t.expand_as(W)                    # ∇F_{B_t}(w_b): exact for synced requests (v = 0)
         scheduled = bool(self.explicit[t])
@@ -538,8 +606,9 @@ class Replay:
             need, approx = active & due if not scheduled else active, active & ~due if not scheduled else None
         else:
             need, approx = (active, None) if scheduled else (None, active)
+        take = norm_bv = None
         if approx is not None and bool(approx.any()):
-            Bv, accepted = self._approximate(st, V, lr)
+            Bv, accepted, norm_bv = self._approximate(st, V, lr)
             take = approx & accepted
             full = torch.where(take[:, None], g_t + Bv, full)
             refused = approx & ~take
@@ -563,10 +632,12 @@ class Replay:
 
         g = gradient(G)
         W_next = W - lr * g
-        if not bool(torch.isfinite(W_next).all()):
+        # one reduction screens for NaN/inf (as training does); a sum that merely overflows finds nothing below
+        if not math.isfinite(float(W_next.sum())):
             finite = torch.isfinite(W_next).all(dim=1)
             bad = ~finite & active & (~need if need is not None else True)
             if bool(bad.any()):  # an approximation produced inf/NaN: redo those steps explicitly
+                take = None if take is None else take & ~bad
                 track["approx_steps"] = track["approx_steps"] - bad
                 track["fallbacks"] = track["fallbacks"] + bad
                 G, full = self._explicit(bad, st, V, sb, w_t, g_t, G, full, t, track)
@@ -579,11 +650,31 @@ class Replay:
                 W_next = torch.where(failed[:, None], w_t - lr * g_t, W_next)  # back on the cached path
                 keep = failed if keep is None else keep | failed
         _record(recorders, t, W, g)
+        if unit is None:
+            unit = self._unit * (float(w_t.double().norm()) + lr * float(g_t.double().norm()))
+        self._estimate(track, lr, size, unit, active, take, norm_bv, den, size + ch.min_delta > 0)
         synced = keep if keep is not None else st.synced & ~ch.changed if ch.any else st.synced
         return ReplayState(W_next, track["history"], t + 1, synced, track["curvature"], track["explicit_steps"],
                            track["approx_steps"], track["fallbacks"], track["skipped_pairs"], track["gap"],
                            track["next_explicit"], track["pred_max"], track["pred_sum"], track["pred_n"],
-                           track.get("failed_at", st.failed_at), track["secant"], path)
+                           track.get("failed_at", st.failed_at), *(track[k] for k in _ESTIMATE),
+                           track["secant"], path)
+
+    def _estimate(self, track: dict, lr: float, size: int, unit: float, active: Tensor,
+                  take: Tensor | None, norm_bv: Tensor | None, den: Tensor, den_ok: bool) -> None:
+        """Step t of the error estimate (certificate.py, eq. 1): both parts contract by ρ_t; an accepted
+        approximate step adds η·(|B|/|B'|)·‖B·v‖ to the open part (a batch left with no rows has an exact,
+        data-free gradient); every request off the cached path adds its step's round-off, in quadrature
+        (independent rounding errors: the probabilistic model of Higham & Mary 2019)."""
+        rho = certificate.contraction(lr, self.l2, track["curvature"])
+        opened = rho * track["err_open"]
+        if take is not None:
+            dd = den[:, 0].double()
+            scale = (lr * size) / dd if den_ok else torch.where(dd > 0, (lr * size) / dd.clamp(min=1), 0.0)
+            opened += torch.where(take, scale * norm_bv, 0.0)
+        track["err_open"] = opened
+        track["err_bound"] = rho * track["err_bound"]
+        track["roundoff_sq"] = (rho * rho * track["roundoff_sq"]).add_(active.to(rho.dtype), alpha=unit * unit)
 
     # -- segments and whole replays ---------------------------------------------------------------
     def run_segment(self, st: ReplayState, seg: Segment,
@@ -595,8 +686,12 @@ class Replay:
         if st.B != self.B:
             raise ValueError(f"the state holds {st.B} requests, this replay {self.B}")
         lrs = seg.lrs.tolist()
+        # each step's round-off unit ROUNDOFF·u·(‖w_t‖ + η_t‖g_t‖) (certificate.py), for the whole segment at once
+        units = (self._unit * (_row_norms(seg.params)
+                               + seg.lrs.to(device=seg.params.device, dtype=torch.float64)
+                               * _row_norms(seg.grads))).tolist()
         for i in range(seg.stop - seg.start):
-            st = self._step(st, seg.start + i, seg.params[i], seg.grads[i], lrs[i], recorders)
+            st = self._step(st, seg.start + i, seg.params[i], seg.grads[i], lrs[i], recorders, units[i])
         return st
 
     def run(self, state: ReplayState | None = None,
@@ -607,17 +702,37 @@ class Replay:
             st = self.run_segment(st, seg, recorders)
         return st
 
+    def certificate(self, st: ReplayState) -> certificate.Certificate:
+        """The error estimate of a finished replay (:mod:`.certificate`), NaN for failed requests."""
+        moved = (st.W.double() - self.traj.final.double()).norm(dim=1)
+        cert = certificate.certify(st.err_bound, st.err_open, st.rate_last, st.rate_prev, st.roundoff_sq.sqrt(), moved,
+                                   safety=self._safety, kind=None if self.model.spec is None else self.model.spec.kind,
+                                   max_lr=float(self.traj.lrs.max()), curvature=st.curvature)
+        failed = st.failed_at >= 0
+        return cert._replace(absolute=torch.where(failed, math.nan, cert.absolute),
+                             ratio=torch.where(failed, math.nan, cert.ratio), reliable=cert.reliable & ~failed)
+
     def result(self, st: ReplayState) -> BatchedResult:
         """The final parameters and counters (NaN parameters for requests that failed)."""
         W = torch.where((st.failed_at >= 0)[:, None], float("nan"), st.W)
+        cert = self.certificate(st)
         return BatchedResult(W, self.traj.steps, st.explicit_steps, st.approx_steps, st.fallbacks,
-                             st.skipped_pairs, st.pred_max, st.pred_sum / st.pred_n.clamp(min=1), st.failed_at)
+                             st.skipped_pairs, st.pred_max, st.pred_sum / st.pred_n.clamp(min=1), st.failed_at,
+                             cert.ratio, cert.absolute, cert.reliable, cert.basis)
 
 
 def failure_reason(step: int) -> str:
     """Why a request whose parameters became non-finite at ``step`` failed (one message everywhere)."""
     return (f"the replay produced non-finite parameters at step {step}, with exact gradients too: the change "
             "set holds values the model cannot take (check the rows' features for extreme values)")
+
+
+def _row_norms(x: Tensor) -> Tensor:
+    """‖x_i‖ of each row of a (k, p) tensor in float64, a few MiB of rows at a time (a float32 segment
+    cast whole to float64 would double its memory)."""
+    rows = max(1, (1 << 22) // max(x.shape[1], 1))
+    return torch.cat([torch.linalg.vector_norm(x[i:i + rows].double(), dim=1)
+                      for i in range(0, len(x), rows)]) if len(x) else x.new_zeros(0, dtype=torch.float64)
 
 
 def _record(recorders, t: int, W: Tensor, g: Tensor) -> None:
@@ -766,21 +881,45 @@ def deltagrad_online(model: FunctionalModel, traj: Trajectory, data: Dataset,
 
     Returns:
       The last :class:`ReplayResult`; its ``trajectory`` is the final cache (over the same
-      ``data``, with the deleted rows flagged) and its counters are summed over all requests.
+      ``data``, with the deleted rows flagged) and its counters are summed over all requests. Its
+      error estimate is the chain's (:func:`~.certificate.drift_estimate`): ``error_absolute`` ≈
+      ‖θ_k − θ_exact,k‖ and ``error_estimate`` ≈ that over ‖θ_exact,k − θ_base‖, where θ_exact,k is
+      exact retraining from ``traj`` without every id deleted, and θ_base = ``traj.final``.
     """
     if not deletions:
         raise InputError("no deletion requests given")
     totals = dict.fromkeys(COUNTERS, 0)
     worst = 0.0
     res = None
+    base, first = traj, None
+    absolutes, bases = [], []
     for ids in deletions:
         change = make_change_set(data, delete_ids=ids, removed=traj.removed, n_classes=n_classes)
         res = deltagrad(model, traj, data, change, config, record=True)
         for k in totals:
             totals[k] += getattr(res, k)
         worst = max(worst, res.prediction_error_max)
+        absolutes.append(res.error_absolute)
+        bases.append(res.error_basis)
         traj = res.trajectory
-    return replace(res, **totals, prediction_error_max=worst)
+        first = first or traj
+    drift = certificate.drift_estimate(absolutes, float((res.params - base.final).double().norm()),
+                                       growth=_size_growth(first, traj, data))
+    basis = certificate.worst_basis(bases)
+    return replace(res, **totals, prediction_error_max=worst, error_estimate=drift.ratio,
+                   error_absolute=drift.absolute, error_reliable=basis in certificate.RELIABLE, error_basis=basis)
+
+
+def _size_growth(first: Trajectory, last: Trajectory, data: Dataset) -> float:
+    """max over steps of |B_t| after the first version / |B_t| after the last one (≥ 1): how much a
+    gradient error of an early version grows when later versions divide by fewer rows."""
+    a, b = BatchIndex(first.plan, data, first.removed), BatchIndex(last.plan, data, last.removed)
+    growth = 1.0
+    for t in range(1 if first.plan.full_batch else first.steps):
+        na, nb = a.at(t).size, b.at(t).size
+        if nb > 0:  # a batch left with no rows has a data-free, exact gradient
+            growth = max(growth, na / nb)
+    return growth
 
 
 def relative_error(approx: Tensor, exact: Tensor, reference: Tensor) -> float:
