@@ -57,3 +57,30 @@ def test_every_versions_publishes_an_exact_retraining_and_the_drift_restarts(cha
     exact3 = api.retrain_exact(base, delete=[40 * k + i for k in range(1, 4) for i in range(5)])
     assert torch.allclose(reg.open(v3).final, exact3, rtol=0, atol=1e-10 * float(exact3.norm()))
     _close(base, reg, ids)
+
+
+def test_each_version_carries_its_certificate_and_a_drift_above_the_policy_reconciles(chain):
+    tmp, base, run = chain
+    loose = ReconcileSettings(max_drift=1.0, every_versions=None)
+    run(1, loose, VerifySettings(sample=1.0))
+    run(2, loose, VerifySettings(sample=1.0))
+    reg = Registry(tmp / "models")
+    v1, v2 = reg.recorded(1), reg.latest()
+    assert v1.method == v2.method == "deltagrad"
+    for v in (v1, v2):
+        c = v.certificate
+        assert c["basis"] == "convex" and c["reliable"] and c["error_absolute"] > 0
+        # the estimate is conservative: at least the error sampled verification measured
+        assert c["error_estimate"] >= c["verification"]["ratio"]
+    assert v2.certificate["drift_absolute"] == pytest.approx(v1.certificate["error_absolute"]
+                                                             + v2.certificate["error_absolute"])
+    assert v2.certificate["since_exact_version"] == 0 and v2.certificate["replays_since_exact"] == 2
+    # a policy stricter than the certified drift: the run publishes the exact retraining instead
+    run(3, ReconcileSettings(max_drift=1e-12, every_versions=None))
+    v3 = reg.latest()
+    assert v3.method == "exact-retrain" and v3.certificate["reconciled"].startswith("drift ")
+    assert v3.certificate["replay_drift"] > 1e-12 and v3.certificate["drift_estimate"] == 0.0
+    _close(base, reg, [40 * k + i for k in (1, 2, 3) for i in range(5)])
+    from deltagrad_ray.erasure import status
+    (st,) = status(Target("m", str(tmp / "models")))
+    assert st["calibration"]["verified_versions"] == 2 and st["calibration"]["estimate_at_least_truth"] == 1.0
