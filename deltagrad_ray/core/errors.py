@@ -1,7 +1,7 @@
 """Errors raised for bad input. Messages are one line: the problem, then what was expected.
 
 The project's errors cross process boundaries (a Ray task or actor raises them, the driver
-reports them): :class:`Portable` pickles an error as its class, ``args`` and attributes, so a
+reports them): :class:`Portable` serializes an error as its class, ``args`` and attributes, so a
 subclass rebuilds whatever its ``__init__`` takes, and reaches the driver with its own type and
 one-line message.
 """
@@ -18,7 +18,7 @@ def _rebuild(cls: type, args: tuple, state: dict) -> BaseException:
 
 
 class Portable:
-    """Mixin for exceptions: pickled as (class, args, attributes), rebuilt without ``__init__``."""
+    """Mixin for exceptions: serialized as (class, args, attributes), rebuilt without ``__init__``."""
 
     def __reduce__(self):
         return _rebuild, (type(self), tuple(self.args), dict(self.__dict__))
