@@ -176,7 +176,10 @@ def job_vs_retrain(quick: bool) -> int:
             emit({"config": f"pipelines.bulk_erasure ({tag})", **shape, "seconds": round(seconds, 2),
                   "retrain_over_this": round(retrain_s / seconds, 2), "applied": line["applied"],
                   "deltagrad_s": round(audit["timings"]["deltagrad_s"], 2),
-                  "error_estimate": (audit.get("certificate") or {}).get("error_estimate"),
+                  "published": (audit.get("new") or {}).get("method"),
+                  "reconciled": (audit.get("certificate") or {}).get("reconciled"),
+                  "error_estimate": (audit.get("certificate") or {}).get("replay_estimate",
+                                                                        (audit.get("certificate") or {}).get("error_estimate")),
                   "verified_ratio": (audit.get("verification") or {}).get("ratio")})
     finally:
         shutil.rmtree(work, ignore_errors=True)
