@@ -173,13 +173,13 @@ def job_vs_retrain(quick: bool) -> int:
             seconds, stdout = timed([sys.executable, "-m", "pipelines.bulk_erasure", "--config", str(cfg)])
             line = json.loads(stdout.strip().splitlines()[-1])
             audit = json.loads(next((out / "audit").glob("*.json")).read_text())
+            cert = audit.get("certificate") or {}
             emit({"config": f"pipelines.bulk_erasure ({tag})", **shape, "seconds": round(seconds, 2),
                   "retrain_over_this": round(retrain_s / seconds, 2), "applied": line["applied"],
                   "deltagrad_s": round(audit["timings"]["deltagrad_s"], 2),
                   "published": (audit.get("new") or {}).get("method"),
-                  "reconciled": (audit.get("certificate") or {}).get("reconciled"),
-                  "error_estimate": (audit.get("certificate") or {}).get("replay_estimate",
-                                                                        (audit.get("certificate") or {}).get("error_estimate")),
+                  "reconciled": cert.get("reconciled"),
+                  "error_estimate": cert.get("replay_estimate", cert.get("error_estimate")),
                   "verified_ratio": (audit.get("verification") or {}).get("ratio")})
     finally:
         shutil.rmtree(work, ignore_errors=True)
