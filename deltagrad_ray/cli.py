@@ -226,10 +226,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="replayed models held in memory at most; beyond, they stay in --out's parts and are "
                             "read back a chunk at a time")
         _add_deltagrad_args(p)
-        if name == "loo":
+        if name in ("loo", "jackknife", "influence"):
             p.add_argument("--verify", type=_COUNT, default=None, metavar="K",
                            help="also retrain K requests drawn at random exactly and state a bound on the error of "
                                 "95%% of all requests at 95%% confidence (K = 59 and up: README, Verification)")
+            p.add_argument("--exact-above", type=_NONNEGATIVE, default=None, metavar="E",
+                           help="retrain exactly every request whose error estimate is above E (or not finite); "
+                                "the table's 'method' column marks them")
         if name != "loo":
             p.add_argument("--memory-mb", type=_POSITIVE, default=256,
                            help="working memory of the statistics, which stream over chunks of models and test points")
@@ -490,34 +493,42 @@ def _ids_arg(a: argparse.Namespace):
 
 
 def _replay_summary(r) -> dict:
+    from .results import estimate_summary
     c = r.counters
     return {"requests": len(c["explicit_steps"]), "explicit_steps_mean": float(c["explicit_steps"].double().mean()),
-            "fallbacks": int(c["fallbacks"].sum()), "failed": len(r.errors), "backend": r.stats.get("backend")}
+            "fallbacks": int(c["fallbacks"].sum()), "failed": len(r.errors), "backend": r.stats.get("backend"),
+            **estimate_summary(r.stats.get("error_estimate"), r.stats.get("error_reliable"))}
 
 
 def cmd_loo(a: argparse.Namespace) -> dict:
     from . import many
-    from .results import write_table
+    from .results import estimate_columns, write_table
     _check_many_io(a)
     _check_out(a.out, a.overwrite)
     fan, progress = _fanout(a)
     t0 = time.perf_counter()
-    res = many.loo(a.cache, _ids_arg(a), fanout=fan, data=a.data, verify=a.verify)
+    res = many.loo(a.cache, _ids_arg(a), fanout=fan, data=a.data, verify=a.verify, exact_above=a.exact_above)
     _warn_replays(a, fan, res.replay, res.ids)
     c = res.replay.counters
     # models beyond --max-model-mb are streamed from the parts into --out a row group at a time
     params = res.params if res.params is not None else res.models
     write_table(a.out, {"id": res.ids, "params": params, "explicit_steps": c["explicit_steps"],
                         "approx_steps": c["approx_steps"], "fallbacks": c["fallbacks"],
+                        **estimate_columns(res.replay), "method": res.method,
                         "error": [res.replay.errors.get(i) for i in range(len(res.ids))]},
                 overwrite=a.overwrite)
     _done(fan, a.out)
-    out = {"command": "loo", "out": a.out, "seconds": round(time.perf_counter() - t0, 3),
-           **_replay_summary(res.replay)}
-    if res.verification is not None:
-        out["verification"] = res.verification.statement()
-        if _JSON:
-            out["verification"] = res.verification.summary()
+    return {"command": "loo", "out": a.out, "seconds": round(time.perf_counter() - t0, 3),
+            **_replay_summary(res.replay), **_evidence(a, res.verification, res.method)}
+
+
+def _evidence(a: argparse.Namespace, verification, method: list[str]) -> dict:
+    """What --exact-above reran and what --verify showed, for the summary line."""
+    out = {}
+    if a.exact_above is not None:
+        out["retrained_exactly"] = method.count("exact")
+    if verification is not None:
+        out["verification"] = verification.summary() if _JSON else verification.statement()
     return out
 
 
@@ -528,7 +539,8 @@ def cmd_jackknife(a: argparse.Namespace) -> dict:
     _check_out(a.out, a.overwrite)
     fan, progress = _fanout(a)
     t0 = time.perf_counter()
-    r = many.jackknife(a.cache, a.test, _ids_arg(a), fanout=fan, data=a.data, memory_mb=a.memory_mb)
+    r = many.jackknife(a.cache, a.test, _ids_arg(a), fanout=fan, data=a.data, memory_mb=a.memory_mb,
+                       verify=a.verify, exact_above=a.exact_above)
     _warn_replays(a, fan, r["replay"])
     p, loss = r["predictions"], r["test_loss"]
     meta = {"test_loss": {k: float(getattr(loss, k)) for k in ("estimate", "bias", "bias_corrected", "se")},
@@ -537,23 +549,25 @@ def cmd_jackknife(a: argparse.Namespace) -> dict:
                         "bias_corrected": p.bias_corrected, "se": p.se}, metadata=meta, overwrite=a.overwrite)
     _done(fan, a.out)
     return {"command": "jackknife", "out": a.out, "seconds": round(time.perf_counter() - t0, 3), **meta,
-            **_replay_summary(r["replay"])}
+            **_replay_summary(r["replay"]), **_evidence(a, r["verification"], r["method"])}
 
 
 def cmd_influence(a: argparse.Namespace) -> dict:
     from . import many
-    from .results import write_table
+    from .results import estimate_columns, write_table
     _check_many_io(a)
     _check_out(a.out, a.overwrite)
     fan, progress = _fanout(a)
     t0 = time.perf_counter()
-    r = many.influence(a.cache, a.test, _ids_arg(a), fanout=fan, data=a.data, memory_mb=a.memory_mb)
+    r = many.influence(a.cache, a.test, _ids_arg(a), fanout=fan, data=a.data, memory_mb=a.memory_mb,
+                       verify=a.verify, exact_above=a.exact_above)
     _warn_replays(a, fan, r["replay"])
-    write_table(a.out, {"id": r["ids"], "influence": r["influence"]}, metadata={"test_loss": r["test_loss"]},
-                overwrite=a.overwrite)
+    write_table(a.out, {"id": r["ids"], "influence": r["influence"], **estimate_columns(r["replay"]),
+                        "method": r["method"]},
+                metadata={"test_loss": r["test_loss"]}, overwrite=a.overwrite)
     _done(fan, a.out)
     return {"command": "influence", "out": a.out, "seconds": round(time.perf_counter() - t0, 3),
-            "test_loss": r["test_loss"], **_replay_summary(r["replay"])}
+            "test_loss": r["test_loss"], **_replay_summary(r["replay"]), **_evidence(a, r["verification"], r["method"])}
 
 
 def cmd_conformal(a: argparse.Namespace) -> dict:

@@ -86,7 +86,10 @@ class ExactBackend:
         n = len(changes)
         counters = {"explicit_steps": torch.full((n,), traj.steps), "approx_steps": torch.zeros(n, dtype=torch.int64),
                     "fallbacks": torch.zeros(n, dtype=torch.int64), "skipped_pairs": torch.zeros(n, dtype=torch.int64)}
-        return RunReport(params, counters, {}, {"backend": "exact"})
+        # exact retraining: no approximate step, so nothing to estimate (certificate.BASIS_EXACT)
+        stats = {"backend": "exact", "error_estimate": torch.zeros(n, dtype=torch.float64),
+                 "error_reliable": torch.ones(n, dtype=torch.bool)}
+        return RunReport(params, counters, {}, stats)
 
 
 def _checked(report: RunReport, labels: Tensor, what: str) -> RunReport:
@@ -109,6 +112,19 @@ class ManyResult(NamedTuple):
     def models(self) -> ModelTable:
         """The models as a table, read a chunk at a time (from memory or from the results' parts)."""
         return self.replay.models if self.replay.models is not None else as_table(self.params)
+
+    @property
+    def error_estimate(self) -> Tensor:
+        """(B,) each request's error estimate ≈ ‖θ_DG − θ_exact‖ / ‖θ_exact − θ_full‖
+        (:mod:`~deltagrad_ray.core.certificate`; inf: not certified closer than the full model, NaN:
+        failed; 0 for requests retrained exactly)."""
+        return self.replay.stats["error_estimate"]
+
+    @property
+    def method(self) -> list[str]:
+        """Per request: ``"deltagrad"``, or ``"exact"`` when ``exact_above`` retrained it."""
+        exact = self.replay.stats.get("retrained")
+        return ["exact" if exact is not None and bool(exact[i]) else "deltagrad" for i in range(len(self.ids))]
 
 
 def _cache(cache: Cache | str | Location) -> Cache:
@@ -140,7 +156,8 @@ def _left_out(ds: Dataset, changes: list[ChangeSet]) -> Tensor:
 
 def loo(cache: Cache | str | Location, ids: Sequence[int] | Tensor | None = None, *, fanout: Fanout | None = None,
         data: str | Location | None = None, strict: bool = False, verify: int | None = None,
-        quantile: float = 0.95, confidence: float = 0.95, seed: int = 0) -> ManyResult:
+        quantile: float = 0.95, confidence: float = 0.95, seed: int = 0,
+        exact_above: float | None = None) -> ManyResult:
     """Leave-one-out models for ``ids`` (default: every training point still in the cache).
 
     Failed requests (isolated by the backend) come back as NaN rows, listed in
@@ -149,7 +166,12 @@ def loo(cache: Cache | str | Location, ids: Sequence[int] | Tensor | None = None
     ``verify=K``: K requests drawn at random are also retrained exactly (batched) and
     ``result.verification`` states, with probability ≥ ``confidence`` over the draw, a bound on the
     error of at least a fraction ``quantile`` of ALL requests (:mod:`.stats.verification`).
+
+    ``exact_above=E``: every request whose error estimate exceeds E (or is not finite) is retrained
+    exactly (batched) and its model replaced (:func:`rerun_exact`); the verification, if asked,
+    then measures the models as returned.
     """
+    check_exact_above(exact_above)
     if verify is not None:
         from .stats.verification import check_settings
         check_settings(verify, quantile, confidence)  # before any replay
@@ -164,10 +186,58 @@ def loo(cache: Cache | str | Location, ids: Sequence[int] | Tensor | None = None
     if strict:
         _checked(rep, ids, "leave-one-out")
     res = ManyResult(ids, None if rep.params is None else rep.params.to(c.dtype), rep)
+    if exact_above is not None:
+        res = rerun_exact(c, res, exact_above, data=data, batch_size=fan.batch_size)
     if verify is not None:
         res = res._replace(verification=verify_sample(c, res, verify, quantile=quantile, confidence=confidence,
                                                       seed=seed, data=data))
     return res
+
+
+def check_exact_above(value: float | None) -> None:
+    import math
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                              or math.isnan(value) or value < 0):
+        raise InputError(f"exact_above must be a number >= 0 (the largest error estimate kept without an exact "
+                         f"retraining), got {value!r}")
+
+
+def rerun_exact(cache: Cache | str | Location, result: ManyResult, above: float, *,
+                data: str | Location | None = None, batch_size: int = 32) -> ManyResult:
+    """Retrain exactly (batched, :func:`~.core.replay.retrain_batched`) every leave-one-out request of
+    ``result`` whose error estimate is above ``above`` or not finite, and return the result with their
+    models replaced, their estimate 0 and ``stats["retrained"]`` marking them (``result.method``).
+    Failed requests stay failed. The models must be in memory (``result.params``)."""
+    from .core.replay import retrain_batched
+    check_exact_above(above)
+    c = _cache(cache)
+    rep = result.replay
+    est = rep.stats.get("error_estimate")
+    if est is None:
+        raise InputError("these results carry no error estimate (made by another backend): nothing to rerun by")
+    failed = torch.zeros(len(result.ids), dtype=torch.bool)
+    failed[list(rep.errors)] = True
+    due = (~failed & ~(est <= above)).nonzero().reshape(-1)   # NaN and inf are never <= above
+    retrained = torch.zeros(len(result.ids), dtype=torch.bool)
+    stats = {**rep.stats, "retrained": retrained, "exact_above": above}
+    if len(due) == 0:
+        return result._replace(replay=rep._replace(stats=stats))
+    if result.params is None:
+        raise InputError(f"{len(due)} requests need an exact retraining but the models are not in memory "
+                         "(raise max_model_mb, or rerun those ids with the exact backend)")
+    ds = c.data(data)
+    changes = leave_one_out(ds, result.ids[due], removed=c.removed_mask())
+    exact = retrain_batched(c.model, c.trajectory(), ds, changes, batch_size=batch_size)
+    params = result.params.clone()
+    params[due] = exact.to(params.dtype)
+    est = est.clone()
+    est[due] = 0.0
+    retrained[due] = True
+    reliable = rep.stats["error_reliable"].clone()
+    reliable[due] = True
+    stats.update(error_estimate=est, error_reliable=reliable)
+    models = as_table(params) if rep.models is not None else None
+    return result._replace(params=params, replay=rep._replace(params=params, stats=stats, models=models))
 
 
 def verify_sample(cache: Cache | str | Location, result: ManyResult, k: int, *, quantile: float = 0.95,
@@ -205,7 +275,8 @@ def _models(params: Tensor | ModelTable) -> ModelTable:
 
 def jackknife(cache: Cache | str | Location, test, ids=None, *,
               fanout: Fanout | None = None, data=None, loo_result: ManyResult | None = None,
-              memory_mb: float = DEFAULT_MEMORY_MB) -> dict:
+              memory_mb: float = DEFAULT_MEMORY_MB, verify: int | None = None, exact_above: float | None = None,
+              seed: int = 0) -> dict:
     """Jackknife estimates, bias-corrected estimates and standard errors of the test predictions
     (probabilities for classification) and of the mean test loss.
 
@@ -214,38 +285,46 @@ def jackknife(cache: Cache | str | Location, test, ids=None, *,
       loo_result: leave-one-out models already replayed (reused instead of a new fan-out).
       memory_mb: working memory of the statistics: they stream over chunks of models and test
         points (:func:`~deltagrad_ray.stats.streamed_jackknife`), never all of them at once.
+      verify, exact_above, seed: as for :func:`loo` (the leave-one-out models the statistics use).
 
     Returns:
       dict with ``test_ids``, ``predictions`` and ``test_loss`` (:class:`~deltagrad_ray.stats.Jackknife`),
-      ``n_loo``, ``replay``.
+      ``n_loo``, ``replay``, ``verification`` (None unless ``verify``).
     """
     check_memory_mb(memory_mb)
     c = _cache(cache)
     t = _test_set(c, test)
-    res = loo_result or loo(c, ids, fanout=fanout, data=data, strict=True)
+    res = loo_result or loo(c, ids, fanout=fanout, data=data, strict=True, verify=verify, exact_above=exact_above,
+                            seed=seed)
     pred, loss = streamed_jackknife(c.model, c.final, _models(res.models), t.X, t.y, memory_mb=memory_mb)
-    return {"test_ids": t.ids, "predictions": pred, "test_loss": loss, "n_loo": len(res.ids), "replay": res.replay}
+    return {"test_ids": t.ids, "predictions": pred, "test_loss": loss, "n_loo": len(res.ids), "replay": res.replay,
+            "verification": res.verification, "method": res.method}
 
 
 def influence(cache: Cache | str | Location, test, ids=None, *,
               fanout: Fanout | None = None, data=None, loo_result: ManyResult | None = None,
-              memory_mb: float = DEFAULT_MEMORY_MB) -> dict:
+              memory_mb: float = DEFAULT_MEMORY_MB, verify: int | None = None, exact_above: float | None = None,
+              seed: int = 0) -> dict:
     """Per training id, the leave-one-out change in mean test loss L(θ_(i)) − L(θ̂).
 
     Args:
       cache, test, ids, fanout, data, loo_result: as for :func:`jackknife`.
       memory_mb: working memory of the test losses, accumulated over chunks of test points.
+      verify, exact_above, seed: as for :func:`loo`.
 
     Returns:
-      dict with ``ids``, ``influence`` (per id), ``test_loss`` (of the full model), ``replay``.
+      dict with ``ids``, ``influence`` (per id), ``test_loss`` (of the full model), ``replay``,
+      ``verification`` (None unless ``verify``), ``method`` (per id: deltagrad or exact).
     """
     check_memory_mb(memory_mb)
     c = _cache(cache)
     t = _test_set(c, test)
-    res = loo_result or loo(c, ids, fanout=fanout, data=data, strict=True)
+    res = loo_result or loo(c, ids, fanout=fanout, data=data, strict=True, verify=verify, exact_above=exact_above,
+                            seed=seed)
     full = streamed_test_loss(c.model, c.final[None], t.X, t.y, memory_mb=memory_mb)[0]
     losses = streamed_test_loss(c.model, _models(res.models), t.X, t.y, memory_mb=memory_mb)
-    return {"ids": res.ids, "influence": loo_influence(full, losses), "test_loss": float(full), "replay": res.replay}
+    return {"ids": res.ids, "influence": loo_influence(full, losses), "test_loss": float(full), "replay": res.replay,
+            "verification": res.verification, "method": res.method}
 
 
 def conformal(cache: Cache | str | Location, test, alpha: float = 0.1, *,

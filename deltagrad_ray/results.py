@@ -72,3 +72,29 @@ def read_table(uri: str | Location) -> tuple[pa.Table, dict]:
     table = parquet_table(loc.read_buffer())
     meta = (table.schema.metadata or {}).get(b"deltagrad_ray")
     return table, (json.loads(meta) if meta else {})
+
+
+def estimate_columns(report) -> dict:
+    """The per-request error estimate of a fan-out (:mod:`~deltagrad_ray.core.certificate`) as table
+    columns: ``error_estimate`` (≈ ‖θ_DG − θ_exact‖ / ‖θ_exact − θ_full‖; inf: not certified closer
+    than the full model; NaN: failed) and ``error_reliable`` (the estimate rests on a convex loss)."""
+    est, rel = report.stats.get("error_estimate"), report.stats.get("error_reliable")
+    if est is None:
+        return {}
+    return {"error_estimate": est, "error_reliable": rel}
+
+
+def estimate_summary(estimate, reliable) -> dict:
+    """Median and largest error estimate of the requests that have one, and how many are reliable
+    (None where no request has a finite estimate: JSON has no inf)."""
+    if estimate is None:
+        return {}
+    have = estimate[~torch.isnan(estimate)]
+    finite = have[torch.isfinite(have)]
+    out = {"error_estimate_median": None, "error_estimate_max": None, "error_estimate_finite": int(len(finite)),
+           "error_reliable": int(reliable.sum()) if reliable is not None else 0}
+    if len(have):
+        med, top = float(have.median()), float(have.max())
+        out["error_estimate_median"] = float(f"{med:.4g}") if np.isfinite(med) else None
+        out["error_estimate_max"] = float(f"{top:.4g}") if np.isfinite(top) else None
+    return out

@@ -704,13 +704,8 @@ class Replay:
 
     def certificate(self, st: ReplayState) -> certificate.Certificate:
         """The error estimate of a finished replay (:mod:`.certificate`), NaN for failed requests."""
-        moved = (st.W.double() - self.traj.final.double()).norm(dim=1)
-        cert = certificate.certify(st.err_bound, st.err_open, st.rate_last, st.rate_prev, st.roundoff_sq.sqrt(), moved,
-                                   safety=self._safety, kind=None if self.model.spec is None else self.model.spec.kind,
-                                   max_lr=float(self.traj.lrs.max()), curvature=st.curvature)
-        failed = st.failed_at >= 0
-        return cert._replace(absolute=torch.where(failed, math.nan, cert.absolute),
-                             ratio=torch.where(failed, math.nan, cert.ratio), reliable=cert.reliable & ~failed)
+        return state_certificate(st, self.traj.final, kind=None if self.model.spec is None else self.model.spec.kind,
+                                 max_lr=float(self.traj.lrs.max()), full_batch=self.traj.plan.full_batch)
 
     def result(self, st: ReplayState) -> BatchedResult:
         """The final parameters and counters (NaN parameters for requests that failed)."""
@@ -719,6 +714,22 @@ class Replay:
         return BatchedResult(W, self.traj.steps, st.explicit_steps, st.approx_steps, st.fallbacks,
                              st.skipped_pairs, st.pred_max, st.pred_sum / st.pred_n.clamp(min=1), st.failed_at,
                              cert.ratio, cert.absolute, cert.reliable, cert.basis)
+
+
+def state_certificate(st: ReplayState, final: Tensor, *, kind: str | None, max_lr: float,
+                      full_batch: bool) -> certificate.Certificate:
+    """The error estimate of finished replay states (:mod:`.certificate`), NaN for failed requests.
+
+    Needs only the parent's final parameters ``final``, the model's ``kind`` (None: another module),
+    the trajectory's largest learning rate and its optimizer, so a driver that holds no trajectory
+    (the Ray backend) prices its actors' states itself."""
+    moved = (st.W.double() - final.to(st.W.device).double()).norm(dim=1)
+    cert = certificate.certify(st.err_bound, st.err_open, st.rate_last, st.rate_prev, st.roundoff_sq.sqrt(), moved,
+                               safety=certificate.safety(full_batch), kind=kind, max_lr=max_lr,
+                               curvature=st.curvature)
+    failed = st.failed_at >= 0
+    return cert._replace(absolute=torch.where(failed, math.nan, cert.absolute),
+                         ratio=torch.where(failed, math.nan, cert.ratio), reliable=cert.reliable & ~failed)
 
 
 def failure_reason(step: int) -> str:

@@ -94,7 +94,7 @@ class _Collector:
     are held in memory only when they fit ``max_model_mb`` (or there is no sink to keep them)."""
 
     def __init__(self, n: int, p: int, sink: ResultSink | None, progress: Callable[[int], None] | None,
-                 max_model_mb: float = MAX_MODEL_MB) -> None:
+                 max_model_mb: float = MAX_MODEL_MB, certify: Callable[[ReplayState], Any] | None = None) -> None:
         if not (isinstance(max_model_mb, (int, float)) and not isinstance(max_model_mb, bool)
                 and max_model_mb >= 0 and not math.isnan(max_model_mb)):
             raise InputError(f"max_model_mb must be a number >= 0 (MB of models held in memory), got {max_model_mb!r}")
@@ -105,7 +105,10 @@ class _Collector:
         self.errors: dict[int, str] = {}
         self.done = torch.zeros(n, dtype=torch.bool)
         self.prediction_error = torch.full((n,), float("nan"), dtype=torch.float64)  # NaN: not measured here
-        self.sink, self.progress = sink, progress
+        # each request's error estimate (core.certificate; NaN: failed, or resumed from parts without one)
+        self.error_estimate = torch.full((n,), float("nan"), dtype=torch.float64)
+        self.error_reliable = torch.zeros(n, dtype=torch.bool)
+        self.sink, self.progress, self.certify = sink, progress, certify
 
     def restore(self, finished: dict[int, dict]) -> None:
         for i, r in finished.items():
@@ -113,6 +116,9 @@ class _Collector:
                 self.params[i] = torch.tensor(r["params"], dtype=torch.float64)
             for k in COUNTERS:
                 self.counters[k][i] = int(r[k])
+            if r.get("error_estimate") is not None:
+                self.error_estimate[i] = float(r["error_estimate"])
+                self.error_reliable[i] = bool(r.get("error_reliable"))
             if r.get("error"):
                 self.errors[i] = r["error"]
             self.done[i] = True
@@ -129,6 +135,10 @@ class _Collector:
                                                      0.0).cpu().double()
             for j in torch.nonzero(state.failed_at >= 0).reshape(-1).tolist():
                 errors = {**errors, members[j]: failure_reason(int(state.failed_at[j]))}
+            if self.certify is not None:
+                cert = self.certify(state)
+                self.error_estimate[idx] = cert.ratio.cpu().double()
+                self.error_reliable[idx] = cert.reliable.cpu()
         self.errors.update(errors)
         for j, m in enumerate(members):
             if m in errors:
@@ -138,7 +148,8 @@ class _Collector:
         self.done[idx] = True
         if self.sink is not None:
             self.sink.write(members, W, {k: v[idx] for k, v in self.counters.items()},
-                            {m: errors[m] for m in members if m in errors})
+                            {m: errors[m] for m in members if m in errors},
+                            {"error_estimate": self.error_estimate[idx], "error_reliable": self.error_reliable[idx]})
         if self.progress is not None:
             self.progress(len(members))
 
@@ -152,8 +163,10 @@ class _Collector:
         from ..stats.tables import TensorTable
         from .sink import SinkTable
         models = TensorTable(self.params) if self.keep else SinkTable(self.sink.root, self.n)
-        # stats["prediction_error_mean"]: (N,) each request's mean L-BFGS prediction error at its explicit steps
-        stats = {**stats, "models_in_memory": self.keep, "prediction_error_mean": self.prediction_error}
+        # stats["prediction_error_mean"]: (N,) each request's mean L-BFGS prediction error at its explicit steps;
+        # stats["error_estimate"], ["error_reliable"]: (N,) each request's error estimate (core.certificate)
+        stats = {**stats, "models_in_memory": self.keep, "prediction_error_mean": self.prediction_error,
+                 "error_estimate": self.error_estimate, "error_reliable": self.error_reliable}
         return RunReport(self.params if self.keep else None, self.counters, dict(sorted(self.errors.items())),
                          stats, models)
 
@@ -163,10 +176,19 @@ def _batches(pending: Sequence[int], changes: Sequence[ChangeSet], batch_size: i
                  for i in range(0, len(pending), batch_size))
 
 
-def _prepare(changes, batch_size, sink, progress, p, max_model_mb=MAX_MODEL_MB):
+def certifier(cache) -> Callable[[ReplayState], Any]:
+    """Prices finished states with the error estimate (:func:`~..core.replay.state_certificate`) from
+    what the driver reads of the cache anyway: its final parameters and its schedule."""
+    from ..core.replay import state_certificate
+    final, kind = cache.final, getattr(cache.spec, "kind", None)
+    max_lr, full_batch = float(cache.lrs.max()), cache.plan.full_batch
+    return lambda st: state_certificate(st, final, kind=kind, max_lr=max_lr, full_batch=full_batch)
+
+
+def _prepare(changes, batch_size, sink, progress, p, max_model_mb=MAX_MODEL_MB, certify=None):
     if not isinstance(batch_size, int) or batch_size < 1:
         raise InputError(f"batch size must be an integer >= 1, got {batch_size!r}")
-    col = _Collector(len(changes), p, sink, progress, max_model_mb)
+    col = _Collector(len(changes), p, sink, progress, max_model_mb, certify)
     if sink is not None:
         col.restore(sink.load(len(changes), p))
     pending = [i for i in range(len(changes)) if not bool(col.done[i])]
@@ -194,7 +216,8 @@ class SerialBackend:
         worker = ReplayWorker(cache_uri, data_uri, threads=self.threads, device=self.device,
                               data=None if data is None else data.to(device=self.device))
         try:
-            col, pending = _prepare(changes, batch_size, sink, progress, worker.traj.p, self.max_model_mb)
+            col, pending = _prepare(changes, batch_size, sink, progress, worker.traj.p, self.max_model_mb,
+                                    certifier(worker.cache))
             jobs = _batches(pending, changes, batch_size)
             while jobs:
                 job = jobs.popleft()
@@ -597,6 +620,7 @@ class RayBackend:
             self.stop()
             raise
         self.ranges, self.run_mode, self.p = ranges, mode, cache.model.p
+        self.certify = certifier(cache)
         return mode
 
     def _start_data_shards(self, cache, cache_uri: str, data_uri: str | None, threads: int, D: int,
@@ -667,7 +691,7 @@ class RayBackend:
         try:
             if self.data_actors and gemm_dtype is not None:
                 raise InputError("gemm_dtype is not available with data shards (data_shards=0 to use it)")
-            col, pending = _prepare(changes, batch_size, sink, progress, self.p, self.max_model_mb)
+            col, pending = _prepare(changes, batch_size, sink, progress, self.p, self.max_model_mb, self.certify)
             jobs = _batches(pending, changes, batch_size)
             stages = len(self.ranges) if self.run_mode == "pipeline" else 1
             inflight: dict = {}

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 from .config import RAY, REQUIRED, S3, fanout, report_target
 
-SCHEMA = {"cache": REQUIRED, "test": REQUIRED, "output": REQUIRED, "ray": dict(RAY), "report": None, "s3": dict(S3)}
+# verify: K leave-one-out requests retrained exactly, with the order-statistic statement (README, Verification);
+# exact_above: every request whose error estimate is above it retrained exactly (many.loo checks both)
+SCHEMA = {"cache": REQUIRED, "test": REQUIRED, "output": REQUIRED, "ray": dict(RAY), "report": None, "s3": dict(S3),
+          "verify": None, "exact_above": None}
 
 
 def defaults(root: str = "demo-output") -> dict:
@@ -27,24 +30,31 @@ def run(cfg: dict) -> dict:
     from ..erasure import redact, redaction_salt
     from ..store.registry import open_resolved
     from ..report import Report, histogram
-    from ..results import write_table
+    from ..results import estimate_columns, estimate_summary, write_table
     from ..store import location
 
     cache = open_resolved(cfg["cache"])
     out_loc = location(cfg["output"])
     fan = fanout(cfg["ray"], parts=out_loc.join("loo.parts").uri)
-    loo = many.loo(cache, fanout=fan, strict=True)
+    loo = many.loo(cache, fanout=fan, strict=True, verify=cfg["verify"], exact_above=cfg["exact_above"])
     fan.progress.close()
     jk = many.jackknife(cache, cfg["test"], loo_result=loo)
     inf = many.influence(cache, cfg["test"], loo_result=loo)
     p, loss = jk["predictions"], jk["test_loss"]
     write_table(out_loc.join("jackknife.parquet"), {"id": jk["test_ids"], "estimate": p.estimate, "bias": p.bias,
                                                      "bias_corrected": p.bias_corrected, "se": p.se}, overwrite=True)
-    write_table(out_loc.join("influence.parquet"), {"id": inf["ids"], "influence": inf["influence"]}, overwrite=True)
+    write_table(out_loc.join("influence.parquet"), {"id": inf["ids"], "influence": inf["influence"],
+                                                     **estimate_columns(loo.replay), "method": loo.method},
+                overwrite=True)
     stats = loo.replay.stats
     out = {"pipeline": "jackknife", "loo_models": len(loo.ids), "backend": stats.get("backend"),
            "mode": stats.get("mode"), "test_loss": float(loss.estimate), "test_loss_bias_corrected":
-           float(loss.bias_corrected), "test_loss_se": float(loss.se), "output": out_loc.uri}
+           float(loss.bias_corrected), "test_loss_se": float(loss.se), "output": out_loc.uri,
+           **estimate_summary(stats.get("error_estimate"), stats.get("error_reliable"))}
+    if cfg["exact_above"] is not None:
+        out["retrained_exactly"] = loo.method.count("exact")
+    if loo.verification is not None:
+        out["verification"] = loo.verification.summary()
     report, redact_ids = report_target(cfg["report"])
     if report:
         salt = redaction_salt(out_loc) if redact_ids else None
@@ -54,7 +64,12 @@ def run(cfg: dict) -> dict:
                                   ["backend", f"{stats.get('backend')} ({stats.get('mode', '')})"],
                                   ["test loss", float(loss.estimate)],
                                   ["jackknife bias-corrected test loss", float(loss.bias_corrected)],
-                                  ["jackknife standard error", float(loss.se)]])
+                                  ["jackknife standard error", float(loss.se)],
+                                  ["largest error estimate of a model (vs its exact refit)",
+                                   "inf (some not certified)" if out["error_estimate_max"] is None
+                                   else out["error_estimate_max"]]])
+        if loo.verification is not None:
+            rep.text("Sampled exact verification: " + loo.verification.statement() + ".")
         order = inf["influence"].argsort(descending=True)
         rep.text("Most helpful training points (removing them raises the test loss most)"
                  + (", ids as salted hashes:" if redact_ids else ":"))

@@ -39,6 +39,13 @@ def _same(a, b):
     for k in a.counters:
         assert torch.equal(a.counters[k], b.counters[k]), k
     assert a.errors == b.errors
+    # each request's error estimate, priced by the driver from its final state: the same to round-off
+    # of the accumulators (inf and NaN in the same places)
+    ea, eb = a.stats["error_estimate"], b.stats["error_estimate"]
+    assert torch.equal(ea.isfinite(), eb.isfinite()) and torch.equal(ea.isnan(), eb.isnan())
+    fin = ea.isfinite()
+    assert torch.allclose(ea[fin], eb[fin], rtol=1e-6, atol=0)
+    assert torch.equal(a.stats["error_reliable"], b.stats["error_reliable"])
 
 
 @pytest.mark.parametrize("mode", ["pipeline", "replicated"])
@@ -422,6 +429,8 @@ def test_cli_loo_on_the_ray_backend_equals_serial(ray_cluster, world, tmp_path):
     a = torch.tensor(outs["serial"].column("params").to_pylist())
     b = torch.tensor(outs["ray"].column("params").to_pylist())
     assert torch.allclose(a, b, rtol=1e-12, atol=0)  # serial here runs with the CLI process's threads
+    ea, eb = (torch.tensor(outs[k].column("error_estimate").to_pylist()) for k in ("serial", "ray"))
+    assert ea.isfinite().all() and torch.allclose(ea, eb, rtol=1e-6, atol=0)
 
 
 def test_data_parallel_mode_equals_serial(ray_cluster, world, tmp_path):

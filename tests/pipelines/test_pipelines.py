@@ -84,12 +84,19 @@ def test_jackknife_pipeline_on_ray(ray_cluster, diabetes):
         "cache": str(cache), "test": str(diabetes / "test.parquet"), "output": str(diabetes / "jk"),
         # data-parallel: the features on two data actors, the replay actors hold ids and labels
         "ray": {"address": ray_cluster.address, "workers": 2, "batch_size": 32, "data_shards": 2},
-        "report": str(diabetes / "reports")}),
+        "report": str(diabetes / "reports"), "verify": 59, "exact_above": 0.05}),
         jackknife.SCHEMA)
     out = jackknife.run(cfg)
     assert out["backend"] == "ray" and out["loo_models"] == 200
     table, _ = read_table(diabetes / "jk" / "influence.parquet")
     assert table.num_rows == 200
+    # every model's evidence: the ones the estimate did not certify within 0.05 were retrained exactly,
+    # and 59 drawn at random and retrained exactly show it held (the estimate is conservative)
+    method = table.column("method").to_pylist()
+    assert out["retrained_exactly"] == method.count("exact")
+    assert all(e <= 0.05 for e in table.column("error_estimate").to_pylist())
+    v = out["verification"]
+    assert v["sampled"] == 59 and v["population"] == 200 and v["max_error"] <= 0.05 and v["bound"] is not None
     assert (Path(out["report"]).parent / "influence.png").exists()
 
 
