@@ -46,9 +46,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--requests", type=int, default=100, help="requests in the inbox (ids over the whole table)")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--job", action="store_true", help="the single-model job end to end against `retrain`")
+    ap.add_argument("--rows", type=int, default=None, help="--job: training rows (default 60,000)")
+    ap.add_argument("--steps", type=int, default=None, help="--job: T (default 120)")
+    ap.add_argument("--no-verify-row", action="store_true", help="--job: leave out the verify-sample-1 run")
     a = ap.parse_args(argv)
     if a.job:
-        return job_vs_retrain(a.quick)
+        return job_vs_retrain(a.quick, a.rows, a.steps, not a.no_verify_row)
 
     from deltagrad_ray import api
     from deltagrad_ray.core import synthetic_classification
@@ -128,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def job_vs_retrain(quick: bool) -> int:
+def job_vs_retrain(quick: bool, rows: int | None = None, steps: int | None = None, verify_row: bool = True) -> int:
     import os
     import subprocess
     import sys
@@ -138,7 +141,8 @@ def job_vs_retrain(quick: bool) -> int:
     from deltagrad_ray import api
     from deltagrad_ray.core import synthetic_classification
     from deltagrad_ray.store import write_dataset
-    n, steps = (12_000, 60) if quick else (60_000, 120)
+    n, T = (12_000, 60) if quick else (60_000, 120)
+    n, steps = rows or n, steps or T
     root = Path(__file__).resolve().parents[1]
     work = Path(tempfile.mkdtemp(prefix="bench-erasure-job-"))
     env = {**os.environ, "DELTAGRAD_NO_PROGRESS": "1", "PYTHONWARNINGS": "ignore"}
@@ -160,7 +164,8 @@ def job_vs_retrain(quick: bool) -> int:
         retrain_s, _ = timed([sys.executable, "-m", "deltagrad_ray.cli", "retrain", "--cache", str(work / "first"),
                               "--delete", str(work / "ids.txt"), "--out", str(work / "retrained.safetensors")])
         emit({"config": "deltagrad-ray retrain", **shape, "seconds": round(retrain_s, 2)})
-        for tag, verify in (("defaults", {"sample": 0}), ("verify sample 1", {"sample": 1})):
+        runs = [("defaults", {"sample": 0})] + ([("verify sample 1", {"sample": 1})] if verify_row else [])
+        for tag, verify in runs:
             out = work / tag.replace(" ", "-")
             shutil.copytree(work / "first", out / "current")
             (work / "requests").mkdir(exist_ok=True)

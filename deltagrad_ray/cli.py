@@ -586,6 +586,9 @@ def cmd_conformal(a: argparse.Namespace) -> dict:
     else:
         cols["lower"], cols["upper"] = r["lower"], r["upper"]
     meta = {"method": r["method"], "alpha": a.alpha, "models": r["n_models"], "calibration": r["n_calibration"]}
+    if "endpoint_bound" in r:  # how far an end point can be from the exact refits' (from the error estimates)
+        cols["endpoint_bound"] = r["endpoint_bound"]
+        meta["endpoint_bound_max"] = float(f"{float(r['endpoint_bound'].max()):.4g}")
     write_table(a.out, cols, metadata=meta, overwrite=a.overwrite)
     _done(fan, a.out)
     return {"command": "conformal", "out": a.out, "seconds": round(time.perf_counter() - t0, 3), **meta,

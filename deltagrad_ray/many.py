@@ -22,8 +22,8 @@ from .core.config import DeltaGradConfig
 from .core.requests import fold_assignment, k_fold, leave_one_out
 from .distributed.backends import RunReport, SerialBackend
 from .distributed.sink import ResultSink
-from .stats import (DEFAULT_MEMORY_MB, Calibration, ModelTable, as_table, check_memory_mb, loo_influence, predict,
-                    streamed_intervals, streamed_jackknife, streamed_sets, streamed_test_loss)
+from .stats import (DEFAULT_MEMORY_MB, Calibration, ModelTable, as_table, check_memory_mb, endpoint_shift_bound,
+                    loo_influence, predict, streamed_intervals, streamed_jackknife, streamed_sets, streamed_test_loss)
 from .store.cache import Cache, labels_only
 from .store.datasets import read_dataset
 from .store.inputs import as_dataset, has_labels, in_project_layout, is_location
@@ -87,7 +87,8 @@ class ExactBackend:
         counters = {"explicit_steps": torch.full((n,), traj.steps), "approx_steps": torch.zeros(n, dtype=torch.int64),
                     "fallbacks": torch.zeros(n, dtype=torch.int64), "skipped_pairs": torch.zeros(n, dtype=torch.int64)}
         # exact retraining: no approximate step, so nothing to estimate (certificate.BASIS_EXACT)
-        stats = {"backend": "exact", "error_estimate": torch.zeros(n, dtype=torch.float64),
+        zeros = torch.zeros(n, dtype=torch.float64)
+        stats = {"backend": "exact", "error_estimate": zeros, "error_absolute": zeros.clone(),
                  "error_reliable": torch.ones(n, dtype=torch.bool)}
         return RunReport(params, counters, {}, stats)
 
@@ -230,12 +231,12 @@ def rerun_exact(cache: Cache | str | Location, result: ManyResult, above: float,
     exact = retrain_batched(c.model, c.trajectory(), ds, changes, batch_size=batch_size)
     params = result.params.clone()
     params[due] = exact.to(params.dtype)
-    est = est.clone()
-    est[due] = 0.0
+    est, absolute = est.clone(), rep.stats["error_absolute"].clone()
+    est[due] = absolute[due] = 0.0
     retrained[due] = True
     reliable = rep.stats["error_reliable"].clone()
     reliable[due] = True
-    stats.update(error_estimate=est, error_reliable=reliable)
+    stats.update(error_estimate=est, error_absolute=absolute, error_reliable=reliable)
     models = as_table(params) if rep.models is not None else None
     return result._replace(params=params, replay=rep._replace(params=params, stats=stats, models=models))
 
@@ -345,7 +346,9 @@ def conformal(cache: Cache | str | Location, test, alpha: float = 0.1, *,
     Returns:
       dict with ``ids`` and ``prediction`` (full model) per test row, and ``lower``, ``upper``
       or ``sets`` ((m, c) bool), in test-set order; ``mean_width`` or ``mean_set_size``,
-      ``coverage`` when the test set has labels, ``n_models``, ``n_calibration``, ``replay``.
+      ``coverage`` when the test set has labels, ``n_models``, ``n_calibration``, ``replay``; for
+      regression with reliable error estimates, ``endpoint_bound`` (m,): how far each end point can be
+      from the exact refits' (:func:`~deltagrad_ray.stats.endpoint_shift_bound`).
     """
     from .stats import check_alpha
     check_alpha(alpha)
@@ -377,6 +380,11 @@ def conformal(cache: Cache | str | Location, test, alpha: float = 0.1, *,
         out["lower"], out["upper"] = lo, hi = streamed_intervals(c.model, models, cal, t.X, alpha,
                                                                  memory_mb=memory_mb)
         out["mean_width"] = float((hi - lo).mean())
+        # how far each end point can be from the exact refits' (stats.endpoint_shift_bound), from the
+        # models' error estimates; stated only where every estimate rests on the convex basis
+        err, reliable = replay.stats.get("error_absolute"), replay.stats.get("error_reliable")
+        if err is not None and bool(reliable.all()) and bool(err.isfinite().all()):
+            out["endpoint_bound"] = endpoint_shift_bound(err, model_of, ds.X[rows], t.X)
         if labelled:
             out["coverage"] = float(((t.y >= lo) & (t.y <= hi)).double().mean())
     else:

@@ -107,6 +107,7 @@ class _Collector:
         self.prediction_error = torch.full((n,), float("nan"), dtype=torch.float64)  # NaN: not measured here
         # each request's error estimate (core.certificate; NaN: failed, or resumed from parts without one)
         self.error_estimate = torch.full((n,), float("nan"), dtype=torch.float64)
+        self.error_absolute = torch.full((n,), float("nan"), dtype=torch.float64)   # ≈ ‖θ_DG − θ_exact‖
         self.error_reliable = torch.zeros(n, dtype=torch.bool)
         self.sink, self.progress, self.certify = sink, progress, certify
 
@@ -118,6 +119,7 @@ class _Collector:
                 self.counters[k][i] = int(r[k])
             if r.get("error_estimate") is not None:
                 self.error_estimate[i] = float(r["error_estimate"])
+                self.error_absolute[i] = float(r.get("error_absolute", float("nan")))
                 self.error_reliable[i] = bool(r.get("error_reliable"))
             if r.get("error"):
                 self.errors[i] = r["error"]
@@ -138,6 +140,7 @@ class _Collector:
             if self.certify is not None:
                 cert = self.certify(state)
                 self.error_estimate[idx] = cert.ratio.cpu().double()
+                self.error_absolute[idx] = cert.absolute.cpu().double()
                 self.error_reliable[idx] = cert.reliable.cpu()
         self.errors.update(errors)
         for j, m in enumerate(members):
@@ -149,7 +152,8 @@ class _Collector:
         if self.sink is not None:
             self.sink.write(members, W, {k: v[idx] for k, v in self.counters.items()},
                             {m: errors[m] for m in members if m in errors},
-                            {"error_estimate": self.error_estimate[idx], "error_reliable": self.error_reliable[idx]})
+                            {"error_estimate": self.error_estimate[idx], "error_absolute": self.error_absolute[idx],
+                             "error_reliable": self.error_reliable[idx]})
         if self.progress is not None:
             self.progress(len(members))
 
@@ -164,9 +168,11 @@ class _Collector:
         from .sink import SinkTable
         models = TensorTable(self.params) if self.keep else SinkTable(self.sink.root, self.n)
         # stats["prediction_error_mean"]: (N,) each request's mean L-BFGS prediction error at its explicit steps;
-        # stats["error_estimate"], ["error_reliable"]: (N,) each request's error estimate (core.certificate)
+        # stats["error_estimate"], ["error_absolute"], ["error_reliable"]: (N,) each request's error estimate
+        # (core.certificate: the ratio to the request's effect, and ‖θ_DG − θ_exact‖ itself)
         stats = {**stats, "models_in_memory": self.keep, "prediction_error_mean": self.prediction_error,
-                 "error_estimate": self.error_estimate, "error_reliable": self.error_reliable}
+                 "error_estimate": self.error_estimate, "error_absolute": self.error_absolute,
+                 "error_reliable": self.error_reliable}
         return RunReport(self.params if self.keep else None, self.counters, dict(sorted(self.errors.items())),
                          stats, models)
 

@@ -78,10 +78,11 @@ def read_part(part: Location, n: int | None = None, p: int | None = None,
     for col in COUNTERS:
         if col in names and not pa.types.is_integer(t.schema.field(col).type):
             raise _damaged(part, f"column {col!r} must be integers, got {t.schema.field(col).type}")
-    for col, ok in (("error_estimate", pa.types.is_floating), ("error_reliable", pa.types.is_boolean)):
+    for col, ok, what in (("error_estimate", pa.types.is_floating, "floats"),
+                          ("error_absolute", pa.types.is_floating, "floats"),
+                          ("error_reliable", pa.types.is_boolean, "booleans")):
         if col in names and not ok(t.schema.field(col).type):  # optional: parts written before the estimate
-            raise _damaged(part, f"column {col!r} must be {'floats' if col == 'error_estimate' else 'booleans'}, "
-                                 f"got {t.schema.field(col).type}")
+            raise _damaged(part, f"column {col!r} must be {what}, got {t.schema.field(col).type}")
     if "error" in names and not (pa.types.is_string(t.schema.field("error").type)
                                  or pa.types.is_null(t.schema.field("error").type)):
         raise _damaged(part, f"column 'error' must be strings, got {t.schema.field('error').type}")
@@ -146,7 +147,7 @@ class ResultSink:
     def write(self, requests: list[int], params: torch.Tensor, counters: dict[str, torch.Tensor],
               errors: dict[int, str], estimates: dict[str, torch.Tensor] | None = None) -> None:
         """One finished batch, as the part named by its first request (create-only); ``estimates``:
-        the error estimate's columns (``error_estimate`` float64, ``error_reliable`` bool)."""
+        the error estimate's columns (``error_estimate``, ``error_absolute`` float64, ``error_reliable`` bool)."""
         p = params.shape[1]
         flat = params.detach().cpu().double().numpy().reshape(-1)
         cols = {"request": pa.array(requests, pa.int64()),

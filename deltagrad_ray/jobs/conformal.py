@@ -26,7 +26,7 @@ def run(cfg: dict) -> dict:
     from .. import many
     from ..store.registry import open_resolved
     from ..report import Report, bars, histogram, intervals
-    from ..results import write_table
+    from ..results import estimate_summary, write_table
     from ..store import location
 
     cache = open_resolved(cfg["cache"])
@@ -42,7 +42,11 @@ def run(cfg: dict) -> dict:
         cols["lower"], cols["upper"] = r["lower"], r["upper"]
     out = {"pipeline": "conformal", "method": r["method"], "alpha": r["alpha"], "models": r["n_models"],
            "output": out_loc.join("conformal.parquet").uri,
-           **{k: r[k] for k in ("mean_width", "mean_set_size", "coverage") if k in r}}
+           **{k: r[k] for k in ("mean_width", "mean_set_size", "coverage") if k in r},
+           **estimate_summary(r["replay"].stats.get("error_estimate"), r["replay"].stats.get("error_reliable"))}
+    if "endpoint_bound" in r:  # how far an end point can be from the exact refits' (many.conformal)
+        cols["endpoint_bound"] = r["endpoint_bound"]
+        out["endpoint_bound_max"] = float(f"{float(r['endpoint_bound'].max()):.4g}")
     write_table(out_loc.join("conformal.parquet"), cols, metadata={k: v for k, v in out.items() if k != "output"},
                 overwrite=True)
     report, _ = report_target(cfg["report"])  # no training ids in this report

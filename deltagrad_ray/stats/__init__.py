@@ -5,7 +5,8 @@ as one dense tensor (the reference); :mod:`.streaming` computes the same from th
 themselves (a :class:`ModelTable`) in chunks, in bounded memory — the path the API uses.
 """
 
-from .conformal import (check_alpha as check_alpha, jackknife_plus_intervals as jackknife_plus_intervals,
+from .conformal import (check_alpha as check_alpha, endpoint_shift_bound as endpoint_shift_bound,
+                        jackknife_plus_intervals as jackknife_plus_intervals,
                         jackknife_plus_sets as jackknife_plus_sets)
 from .jackknife import Jackknife as Jackknife, jackknife as jackknife, loo_influence as loo_influence
 from .streaming import (DEFAULT_MEMORY_MB as DEFAULT_MEMORY_MB, Calibration as Calibration, Chunks as Chunks,

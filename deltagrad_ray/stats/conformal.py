@@ -88,3 +88,22 @@ def jackknife_plus_sets(loo_proba_train: Tensor, y_train: Tensor, loo_proba_test
     scores = 1 - loo_proba_test                                             # (n, m, c)
     exceed = (scores > R[:, None, None]).sum(0)                             # (m, c)
     return exceed < (1 - alpha) * (n + 1)
+
+
+def endpoint_shift_bound(model_error: Tensor, model_of: Tensor, X_cal: Tensor, X_test: Tensor) -> Tensor:
+    """How far each jackknife+/CV+ end point of a linear regression can be from the exact-refit one.
+
+    Args:
+      model_error: (K,) ‖θ_k − θ_exact,k‖ of each leave-out model (e.g. DeltaGrad's ``error_absolute``).
+      model_of: (n,) the model that left each calibration point out.
+      X_cal: (n, d) the calibration points; X_test: (m, d) the test rows.
+
+    Returns (m,): for f(x; θ) = w·x + b, |f(x; θ_k) − f(x; θ_exact,k)| ≤ ‖(x, 1)‖·e_k (Cauchy–Schwarz),
+    so every term μ_k(x) ± R_i of the end points' order statistics moves by at most
+    e_k(i)·(‖(x, 1)‖ + ‖(x_i, 1)‖); an order statistic moves by at most the largest move of its terms,
+    so both end points move by at most ‖(x, 1)‖·max_k e_k + max_i e_k(i)·‖(x_i, 1)‖. It holds as
+    far as the errors ``model_error`` do.
+    """
+    e = model_error.double()
+    cal = e[model_of] * (X_cal.double().pow(2).sum(1) + 1).sqrt()
+    return (X_test.double().pow(2).sum(1) + 1).sqrt() * e.max() + cal.max()

@@ -28,7 +28,10 @@ def bc(tmp_path_factory):
 def test_loo_writes_one_row_per_id(bc):
     out = ok("loo", "--cache", "c", "--ids", "ids.txt", "--batch-size", "4", "--out", "loo.parquet", cwd=bc)
     table, _ = read_table(bc / "loo.parquet")
-    assert table.column_names == ["id", "params", "explicit_steps", "approx_steps", "fallbacks", "error"]
+    assert table.column_names == ["id", "params", "explicit_steps", "approx_steps", "fallbacks", "error_estimate",
+                                  "error_reliable", "method", "error"]
+    assert table.column("method").to_pylist() == ["deltagrad"] * 10 and all(table.column("error_reliable").to_pylist())
+    assert out["error_estimate_max"] == pytest.approx(max(table.column("error_estimate").to_pylist()), rel=1e-3)
     assert table.column("error").null_count == table.num_rows  # nothing failed
     assert table.column("id").to_pylist() == [int(x) for x in (bc / "ids.txt").read_text().split()]
     assert table.column("params").type.list_size == 62 and out["requests"] == 10
@@ -48,6 +51,8 @@ def test_loo_models_beyond_max_model_mb_are_streamed_into_out(bc):
     assert_same_across_processes(torch.tensor(streamed.column("params").to_pylist()),
                                  torch.tensor(held.column("params").to_pylist()))
     assert streamed.column("explicit_steps").to_pylist() == held.column("explicit_steps").to_pylist()
+    assert torch.allclose(torch.tensor(streamed.column("error_estimate").to_pylist()),
+                          torch.tensor(held.column("error_estimate").to_pylist()), rtol=1e-6, atol=0)
 
 
 def test_streamed_table_is_written_in_row_groups(tmp_path):

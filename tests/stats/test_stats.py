@@ -85,6 +85,23 @@ def test_jackknife_plus_intervals_agree_with_exact_loo(tmp):
     assert float(rel.max()) <= 0.01
 
 
+@pytest.mark.parametrize("method", ["jackknife+", "cv+"])
+def test_the_endpoint_bound_holds_against_exact_refits(tmp, method):
+    """Each end point is within the stated bound of the exact refits' end point, and the bound says
+    something (far below the interval width)."""
+    cache, te, test_uri = _world("diabetes", tmp)
+    dg = many.conformal(cache, test_uri, 0.1, method=method, folds=10, fanout=many.Fanout(batch_size=64))
+    ex = many.conformal(cache, test_uri, 0.1, method=method, folds=10, fanout=EXACT)
+    shift = torch.maximum((dg["lower"] - ex["lower"]).abs(), (dg["upper"] - ex["upper"]).abs())
+    bound = dg["endpoint_bound"]
+    assert bound.shape == shift.shape and bool((shift <= bound).all())
+    width = ex["upper"] - ex["lower"]
+    print(f"diabetes {method}: largest end-point bound / width = {float((bound / width).max()):.2e}, "
+          f"measured shift / bound at most {float((shift / bound).max()):.2e}")
+    assert float((bound / width).max()) < 0.1
+    assert "endpoint_bound" not in ex or float(ex["endpoint_bound"].max()) == 0.0   # exact refits: no shift
+
+
 def test_cv_plus_intervals_agree_with_exact_k_fold(tmp):
     cache, te, test_uri = _world("diabetes", tmp)
     dg = many.conformal(cache, test_uri, 0.1, method="cv+", folds=10)
