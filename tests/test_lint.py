@@ -25,3 +25,15 @@ def test_no_pickle_loading_anywhere():
     for f in (ROOT / "deltagrad_ray").rglob("*.py"):
         text = f.read_text()
         assert "torch.load(" not in text and "pickle.load" not in text, f.name
+
+
+def test_comments_point_inside_the_repository():
+    """A contributor who clones the repository has docs/, not the documents the project grew from."""
+    outside = re.compile(r"FIELD_NOTES|ALGORITHM\.md|STYLE\.md|\.\./shared|research code's pitfall")
+    for f in [*(ROOT / "deltagrad_ray").rglob("*.py"), *(ROOT / "pipelines").rglob("*.py"),
+              *(ROOT / "benchmarks").rglob("*.py")]:
+        hit = outside.search(f.read_text())
+        assert hit is None, f"{f.relative_to(ROOT)} cites {hit.group(0)!r}: cite docs/ instead"
+    for rule in re.findall(r"docs/pitfalls\.md, rule (\d+)", "".join(
+            f.read_text() for f in (ROOT / "deltagrad_ray").rglob("*.py"))):
+        assert f"\n{rule}. **" in (ROOT / "docs" / "pitfalls.md").read_text(), f"docs/pitfalls.md has no rule {rule}"

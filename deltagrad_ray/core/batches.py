@@ -5,7 +5,7 @@ A trajectory was computed on rows ``0 .. n_rows-1`` of its data, of which the fi
 earlier changes) by the hash of their id; rows flagged in ``removed`` were deleted by earlier
 changes. A change set deletes more rows and/or adds new ones. :class:`BatchIndex` answers,
 for step t, which rows the cached step used and which of them the change touches — always
-by step number, never by a running counter (the research code's pitfall 2).
+by step number, never by a running counter (docs/pitfalls.md, rule 2).
 """
 
 from __future__ import annotations

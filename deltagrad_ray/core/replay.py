@@ -9,7 +9,7 @@ replayed parameters w^I_t differ from the cached w_t by v_b = w^I_t − w_t.
   (no gather of the retained rows), and the pair (s, y) = (v, ∇F_{B_t}(w^I_t) − g_t) enters
   the request's L-BFGS history (Alg. 1, lines 5–7). The requests needing one at step t share
   one computation over the rows: a GEMM against their B parameter vectors for the linear
-  models, ``vmap`` otherwise (the research code's pitfall 7).
+  models, ``vmap`` otherwise (docs/pitfalls.md, rule 7).
 * **Approximate step**: ∇F_{B_t}(w^I_t) ≈ g_t + B_t·v with the compact L-BFGS matrix
   (Alg. 1, line 10), O(m·p) per request, vectorised over the batch (:mod:`.lbfgs`).
 

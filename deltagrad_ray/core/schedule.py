@@ -3,7 +3,7 @@
 Batch order is a function of (seed, epoch) only, computed with a counter-based hash
 (splitmix64) rather than a library RNG, so that the order is the same on every platform,
 device and library version. Training, exact retraining and DeltaGrad all ask this module
-which rows belong to step t, so they can never disagree (the research code's pitfall 6).
+which rows belong to step t, so they can never disagree (docs/pitfalls.md, rule 6).
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ not stored: it is recomputed from the :class:`~.schedule.BatchPlan` (a seed), so
 A :class:`Trajectory` separates the small header (plan, learning rates, θ_0, θ_T, which rows
 were removed) from the per-step vectors, which a *source* yields as consecutive
 :class:`Segment` s. Sources never hand out tensors a caller may write to: replays treat them
-as read-only, so many requests can share one cache (the research code's pitfall 3).
+as read-only, so many requests can share one cache (docs/pitfalls.md, rule 3).
 """
 
 from __future__ import annotations

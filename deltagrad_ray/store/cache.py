@@ -150,7 +150,7 @@ def shard_bytes(start: int, params: torch.Tensor, grads: torch.Tensor, lrs: np.n
         schema = schema.with_metadata({DIGEST_KEY: digest.encode()})
     table = pa.Table.from_arrays([pa.array(np.arange(start, start + k, dtype=np.int64)),
                                   pa.array(lrs.astype(np.float64)), pv, gv], schema=schema)
-    # no compression: zstd makes random floats bigger (FIELD_NOTES); no min/max statistics
+    # no compression: zstd makes random floats bigger (docs/platform.md); no min/max statistics
     # (never used, and they halve the encoding speed); page checksums let a partial
     # (row-group) read be verified without the whole file
     return table_bytes(table, compression="none", row_group_size=row_group_steps, write_page_checksum=True,

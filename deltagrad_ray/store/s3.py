@@ -6,7 +6,7 @@ scheme=http&region=…&profile=…``: pyarrow's own form, plus ``profile``), fro
 AWS settings: ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL``, ``AWS_REGION`` /
 ``AWS_DEFAULT_REGION``, ``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` /
 ``AWS_SESSION_TOKEN``, ``AWS_PROFILE`` and the AWS config and credentials files. pyarrow
-itself ignores the endpoint variables (FIELD_NOTES); this module is why
+itself ignores the endpoint variables (docs/platform.md); this module is why
 ``AWS_ENDPOINT_URL=http://127.0.0.1:9000 deltagrad-ray train … --cache s3://bucket/run1`` works.
 
 The non-secret settings given explicitly (the URI's query, :func:`configure_s3`) travel with a
