@@ -41,7 +41,7 @@ def _float64_default():
 @pytest.fixture(scope="session")
 def moto_s3():
     """A moto S3 server over HTTP on 127.0.0.1 (one per test run)."""
-    from deltagrad_ray.devservers import start_moto
+    from tests.servers import start_moto
     server, s3 = start_moto()
     yield s3
     server.stop()
@@ -50,7 +50,7 @@ def moto_s3():
 @pytest.fixture(scope="session")
 def seaweed_s3():
     """A SeaweedFS server (`weed mini`) on 127.0.0.1 with credentials (one per test run)."""
-    from deltagrad_ray.devservers import start_seaweedfs, stop_seaweedfs
+    from tests.servers import start_seaweedfs, stop_seaweedfs
     proc, s3, data_dir = start_seaweedfs()
     yield s3
     stop_seaweedfs(proc, data_dir)
@@ -78,7 +78,7 @@ def ray_cluster():
     import ray
     from ray.cluster_utils import Cluster
 
-    from deltagrad_ray.devservers import KEY, SECRET
+    from tests.servers import KEY, SECRET
 
     def free_port() -> int:
         with socket.socket() as sock:

@@ -19,7 +19,7 @@ import yaml
 
 from deltagrad_ray import api
 from deltagrad_ray.core import synthetic_classification
-from deltagrad_ray.devservers import KEY, SECRET
+from tests.servers import KEY, SECRET
 from deltagrad_ray.erasure import LeaseSettings, Ledger, Registry, Runs, bulk_erasure, publish_initial
 from deltagrad_ray.store import location, write_dataset
 

