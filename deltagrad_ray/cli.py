@@ -4,7 +4,7 @@ Exit codes (README, "Exit codes"): 0 success; 1 unexpected failure (a bug: pleas
 bad input (the message names the problem), a diverged run, an output over an input, a fan-out
 where every request failed; 3 storage failure (missing, unreachable, read-only, corrupted); 130
 interrupted (Ctrl-C or SIGTERM). As the ``deltagrad-ray`` command, :func:`main` ends the process
-with the code itself (:mod:`deltagrad_ray.exits`).
+with the code itself (:mod:`deltagrad_ray.runtime`).
 """
 
 from __future__ import annotations
@@ -12,12 +12,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import time
 import traceback
 
-from .exits import EXIT_BUG, EXIT_INPUT, EXIT_INTERRUPTED, EXIT_OK, EXIT_STORAGE
+from . import environment
+from .runtime import EXIT_BUG, EXIT_INPUT, EXIT_INTERRUPTED, EXIT_OK
 
 EXAMPLES = """\
 examples:
@@ -742,7 +742,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run one command; returns its exit code (see the module docstring).
 
     Called without ``argv`` (as the ``deltagrad-ray`` command, or ``python -m deltagrad_ray.cli``)
-    it ends the process itself with that code (:func:`deltagrad_ray.exits.end`: Ray shut down,
+    it ends the process itself with that code (:func:`deltagrad_ray.runtime.end`: Ray shut down,
     output flushed, no interpreter teardown, which could abort the process with exit 134), and
     SIGTERM interrupts it like Ctrl-C (partial outputs removed, exit 130).
 
@@ -754,40 +754,16 @@ def main(argv: list[str] | None = None) -> int:
     """
     if argv is not None:
         return _main(argv)
-    from .exits import end
-    code = EXIT_BUG
-    try:
-        _interrupt_on_sigterm()
-        code = _main(None)
-    except SystemExit as e:  # argparse: --help (0) or a usage error (2)
-        code = e.code if isinstance(e.code, int) else (0 if e.code is None else EXIT_INPUT)
-    except KeyboardInterrupt:  # outside the command (while parsing or importing)
-        print("interrupted", file=sys.stderr)
-        code = EXIT_INTERRUPTED
-    except BaseException:  # noqa: B036 - a bug outside the command: show it, still end with a code
-        traceback.print_exc()
-        code = EXIT_BUG
-    finally:
-        end(code)
-
-
-def _interrupt_on_sigterm() -> None:
-    """SIGTERM (kill, a timeout, Kubernetes) interrupts the command as Ctrl-C does."""
-    import signal
-
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, interrupt)
+    from .runtime import run_to_end
+    run_to_end(lambda: _main(None))
 
 
 def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     global _JSON
     _JSON = args.json
-    from .core.errors import InputError
-    from .distributed.errors import local_error, remote_traceback
-    from .store.location import StorageError
+    from .distributed.errors import remote_traceback
+    from .runtime import failure_code
     from .store.s3 import configure_s3
     try:
         with _user_warnings():
@@ -798,17 +774,14 @@ def _main(argv: list[str] | None) -> int:
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     except Exception as raised:  # noqa: BLE001 - every failure ends with its documented code
-        e = local_error(raised)  # raised in a Ray task or actor: reported as in process
-        if isinstance(e, InputError):
+        code, e = failure_code(raised)  # raised in a Ray task or actor: reported as in process
+        if code != EXIT_BUG:  # bad input (2) or storage (3): one line
             print(f"error: {_one_line(e)}", file=sys.stderr)
-            return EXIT_INPUT
-        if isinstance(e, StorageError):
-            print(f"error: {_one_line(e)}", file=sys.stderr)
-            return EXIT_STORAGE
+            return code
         # a bug: say so, show the traceback on request
         print(f"error: unexpected {type(e).__name__}: {_one_line(e)} (rerun with --debug for the traceback)",
               file=sys.stderr)
-        if args.debug or os.environ.get("DELTAGRAD_DEBUG"):
+        if args.debug or environment.debug():
             traceback.print_exc()
             remote = remote_traceback(raised)
             if remote:

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-import os
 import sys
+
+from . import environment
 
 
 class _Bar:
     def __init__(self, desc: str) -> None:
         self._bar = None
         self.desc = desc
-        self.enabled = sys.stderr.isatty() and not os.environ.get("DELTAGRAD_NO_PROGRESS")
+        self.enabled = sys.stderr.isatty() and not environment.progress_disabled()
 
     def set_total(self, total: int) -> None:
         if self.enabled and self._bar is None:

@@ -37,3 +37,10 @@ def test_comments_point_inside_the_repository():
     for rule in re.findall(r"docs/pitfalls\.md, rule (\d+)", "".join(
             f.read_text() for f in (ROOT / "deltagrad_ray").rglob("*.py"))):
         assert f"\n{rule}. **" in (ROOT / "docs" / "pitfalls.md").read_text(), f"docs/pitfalls.md has no rule {rule}"
+
+
+def test_one_module_reads_the_environment():
+    """Environment variables are read and set in deltagrad_ray/environment.py only (it says which)."""
+    readers = sorted(str(f.relative_to(ROOT)) for f in (ROOT / "deltagrad_ray").rglob("*.py")
+                     if re.search(r"os\.environ|getenv\(", f.read_text()))
+    assert readers == ["deltagrad_ray/environment.py"], readers

@@ -26,7 +26,6 @@ Results are written as they arrive (:class:`~.sink.ResultSink`) and returned in 
 from __future__ import annotations
 
 import math
-import os
 import sys
 import time
 from collections import deque
@@ -36,6 +35,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+from .. import environment
 from ..core.config import DeltaGradConfig
 from ..core.data import ChangeSet
 from ..core.errors import InputError
@@ -337,9 +337,9 @@ def ensure_ray(address: str | None = None, *, connect_timeout_s: float = CONNECT
     if not (isinstance(connect_timeout_s, (int, float)) and not isinstance(connect_timeout_s, bool)
             and math.isfinite(connect_timeout_s) and connect_timeout_s > 0):
         raise InputError(f"connect_timeout_s must be a number of seconds > 0, got {connect_timeout_s!r}")
-    address = address or os.environ.get("RAY_ADDRESS")
+    address = address or environment.ray_address()
     if not address:  # Ray reads this when first imported: set it before
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        environment.set_default("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     ray = _ray()
     if ray.is_initialized():
         return

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ..core.errors import InputError
-from ..exits import EXIT_BUG, EXIT_INPUT, EXIT_OK, EXIT_PARTIAL, EXIT_STORAGE
+from ..runtime import EXIT_BUG, EXIT_INPUT, EXIT_OK, EXIT_PARTIAL, EXIT_STORAGE
 from ..store.location import StorageError, location, overlap
 from .lease import LeaseBusy
 from .plan import Runs

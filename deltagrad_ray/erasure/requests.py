@@ -236,7 +236,7 @@ def _json_rows(raw: bytes, rel: str, whole_document: bool) -> list[Request]:
 
 
 def _parquet_rows(buf: pa.Buffer, rel: str) -> list[Request]:
-    try:  # an Arrow buffer, not Python bytes: Arrow's threads must not own Python objects (exits.py)
+    try:  # an Arrow buffer, not Python bytes: Arrow's threads must not own Python objects (runtime.py)
         rows = parquet_table(buf).to_pylist()
     except (pa.ArrowException, OSError, ValueError, OverflowError) as e:
         raise ValueError(f"not a readable Parquet file ({str(e).splitlines()[0][:100]})") from None

@@ -110,7 +110,7 @@ def fleet_of(cfg: dict):
 
 def run(cfg: dict) -> dict:
     from ..erasure import erase_fleet
-    from ..exits import EXIT_OK
+    from ..runtime import EXIT_OK
 
     fleet = fleet_of(cfg)  # every setting checked before anything is written
     report, redact_ids = report_target(cfg["report"])

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 import traceback
@@ -16,9 +15,10 @@ from collections.abc import Callable, Sequence
 
 import yaml
 
+from .. import environment
 from ..core.config import DeltaGradConfig
 from ..core.errors import InputError
-from ..exits import EXIT_PARTIAL
+from ..runtime import EXIT_BUG, EXIT_INTERRUPTED, EXIT_OK, EXIT_PARTIAL
 from ..store.location import StorageError, location
 
 REQUIRED = object()
@@ -155,31 +155,13 @@ def main(description: str, schema: dict, run: Callable[[dict], dict], argv: list
     ``options``: extra flags ``(flag, config path "a.b", type, help)`` that override the config.
 
     Called without ``argv`` (a pipeline's entry point) it ends the process itself with the code
-    (:func:`deltagrad_ray.exits.end`: Ray shut down, output flushed, no interpreter teardown, which
+    (:func:`deltagrad_ray.runtime.end`: Ray shut down, output flushed, no interpreter teardown, which
     could abort the process with exit 134); with ``argv`` it returns the code.
     """
     if argv is not None:
         return _main(description, schema, run, argv, options)
-    from ..exits import end
-    code = 1
-    try:
-        import signal
-
-        def interrupt(signum, frame):
-            raise KeyboardInterrupt
-
-        signal.signal(signal.SIGTERM, interrupt)
-        code = _main(description, schema, run, None, options)
-    except SystemExit as e:  # argparse: --help (0) or a usage error (2)
-        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        code = 130
-    except BaseException:  # noqa: B036 - a bug outside the job: show it, still end with a code
-        traceback.print_exc()
-        code = 1
-    finally:
-        end(code)
+    from ..runtime import run_to_end
+    run_to_end(lambda: _main(description, schema, run, None, options))
 
 
 def _main(description: str, schema: dict, run: Callable[[dict], dict], argv: list[str] | None,
@@ -189,7 +171,7 @@ def _main(description: str, schema: dict, run: Callable[[dict], dict], argv: lis
     for flag, _, kind, helptext in options:
         ap.add_argument(flag, type=kind, default=None, help=helptext)
     args = ap.parse_args(argv)
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    environment.set_default("OMP_WAIT_POLICY", "PASSIVE")
     t0 = time.perf_counter()
     try:
         cfg = load(args.config, schema)
@@ -209,18 +191,15 @@ def _main(description: str, schema: dict, run: Callable[[dict], dict], argv: lis
         return EXIT_PARTIAL
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
     except Exception as raised:  # noqa: BLE001 - every failure ends with its documented code
-        from ..distributed.errors import local_error
-        e = local_error(raised)  # raised in a Ray task or actor: reported as in process
-        if isinstance(e, InputError):
+        from ..runtime import failure_code
+        code, e = failure_code(raised)  # raised in a Ray task or actor: reported as in process
+        if code != EXIT_BUG:  # bad input (2) or storage (3)
             print(f"error: {e}", file=sys.stderr)
-            return 2
-        if isinstance(e, StorageError):
-            print(f"error: {e}", file=sys.stderr)
-            return 3
+            return code
         traceback.print_exc()  # a bug: say so, with the traceback (jobs keep their logs)
         print(f"error: unexpected {type(e).__name__}: {e}", file=sys.stderr)
-        return 1
+        return EXIT_BUG
     print(json.dumps({**out, "seconds": round(time.perf_counter() - t0, 2)}, default=str), flush=True)
-    return 0
+    return EXIT_OK

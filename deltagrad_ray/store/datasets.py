@@ -47,7 +47,7 @@ def _read_table(loc: Location, columns: list[str] | None = None) -> pa.Table:
             # an Arrow-owned buffer, not Python bytes: pyarrow's worker threads release the scan's
             # source after read_table returns, and a Python-owned one needs the GIL to be freed, which
             # a thread cannot take once the interpreter is finalizing: it then aborts the process
-            # ("terminate called without an active exception", exit 134; see deltagrad_ray/exits.py)
+            # ("terminate called without an active exception", exit 134; see deltagrad_ray/runtime.py)
             tables.append(parquet_table(part.read_buffer(), columns))
         except (pa.ArrowInvalid, OSError) as e:
             raise StorageError(f"{part.uri}: not a readable Parquet file ({e})") from None

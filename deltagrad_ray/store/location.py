@@ -36,13 +36,14 @@ from urllib.parse import unquote, urlparse
 import pyarrow as pa
 import pyarrow.fs as pafs
 
+from .. import environment
 from ..core.errors import InputError, Portable
 from . import s3 as _s3
 
 # S3 create-only writes up to this size are one conditional PUT (boto3); larger objects go through
 # pyarrow's (multipart) upload after an existence check
 ATOMIC_MAX = 4 * 2**20
-FAULT_ENV = "DELTAGRAD_FAULT_AFTER_WRITE"
+FAULT_ENV = environment.FAULT_ENV
 
 
 class StorageError(Portable, RuntimeError):
@@ -330,7 +331,7 @@ _writes_lock = threading.Lock()
 
 
 def _fault_at() -> int | None:
-    raw = os.environ.get(FAULT_ENV)
+    raw = environment.fault_after_write()
     if not raw:
         return None
     if not raw.isdigit() or int(raw) < 1:

@@ -33,6 +33,7 @@ from urllib.parse import parse_qsl, quote, urlparse, urlsplit
 
 import pyarrow.fs as pafs
 
+from .. import environment
 from ..core.errors import InputError
 
 _ENV_KEYS = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_ACCESS_KEY_ID",
@@ -156,7 +157,7 @@ def _aws_file(path_env: str, default: str, env) -> configparser.ConfigParser:
 
 def resolve(options: S3Options | None = None, environ: dict | None = None) -> S3Options:
     """Fill the unset fields of ``options`` from the AWS environment variables and files."""
-    env = os.environ if environ is None else environ
+    env = environment.variables() if environ is None else environ
     o = options or _configured
     profile = o.profile or env.get("AWS_PROFILE") or "default"
     cfg = _aws_file("AWS_CONFIG_FILE", "~/.aws/config", env)
@@ -387,4 +388,5 @@ def environment_for_workers() -> dict[str, str]:
     pass to remote workers (a Ray runtime_env). Credentials are never passed this way — a
     runtime_env is shown in job details — workers get them from their own environment (instance
     profile, Kubernetes secret, or the local processes they inherit it from)."""
-    return {k: os.environ[k] for k in _ENV_KEYS if k in os.environ and k not in _SECRET_KEYS}
+    env = environment.variables()
+    return {k: env[k] for k in _ENV_KEYS if k in env and k not in _SECRET_KEYS}

@@ -20,7 +20,7 @@ from deltagrad_ray import api, erasure
 from deltagrad_ray.core import DeltaGradConfig, Dataset, synthetic_classification, synthetic_regression
 from deltagrad_ray.erasure import (Fleet, LeaseSettings, Ledger, Registry, Runs, Settings, Target, VerifySettings,
                                    erase_fleet)
-from deltagrad_ray.exits import EXIT_OK, EXIT_PARTIAL
+from deltagrad_ray.runtime import EXIT_OK, EXIT_PARTIAL
 from deltagrad_ray.store import location, write_dataset
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
