@@ -492,111 +492,51 @@ def _ids_arg(a: argparse.Namespace):
     return read_ids(a.ids) if a.ids else None
 
 
-def _replay_summary(r) -> dict:
-    from .results import estimate_summary
-    c = r.counters
-    return {"requests": len(c["explicit_steps"]), "explicit_steps_mean": float(c["explicit_steps"].double().mean()),
-            "fallbacks": int(c["fallbacks"].sum()), "failed": len(r.errors), "backend": r.stats.get("backend"),
-            **estimate_summary(r.stats.get("error_estimate"), r.stats.get("error_reliable"))}
+def _fan_command(a: argparse.Namespace, compute) -> dict:
+    """A many-request command: checks, the fan-out, the result's table to --out (its metadata in the
+    file), the summary line. ``compute(fanout)`` returns a typed result (:mod:`deltagrad_ray.many`)."""
+    from .results import write_table
+    _check_many_io(a)
+    _check_out(a.out, a.overwrite)
+    fan, progress = _fanout(a)
+    t0 = time.perf_counter()
+    res = compute(fan)
+    _warn_replays(a, fan, res.replay, getattr(res, "ids", None) if a.command != "conformal" else None)
+    # models beyond --max-model-mb are streamed from the parts into --out a row group at a time
+    meta = res.metadata() if hasattr(res, "metadata") else None
+    write_table(a.out, res.table(), metadata=meta, overwrite=a.overwrite)
+    _done(fan, a.out)
+    out = {"command": a.command, "out": a.out, "seconds": round(time.perf_counter() - t0, 3), **res.summary()}
+    if res.verification is not None and not _JSON:
+        out["verification"] = res.verification.statement()
+    return out
 
 
 def cmd_loo(a: argparse.Namespace) -> dict:
     from . import many
-    from .results import estimate_columns, write_table
-    _check_many_io(a)
-    _check_out(a.out, a.overwrite)
-    fan, progress = _fanout(a)
-    t0 = time.perf_counter()
-    res = many.loo(a.cache, _ids_arg(a), fanout=fan, data=a.data, verify=a.verify, exact_above=a.exact_above)
-    _warn_replays(a, fan, res.replay, res.ids)
-    c = res.replay.counters
-    # models beyond --max-model-mb are streamed from the parts into --out a row group at a time
-    params = res.params if res.params is not None else res.models
-    write_table(a.out, {"id": res.ids, "params": params, "explicit_steps": c["explicit_steps"],
-                        "approx_steps": c["approx_steps"], "fallbacks": c["fallbacks"],
-                        **estimate_columns(res.replay), "method": res.method,
-                        "error": [res.replay.errors.get(i) for i in range(len(res.ids))]},
-                overwrite=a.overwrite)
-    _done(fan, a.out)
-    return {"command": "loo", "out": a.out, "seconds": round(time.perf_counter() - t0, 3),
-            **_replay_summary(res.replay), **_evidence(a, res.verification, res.method)}
-
-
-def _evidence(a: argparse.Namespace, verification, method: list[str]) -> dict:
-    """What --exact-above reran and what --verify showed, for the summary line."""
-    out = {}
-    if a.exact_above is not None:
-        out["retrained_exactly"] = method.count("exact")
-    if verification is not None:
-        out["verification"] = verification.summary() if _JSON else verification.statement()
-    return out
+    return _fan_command(a, lambda fan: many.loo(a.cache, _ids_arg(a), fanout=fan, data=a.data, verify=a.verify,
+                                                 exact_above=a.exact_above))
 
 
 def cmd_jackknife(a: argparse.Namespace) -> dict:
     from . import many
-    from .results import write_table
-    _check_many_io(a)
-    _check_out(a.out, a.overwrite)
-    fan, progress = _fanout(a)
-    t0 = time.perf_counter()
-    r = many.jackknife(a.cache, a.test, _ids_arg(a), fanout=fan, data=a.data, memory_mb=a.memory_mb,
-                       verify=a.verify, exact_above=a.exact_above)
-    _warn_replays(a, fan, r["replay"])
-    p, loss = r["predictions"], r["test_loss"]
-    meta = {"test_loss": {k: float(getattr(loss, k)) for k in ("estimate", "bias", "bias_corrected", "se")},
-            "n_loo": r["n_loo"]}
-    write_table(a.out, {"id": r["test_ids"], "estimate": p.estimate, "bias": p.bias,
-                        "bias_corrected": p.bias_corrected, "se": p.se}, metadata=meta, overwrite=a.overwrite)
-    _done(fan, a.out)
-    return {"command": "jackknife", "out": a.out, "seconds": round(time.perf_counter() - t0, 3), **meta,
-            **_replay_summary(r["replay"]), **_evidence(a, r["verification"], r["method"])}
+    return _fan_command(a, lambda fan: many.jackknife(a.cache, a.test, _ids_arg(a), fanout=fan, data=a.data,
+                                                       memory_mb=a.memory_mb, verify=a.verify,
+                                                       exact_above=a.exact_above))
 
 
 def cmd_influence(a: argparse.Namespace) -> dict:
     from . import many
-    from .results import estimate_columns, write_table
-    _check_many_io(a)
-    _check_out(a.out, a.overwrite)
-    fan, progress = _fanout(a)
-    t0 = time.perf_counter()
-    r = many.influence(a.cache, a.test, _ids_arg(a), fanout=fan, data=a.data, memory_mb=a.memory_mb,
-                       verify=a.verify, exact_above=a.exact_above)
-    _warn_replays(a, fan, r["replay"])
-    write_table(a.out, {"id": r["ids"], "influence": r["influence"], **estimate_columns(r["replay"]),
-                        "method": r["method"]},
-                metadata={"test_loss": r["test_loss"]}, overwrite=a.overwrite)
-    _done(fan, a.out)
-    return {"command": "influence", "out": a.out, "seconds": round(time.perf_counter() - t0, 3),
-            "test_loss": r["test_loss"], **_replay_summary(r["replay"]), **_evidence(a, r["verification"], r["method"])}
+    return _fan_command(a, lambda fan: many.influence(a.cache, a.test, _ids_arg(a), fanout=fan, data=a.data,
+                                                       memory_mb=a.memory_mb, verify=a.verify,
+                                                       exact_above=a.exact_above))
 
 
 def cmd_conformal(a: argparse.Namespace) -> dict:
     from . import many
-    from .results import write_table
-    _check_many_io(a)
-    _check_out(a.out, a.overwrite)
-    fan, progress = _fanout(a)
-    t0 = time.perf_counter()
-    r = many.conformal(a.cache, a.test, a.alpha, method=a.method, folds=a.folds, ids=_ids_arg(a), seed=a.seed,
-                       fanout=fan, data=a.data, memory_mb=a.memory_mb)
-    _warn_replays(a, fan, r["replay"])
-    cols = {"id": r["ids"], "prediction": r["prediction"]}
-    if "sets" in r:
-        cols["set"] = [torch_nonzero_list(row) for row in r["sets"]]
-    else:
-        cols["lower"], cols["upper"] = r["lower"], r["upper"]
-    meta = {"method": r["method"], "alpha": a.alpha, "models": r["n_models"], "calibration": r["n_calibration"]}
-    if "endpoint_bound" in r:  # how far an end point can be from the exact refits' (from the error estimates)
-        cols["endpoint_bound"] = r["endpoint_bound"]
-        meta["endpoint_bound_max"] = float(f"{float(r['endpoint_bound'].max()):.4g}")
-    write_table(a.out, cols, metadata=meta, overwrite=a.overwrite)
-    _done(fan, a.out)
-    return {"command": "conformal", "out": a.out, "seconds": round(time.perf_counter() - t0, 3), **meta,
-            **_replay_summary(r["replay"])}
-
-
-def torch_nonzero_list(row) -> list[int]:
-    return [int(i) for i in row.nonzero().reshape(-1)]
+    return _fan_command(a, lambda fan: many.conformal(a.cache, a.test, a.alpha, method=a.method, folds=a.folds,
+                                                       ids=_ids_arg(a), seed=a.seed, fanout=fan, data=a.data,
+                                                       memory_mb=a.memory_mb))
 
 
 def cmd_make_data(a: argparse.Namespace) -> dict:

@@ -127,6 +127,175 @@ class ManyResult(NamedTuple):
         exact = self.replay.stats.get("retrained")
         return ["exact" if exact is not None and bool(exact[i]) else "deltagrad" for i in range(len(self.ids))]
 
+    def table(self) -> dict:
+        """One row per request: id, params (a ModelTable when they stay in the parts), the replay's
+        counters, the error estimate, the method and the failure reason (None when it succeeded)."""
+        c = self.replay.counters
+        return {"id": self.ids, "params": self.params if self.params is not None else self.models,
+                "explicit_steps": c["explicit_steps"], "approx_steps": c["approx_steps"], "fallbacks": c["fallbacks"],
+                **_estimate_columns(self.replay), "method": self.method,
+                "error": [self.replay.errors.get(i) for i in range(len(self.ids))]}
+
+    def summary(self) -> dict:
+        """The run in a few numbers (the summary line): :func:`replay_summary` and the evidence."""
+        return {**replay_summary(self.replay), **_evidence(self)}
+
+
+def replay_summary(report: RunReport) -> dict:
+    """A fan-out's replays in a few numbers: requests, mean explicit steps, fallbacks, failures, the
+    backend, and the error estimates' median and largest value (:func:`~.results.estimate_summary`)."""
+    from .results import estimate_summary
+    c = report.counters
+    return {"requests": len(c["explicit_steps"]), "explicit_steps_mean": float(c["explicit_steps"].double().mean()),
+            "fallbacks": int(c["fallbacks"].sum()), "failed": len(report.errors),
+            "backend": report.stats.get("backend"),
+            **estimate_summary(report.stats.get("error_estimate"), report.stats.get("error_reliable"))}
+
+
+def _estimate_columns(report: RunReport) -> dict:
+    from .results import estimate_columns
+    return estimate_columns(report)
+
+
+def _evidence(res: ManyResult) -> dict:
+    """What ``exact_above`` reran and what ``verify`` showed (the verification as a dict)."""
+    out = {}
+    if "retrained" in res.replay.stats:
+        out["retrained_exactly"] = res.method.count("exact")
+    if res.verification is not None:
+        out["verification"] = res.verification.summary()
+    return out
+
+
+class _Fields:
+    """Dict-style reads of a result's fields, as when these results were dicts: ``r["lower"]``,
+    ``r.get("coverage")``, and ``"sets" in r`` (the field is set)."""
+
+    def __getitem__(self, key: str):
+        if not isinstance(key, str) or key not in self.__dataclass_fields__:
+            raise KeyError(key)
+        return getattr(self, key)
+
+    def __contains__(self, key) -> bool:
+        return isinstance(key, str) and key in self.__dataclass_fields__ and getattr(self, key) is not None
+
+    def get(self, key: str, default=None):
+        return getattr(self, key) if key in self else default
+
+
+@dataclass(frozen=True)
+class JackknifeResult(_Fields):
+    """Jackknife estimates of the test predictions and of the mean test loss (:func:`jackknife`)."""
+
+    test_ids: Tensor
+    predictions: Any          # stats.Jackknife of the (m, …) test predictions (probabilities for classification)
+    test_loss: Any            # stats.Jackknife of the mean test loss
+    n_loo: int
+    loo: ManyResult           # the leave-one-out models it used
+
+    @property
+    def replay(self) -> RunReport:
+        return self.loo.replay
+
+    @property
+    def verification(self):
+        return self.loo.verification
+
+    @property
+    def method(self) -> list[str]:
+        return self.loo.method
+
+    def table(self) -> dict:
+        p = self.predictions
+        return {"id": self.test_ids, "estimate": p.estimate, "bias": p.bias, "bias_corrected": p.bias_corrected,
+                "se": p.se}
+
+    def metadata(self) -> dict:
+        loss = self.test_loss
+        return {"test_loss": {k: float(getattr(loss, k)) for k in ("estimate", "bias", "bias_corrected", "se")},
+                "n_loo": self.n_loo}
+
+    def summary(self) -> dict:
+        return {**self.metadata(), **self.loo.summary()}
+
+
+@dataclass(frozen=True)
+class InfluenceResult(_Fields):
+    """Per training id, the leave-one-out change in mean test loss (:func:`influence`)."""
+
+    ids: Tensor
+    influence: Tensor
+    test_loss: float          # of the full model
+    loo: ManyResult
+
+    @property
+    def replay(self) -> RunReport:
+        return self.loo.replay
+
+    @property
+    def verification(self):
+        return self.loo.verification
+
+    @property
+    def method(self) -> list[str]:
+        return self.loo.method
+
+    def table(self) -> dict:
+        return {"id": self.ids, "influence": self.influence, **_estimate_columns(self.replay), "method": self.method}
+
+    def metadata(self) -> dict:
+        return {"test_loss": self.test_loss}
+
+    def summary(self) -> dict:
+        return {**self.metadata(), **self.loo.summary()}
+
+
+@dataclass(frozen=True)
+class ConformalResult(_Fields):
+    """Jackknife+ / CV+ intervals (regression) or sets (classification) for the test rows
+    (:func:`conformal`), in test-set order."""
+
+    ids: Tensor
+    prediction: Tensor        # the full model's prediction (class index for classification)
+    method: str               # jackknife+ or cv+
+    alpha: float
+    n_models: int
+    n_calibration: int
+    replay: RunReport
+    lower: Tensor | None = None
+    upper: Tensor | None = None
+    sets: Tensor | None = None          # (m, c) bool
+    mean_width: float | None = None
+    mean_set_size: float | None = None
+    coverage: float | None = None       # when the test set has labels
+    y: Tensor | None = None
+    endpoint_bound: Tensor | None = None  # (m,) regression: how far an end point can be from the exact refits'
+
+    @property
+    def verification(self):
+        """None: conformal runs draw no sample to retrain (the end-point bound states their accuracy)."""
+        return None
+
+    def table(self) -> dict:
+        cols = {"id": self.ids, "prediction": self.prediction}
+        if self.sets is not None:
+            cols["set"] = [[int(i) for i in row.nonzero().reshape(-1)] for row in self.sets]
+        else:
+            cols["lower"], cols["upper"] = self.lower, self.upper
+        if self.endpoint_bound is not None:
+            cols["endpoint_bound"] = self.endpoint_bound
+        return cols
+
+    def metadata(self) -> dict:
+        out = {"method": self.method, "alpha": self.alpha, "models": self.n_models, "calibration": self.n_calibration}
+        out.update({k: getattr(self, k) for k in ("mean_width", "mean_set_size", "coverage") if k in self})
+        if self.endpoint_bound is not None:
+            out["endpoint_bound_max"] = float(f"{float(self.endpoint_bound.max()):.4g}")
+        return out
+
+    def summary(self) -> dict:
+        return {**self.metadata(), **replay_summary(self.replay)}
+
 
 def _cache(cache: Cache | str | Location) -> Cache:
     """An open cache; a models prefix (bulk erasure's output) gives its published version."""
@@ -289,8 +458,8 @@ def jackknife(cache: Cache | str | Location, test, ids=None, *,
       verify, exact_above, seed: as for :func:`loo` (the leave-one-out models the statistics use).
 
     Returns:
-      dict with ``test_ids``, ``predictions`` and ``test_loss`` (:class:`~deltagrad_ray.stats.Jackknife`),
-      ``n_loo``, ``replay``, ``verification`` (None unless ``verify``).
+      a :class:`JackknifeResult`: ``test_ids``, ``predictions`` and ``test_loss``
+      (:class:`~deltagrad_ray.stats.Jackknife`), ``n_loo``, ``replay``, ``verification`` (None unless ``verify``).
     """
     check_memory_mb(memory_mb)
     c = _cache(cache)
@@ -298,8 +467,7 @@ def jackknife(cache: Cache | str | Location, test, ids=None, *,
     res = loo_result or loo(c, ids, fanout=fanout, data=data, strict=True, verify=verify, exact_above=exact_above,
                             seed=seed)
     pred, loss = streamed_jackknife(c.model, c.final, _models(res.models), t.X, t.y, memory_mb=memory_mb)
-    return {"test_ids": t.ids, "predictions": pred, "test_loss": loss, "n_loo": len(res.ids), "replay": res.replay,
-            "verification": res.verification, "method": res.method}
+    return JackknifeResult(t.ids, pred, loss, len(res.ids), res)
 
 
 def influence(cache: Cache | str | Location, test, ids=None, *,
@@ -314,8 +482,8 @@ def influence(cache: Cache | str | Location, test, ids=None, *,
       verify, exact_above, seed: as for :func:`loo`.
 
     Returns:
-      dict with ``ids``, ``influence`` (per id), ``test_loss`` (of the full model), ``replay``,
-      ``verification`` (None unless ``verify``), ``method`` (per id: deltagrad or exact).
+      an :class:`InfluenceResult`: ``ids``, ``influence`` (per id), ``test_loss`` (of the full model),
+      ``replay``, ``verification`` (None unless ``verify``), ``method`` (per id: deltagrad or exact).
     """
     check_memory_mb(memory_mb)
     c = _cache(cache)
@@ -324,8 +492,7 @@ def influence(cache: Cache | str | Location, test, ids=None, *,
                             seed=seed)
     full = streamed_test_loss(c.model, c.final[None], t.X, t.y, memory_mb=memory_mb)[0]
     losses = streamed_test_loss(c.model, _models(res.models), t.X, t.y, memory_mb=memory_mb)
-    return {"ids": res.ids, "influence": loo_influence(full, losses), "test_loss": float(full), "replay": res.replay,
-            "verification": res.verification, "method": res.method}
+    return InfluenceResult(res.ids, loo_influence(full, losses), float(full), res)
 
 
 def conformal(cache: Cache | str | Location, test, alpha: float = 0.1, *,
@@ -344,7 +511,7 @@ def conformal(cache: Cache | str | Location, test, alpha: float = 0.1, *,
         so the models × test points predictions are never held at once.
 
     Returns:
-      dict with ``ids`` and ``prediction`` (full model) per test row, and ``lower``, ``upper``
+      a :class:`ConformalResult`: ``ids`` and ``prediction`` (full model) per test row, and ``lower``, ``upper``
       or ``sets`` ((m, c) bool), in test-set order; ``mean_width`` or ``mean_set_size``,
       ``coverage`` when the test set has labels, ``n_models``, ``n_calibration``, ``replay``; for
       regression with reliable error estimates, ``endpoint_bound`` (m,): how far each end point can be
@@ -375,6 +542,7 @@ def conformal(cache: Cache | str | Location, test, alpha: float = 0.1, *,
     full_out = predict(c.model, c.final.to(t.X.dtype)[None], t.X, chunk=4096)[0]
     out = {"ids": t.ids, "n_models": len(models), "n_calibration": len(rows), "method": method,
            "alpha": alpha, "replay": replay}
+    # (the fields of ConformalResult, filled by task)
     if c.spec.task == "regression":
         out["prediction"] = full_out
         out["lower"], out["upper"] = lo, hi = streamed_intervals(c.model, models, cal, t.X, alpha,
@@ -394,4 +562,4 @@ def conformal(cache: Cache | str | Location, test, alpha: float = 0.1, *,
         if labelled:
             out["coverage"] = float(sets[torch.arange(len(t)), t.y].double().mean())
     out["y"] = t.y if labelled else None
-    return out
+    return ConformalResult(**out)

@@ -35,35 +35,24 @@ def run(cfg: dict) -> dict:
     r = many.conformal(cache, cfg["test"], float(cfg["alpha"]), method=cfg["method"], folds=int(cfg["folds"]),
                        fanout=fan)
     fan.progress.close()
-    cols = {"id": r["ids"], "prediction": r["prediction"]}
-    if "sets" in r:
-        cols["set"] = [[int(i) for i in row.nonzero().reshape(-1)] for row in r["sets"]]
-    else:
-        cols["lower"], cols["upper"] = r["lower"], r["upper"]
-    out = {"pipeline": "conformal", "method": r["method"], "alpha": r["alpha"], "models": r["n_models"],
-           "output": out_loc.join("conformal.parquet").uri,
-           **{k: r[k] for k in ("mean_width", "mean_set_size", "coverage") if k in r},
-           **estimate_summary(r["replay"].stats.get("error_estimate"), r["replay"].stats.get("error_reliable"))}
-    if "endpoint_bound" in r:  # how far an end point can be from the exact refits' (many.conformal)
-        cols["endpoint_bound"] = r["endpoint_bound"]
-        out["endpoint_bound_max"] = float(f"{float(r['endpoint_bound'].max()):.4g}")
-    write_table(out_loc.join("conformal.parquet"), cols, metadata={k: v for k, v in out.items() if k != "output"},
-                overwrite=True)
+    out = {"pipeline": "conformal", **r.metadata(), "output": out_loc.join("conformal.parquet").uri,
+           **estimate_summary(r.replay.stats.get("error_estimate"), r.replay.stats.get("error_reliable"))}
+    write_table(out_loc.join("conformal.parquet"), r.table(), metadata=r.metadata(), overwrite=True)
     report, _ = report_target(cfg["report"])  # no training ids in this report
     if report:
-        rep = Report(f"Conformal prediction ({r['method']}, α = {r['alpha']}): {cache.uri}")
+        rep = Report(f"Conformal prediction ({r.method}, α = {r.alpha}): {cache.uri}")
         rep.table(["", "value"], [[k, v] for k, v in out.items() if k not in ("pipeline", "output")])
-        if "sets" in r:
-            rep.figure("set-sizes", histogram(r["sets"].sum(1), "labels in the set", "Prediction set sizes",
+        if r.sets is not None:
+            rep.figure("set-sizes", histogram(r.sets.sum(1), "labels in the set", "Prediction set sizes",
                                               bins=10), "How many labels each test point's set holds.")
         else:
-            rep.figure("widths", histogram(r["upper"] - r["lower"], "interval width", "Interval widths"),
+            rep.figure("widths", histogram(r.upper - r.lower, "interval width", "Interval widths"),
                        "Widths of the prediction intervals.")
-            rep.figure("intervals", intervals(r["y"], r["lower"], r["upper"], r["prediction"],
+            rep.figure("intervals", intervals(r.y, r.lower, r.upper, r.prediction,
                                               "Intervals, predictions and truth"),
                        "A sample of test points: interval, prediction (dot) and true value (cross).")
         if "coverage" in out:
-            rep.figure("coverage", bars(["target 1 − α", "empirical"], [1 - r["alpha"], out["coverage"]],
+            rep.figure("coverage", bars(["target 1 − α", "empirical"], [1 - r.alpha, out["coverage"]],
                                         "coverage", "Coverage on the test set"),
                        "Empirical coverage against the target level.")
         out["report"] = rep.write(report, "conformal").uri

@@ -30,7 +30,7 @@ def run(cfg: dict) -> dict:
     from ..erasure import redact, redaction_salt
     from ..store.registry import open_resolved
     from ..report import Report, histogram
-    from ..results import estimate_columns, estimate_summary, write_table
+    from ..results import estimate_summary, write_table
     from ..store import location
 
     cache = open_resolved(cfg["cache"])
@@ -40,12 +40,9 @@ def run(cfg: dict) -> dict:
     fan.progress.close()
     jk = many.jackknife(cache, cfg["test"], loo_result=loo)
     inf = many.influence(cache, cfg["test"], loo_result=loo)
-    p, loss = jk["predictions"], jk["test_loss"]
-    write_table(out_loc.join("jackknife.parquet"), {"id": jk["test_ids"], "estimate": p.estimate, "bias": p.bias,
-                                                     "bias_corrected": p.bias_corrected, "se": p.se}, overwrite=True)
-    write_table(out_loc.join("influence.parquet"), {"id": inf["ids"], "influence": inf["influence"],
-                                                     **estimate_columns(loo.replay), "method": loo.method},
-                overwrite=True)
+    p, loss = jk.predictions, jk.test_loss
+    write_table(out_loc.join("jackknife.parquet"), jk.table(), metadata=jk.metadata(), overwrite=True)
+    write_table(out_loc.join("influence.parquet"), inf.table(), metadata=inf.metadata(), overwrite=True)
     stats = loo.replay.stats
     out = {"pipeline": "jackknife", "loo_models": len(loo.ids), "backend": stats.get("backend"),
            "mode": stats.get("mode"), "test_loss": float(loss.estimate), "test_loss_bias_corrected":
@@ -70,14 +67,14 @@ def run(cfg: dict) -> dict:
                                    else out["error_estimate_max"]]])
         if loo.verification is not None:
             rep.text("Sampled exact verification: " + loo.verification.statement() + ".")
-        order = inf["influence"].argsort(descending=True)
+        order = inf.influence.argsort(descending=True)
         rep.text("Most helpful training points (removing them raises the test loss most)"
                  + (", ids as salted hashes:" if redact_ids else ":"))
-        rep.table(["id", "LOO change in test loss"], [[shown(int(inf["ids"][i])), float(inf["influence"][i])]
+        rep.table(["id", "LOO change in test loss"], [[shown(int(inf.ids[i])), float(inf.influence[i])]
                                                       for i in order[:10]])
-        rep.figure("influence", histogram(inf["influence"], "L(θ without i) − L(θ)", "Leave-one-out influence",
+        rep.figure("influence", histogram(inf.influence, "L(θ without i) − L(θ)", "Leave-one-out influence",
                                           log=True), "Influence of every training point on the test loss.")
-        se = p.se.reshape(len(jk["test_ids"]), -1).max(dim=1).values
+        se = p.se.reshape(len(jk.test_ids), -1).max(dim=1).values
         rep.figure("se", histogram(se, "jackknife standard error", "Uncertainty of the test predictions"),
                    "Per test point, the largest jackknife standard error of its predicted probabilities "
                    "(or of its prediction, for regression).")
