@@ -260,6 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_erasure_args(sub)
 
+    p = sub.add_parser("config-schema", help="the JSON Schema of a job's config file (for editors that validate YAML)")
+    p.add_argument("job", choices=["train", "bulk_erasure", "jackknife", "conformal"])
     p = sub.add_parser("demo", help="the main job on embedded defaults (see README)")
     p.add_argument("--out", default=None, help="working directory (default: demo-output/<time>)")
     p.add_argument("--n", type=_COUNT, default=20_000, help="rows of the MNIST-shaped data set")
@@ -673,9 +675,15 @@ def _status_line(st: dict) -> dict:
             "ignored_ledger_entries": len(st.get("ignored_ledger_entries", []))}
 
 
-COMMANDS = {"train": cmd_train, "unlearn": cmd_unlearn, "retrain": cmd_retrain, "evaluate": cmd_evaluate,
-            "loo": cmd_loo, "jackknife": cmd_jackknife, "influence": cmd_influence, "conformal": cmd_conformal,
-            "make-data": cmd_make_data, "erasure": cmd_erasure, "demo": cmd_demo}
+def cmd_config_schema(a: argparse.Namespace) -> None:
+    """Prints the schema itself (JSON, whatever --json says): ``deltagrad-ray config-schema JOB > job.schema.json``."""
+    from .jobs import config_schema
+    print(json.dumps(config_schema(a.job), indent=2), flush=True)
+
+
+COMMANDS = {"config-schema": cmd_config_schema, "train": cmd_train, "unlearn": cmd_unlearn, "retrain": cmd_retrain,
+            "evaluate": cmd_evaluate, "loo": cmd_loo, "jackknife": cmd_jackknife, "influence": cmd_influence,
+            "conformal": cmd_conformal, "make-data": cmd_make_data, "erasure": cmd_erasure, "demo": cmd_demo}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -708,7 +716,9 @@ def _main(argv: list[str] | None) -> int:
     try:
         with _user_warnings():
             configure_s3(endpoint=args.endpoint_url, profile=args.profile, region=args.region)
-            _emit(COMMANDS[args.command](args))
+            out = COMMANDS[args.command](args)
+            if out is not None:  # config-schema prints its own JSON document
+                _emit(out)
         return EXIT_OK
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -41,6 +41,7 @@ SCHEMA = {
 }
 MODEL = {"name": REQUIRED, "output": REQUIRED, "cache": None, "data": None, "ledger": None, "deltagrad": None,
          "ray": {"num_cpus": None, "num_gpus": None, "resources": None}}
+ARRAYS = {"models": MODEL}  # for the JSON Schema (config.json_schema): ``models`` is a list of MODEL mappings
 OPTIONS = (("--wait", "lease.wait_s", float, "seconds to wait for a lease held by another run (default: the "
             "config's lease.wait_s, 0: exit at once)"),)
 

@@ -83,6 +83,39 @@ def check(value, schema, path: str = ""):
     return value
 
 
+def json_schema(schema: dict, title: str, arrays: dict | None = None) -> dict:
+    """The JSON Schema (draft 2020-12) of what :func:`check` accepts for ``schema``, for editors that
+    validate YAML (``deltagrad-ray config-schema JOB``; a ``# yaml-language-server: $schema=…`` line).
+
+    Mappings allow only their keys (unknown keys are refused, as by :func:`check`) and may be null
+    (taken as empty); REQUIRED keys must be present and not null; a default's type is enforced
+    (numbers: ints and floats alike; the job checks ranges) and null always means the default; a
+    None default takes any value (the job checks it), except the keys in ``arrays``: lists of
+    mappings of the schema given there (e.g. a fleet's ``models``)."""
+    arrays = arrays or {}
+
+    def node(sub, key: str | None = None) -> dict:
+        if key in arrays:
+            return {"type": ["array", "null"], "items": {**node(arrays[key]), "type": "object"}, "default": None}
+        if isinstance(sub, dict):
+            return {"type": ["object", "null"], "additionalProperties": False,
+                    "properties": {k: node(v, k) for k, v in sub.items()},
+                    **({"required": req} if (req := [k for k, v in sub.items() if v is REQUIRED]) else {})}
+        if sub is REQUIRED:
+            return {"not": {"type": "null"}}
+        if sub is None:
+            return {"default": None}
+        kind = ("boolean" if isinstance(sub, bool) else "number" if isinstance(sub, (int, float))
+                else "string" if isinstance(sub, str) else "array" if isinstance(sub, (list, tuple)) else None)
+        if kind is None:
+            return {"default": sub}
+        default = list(sub) if isinstance(sub, tuple) else sub
+        return {"type": [kind, "null"], "default": default}
+    top = node(schema)
+    top["type"] = "object"
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema", "title": title, **top}
+
+
 def load(path: str, schema: dict) -> dict:
     """Read and validate a config file; missing optional keys take their defaults."""
     loc = location(path)
