@@ -437,14 +437,11 @@ def retrain_exact(cache: Cache | str | Location, *, delete=None, add=None, data:
     change = change_set(c, ds, delete, add, traj.removed)
     if out is None:
         return retrain(c.model, traj, ds, change)
-    from .core.train import changed_data
-    from .core.trajectory import Trajectory
+    from .core.train import changed_trajectory
     writer = _derived_writer(c, out)
     try:
         final = retrain(c.model, traj, ds, change, recorder=writer)
-        new_data, removed = changed_data(traj, ds, change)
-        path = Trajectory(traj.plan, traj.l2, traj.lrs, traj.initial, final, len(new_data), removed,
-                          writer.finish(traj.lrs))
+        path = changed_trajectory(traj, ds, change, final, writer)
         res = ReplayResult(final, traj.steps, traj.steps, 0, 0, 0, path)
         write_derived_cache(c, writer, res, ds, change, DeltaGradConfig(),
                             {**(note or {}), "method": "exact-retrain"})

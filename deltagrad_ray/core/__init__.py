@@ -22,7 +22,8 @@ from .schedule import (BatchPlan as BatchPlan, geometric_explicit_steps as geome
                        uniform_explicit_steps as uniform_explicit_steps)
 from .synthetic import (synthetic_classification as synthetic_classification,
                         synthetic_regression as synthetic_regression)
-from .train import retrain as retrain, run_sgd as run_sgd, train as train
+from .train import (changed_trajectory as changed_trajectory, retrain as retrain, run_sgd as run_sgd,
+                    train as train)
 from .trajectory import (InMemory as InMemory, MemoryRecorder as MemoryRecorder,
                          Segment as Segment, Trajectory as Trajectory)
 from .requests import (fold_assignment as fold_assignment, from_id_lists as from_id_lists, k_fold as k_fold,

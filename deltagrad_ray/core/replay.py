@@ -52,7 +52,7 @@ from .errors import InputError
 from .lbfgs import Histories, PathPairs, Secants, SharedPairs
 from .models import FunctionalModel, ManyRef
 from .state import Batched
-from .train import Recorder, RowGather, changed_data
+from .train import Recorder, RowGather, changed_trajectory
 from .trajectory import MemoryRecorder, Segment, Trajectory
 
 
@@ -794,11 +794,7 @@ def deltagrad(model: FunctionalModel, traj: Trajectory, data: Dataset, change: C
     st = rp.run(recorders=None if rec is None else [rec])
     if int(st.failed_at[0]) >= 0:
         raise InputError(failure_reason(int(st.failed_at[0])))
-    new_traj = None
-    if rec is not None:
-        new_data, removed = changed_data(traj, data, change)
-        new_traj = Trajectory(traj.plan, traj.l2, traj.lrs, traj.initial, st.W[0], len(new_data), removed,
-                              rec.finish(traj.lrs))
+    new_traj = None if rec is None else changed_trajectory(traj, data, change, st.W[0], rec)
     return rp.result(st).one(0, new_traj)
 
 

@@ -203,6 +203,16 @@ def changed_data(traj: Trajectory, data: Dataset, change: ChangeSet) -> tuple[Da
     return data, removed
 
 
+def changed_trajectory(traj: Trajectory, data: Dataset, change: ChangeSet, final: Tensor,
+                       recorder: Recorder) -> Trajectory:
+    """The trajectory a replay or an exact retraining of ``change`` recorded (``recorder``), ending at
+    ``final``: ``traj``'s plan, l2, schedule and θ_0 over the changed rows (:func:`changed_data`).
+    The one way a derived trajectory is built (DeltaGrad, exact retraining, the estimators, baselines)."""
+    new_data, removed = changed_data(traj, data, change)
+    return Trajectory(traj.plan, traj.l2, traj.lrs, traj.initial, final, len(new_data), removed,
+                      recorder.finish(traj.lrs))
+
+
 def retrain(model: FunctionalModel, traj: Trajectory, data: Dataset, change: ChangeSet,
             recorder: Recorder | None = None) -> Tensor:
     """Exact retraining after ``change``: the ground truth DeltaGrad is measured against.

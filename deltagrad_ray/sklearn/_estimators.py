@@ -40,7 +40,7 @@ from torch.func import grad, vjp, vmap
 
 from ..core import (BatchPlan, ChangeSet, Dataset, DeltaGradConfig, FunctionalModel, InMemory, InputError,
                     MemoryRecorder, ModelSpec, Trajectory, deltagrad, deltagrad_batched, learning_rates,
-                    make_change_set, retrain, run_sgd, train)
+                    changed_trajectory, make_change_set, retrain, run_sgd, train)
 from ..store.inputs import check_finite, is_table, read_rows
 
 _DTYPES = {"float64": torch.float64, "float32": torch.float32}
@@ -536,11 +536,7 @@ class _DeltaGradBase(BaseEstimator):
             if exact:
                 rec = MemoryRecorder(traj.steps, traj.p, traj.dtype, traj.initial.device)
                 final = retrain(self._fm, traj, data, change, recorder=rec)
-                removed = (traj.removed.clone() if traj.removed is not None
-                           else torch.zeros(len(data), dtype=torch.bool, device=data.X.device))
-                removed[change.delete] = True
-                new_traj = Trajectory(traj.plan, traj.l2, traj.lrs, traj.initial, final, traj.n_rows, removed,
-                                      rec.finish(traj.lrs))
+                new_traj = changed_trajectory(traj, data, change, final, rec)
                 report = {"method": "exact", "steps": traj.steps}
             else:
                 res = deltagrad(self._fm, traj, data, change, self._config_, record=True)
