@@ -24,7 +24,7 @@ import torch
 from .core.data import ChangeSet, Dataset, make_change_set, validate
 from .core.errors import InputError
 from .core.models import ModelSpec
-from .core.config import DeltaGradConfig
+from .core.config import DeltaGradConfig, training_dtype
 from .core.replay import ReplayResult, deltagrad
 from .core.schedule import learning_rates
 from .core.train import retrain, train
@@ -38,7 +38,6 @@ from .store.location import Location, location, overlap
 from .store.models import load_model
 from .store.registry import open_resolved, resolve_cache
 
-DTYPES = {"float64": torch.float64, "float32": torch.float32}
 log = logging.getLogger("deltagrad_ray")
 
 
@@ -73,13 +72,7 @@ def check_device(device: str | torch.device) -> torch.device:
 
 
 def _dtype(name: str | torch.dtype) -> torch.dtype:
-    if isinstance(name, torch.dtype):
-        if name not in DTYPES.values():
-            raise InputError(f"dtype must be float64 or float32, got {name}")
-        return name
-    if name not in DTYPES:
-        raise InputError(f"dtype must be one of {', '.join(DTYPES)}, got {name!r}")
-    return DTYPES[name]
+    return training_dtype(name)
 
 
 def _n_classes(data: Dataset, kind: str, n_classes: int | None) -> int:

@@ -5,7 +5,7 @@ tensors.
 """
 
 from .batches import BatchIndex as BatchIndex, StepBatch as StepBatch
-from .config import DeltaGradConfig as DeltaGradConfig
+from .config import DTYPES as DTYPES, DeltaGradConfig as DeltaGradConfig, training_dtype as training_dtype
 from .data import (ChangeSet as ChangeSet, Dataset as Dataset, concat as concat,
                    make_change_set as make_change_set, rows_of_ids as rows_of_ids,
                    validate as validate)

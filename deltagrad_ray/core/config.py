@@ -21,6 +21,19 @@ SCHEDULES = ("uniform", "geometric", "adaptive")
 SIGMA_RULES = ("sy/ss", "yy/sy")
 CURVATURES = ("auto", "own", "secant", "shared", "own+path")
 CONVEX_KINDS = ("logreg", "linear")
+# the training dtypes, by the names configs, manifests and the estimators use (one map for all of them)
+DTYPES = {"float64": torch.float64, "float32": torch.float32}
+
+
+def training_dtype(name: str | torch.dtype) -> torch.dtype:
+    """The torch dtype of a training dtype name (or a torch dtype, checked): float64 or float32."""
+    if isinstance(name, torch.dtype):
+        if name not in DTYPES.values():
+            raise InputError(f"dtype must be float64 or float32, got {name}")
+        return name
+    if not isinstance(name, str) or name not in DTYPES:
+        raise InputError(f"dtype must be one of {', '.join(DTYPES)}, got {name!r}")
+    return DTYPES[name]
 
 
 @dataclass(frozen=True)

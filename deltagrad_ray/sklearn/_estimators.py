@@ -38,12 +38,11 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 from torch import Tensor, nn
 from torch.func import grad, vjp, vmap
 
-from ..core import (BatchPlan, ChangeSet, Dataset, DeltaGradConfig, FunctionalModel, InMemory, InputError,
+from ..core import (DTYPES, BatchPlan, ChangeSet, Dataset, DeltaGradConfig, FunctionalModel, InMemory, InputError,
                     MemoryRecorder, ModelSpec, Trajectory, deltagrad, deltagrad_batched, learning_rates,
                     changed_trajectory, make_change_set, retrain, run_sgd, train)
 from ..store.inputs import check_finite, is_table, read_rows
 
-_DTYPES = {"float64": torch.float64, "float32": torch.float32}
 AUTO_MAX_STEPS = 1000   # steps="auto": gradient descent stops at tol or after this many steps
 AUTO_SGD_EPOCHS = 10    # steps="auto" with optimizer="sgd": this many passes over the rows
 MLP_LR_FACTOR = 0.5     # lr="auto" for the MLP: this over |λ|max of the Hessian at θ_0
@@ -222,7 +221,7 @@ class _DeltaGradBase(BaseEstimator):
             raise InputError(f"standardize must be True or False, got {self.standardize!r}")
         if not isinstance(self.seed, numbers.Integral):
             raise InputError(f"seed must be an integer, got {self.seed!r}")
-        if self.dtype not in _DTYPES:
+        if not isinstance(self.dtype, str) or self.dtype not in DTYPES:
             raise InputError(f"dtype must be float64 or float32, got {self.dtype!r}")
         if self.model == "mlp" and (not self.hidden or min(self.hidden) < 1):
             raise InputError(f"hidden must be layer sizes >= 1 for the mlp, e.g. (100,), got {self.hidden!r}")
@@ -325,7 +324,7 @@ class _DeltaGradBase(BaseEstimator):
     def _fit(self, X: np.ndarray, labels: np.ndarray, n_classes: int | None):
         self._check_params()
         config = self._deltagrad_config()
-        dt = _DTYPES[self.dtype]
+        dt = DTYPES[self.dtype]
         for name in ("trajectory_", "cache_", "params_", "_data", "_model", "forget_report_", "_unpickled"):
             self.__dict__.pop(name, None)
         X = np.ascontiguousarray(X, dtype=np.float64)  # one memory order: the same sums for arrays and DataFrames

@@ -49,6 +49,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from ..core.config import DTYPES
 from ..core.data import Dataset, concat
 from ..core.errors import InputError
 from ..core.models import FunctionalModel
@@ -64,8 +65,7 @@ ROW_DIGESTS = "rows.parquet"  # per training row: id, digest (datasets.row_diges
 ROW_FILES = (ROW_DIGESTS, "removed.parquet", "added.parquet")  # a cache's own Parquet files, beside the manifest
 DEFAULT_SHARD_BYTES = 64 << 20
 
-_TORCH = {"float64": torch.float64, "float32": torch.float32, "float16": torch.float16,
-          "bfloat16": torch.bfloat16}
+_TORCH = {**DTYPES, "float16": torch.float16, "bfloat16": torch.bfloat16}  # the training dtypes and two narrower
 STORAGE_DTYPES = tuple(_TORCH)
 
 

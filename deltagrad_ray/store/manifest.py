@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..core.config import DTYPES as _TRAINING_DTYPES
 from ..core.errors import InputError
 from ..core.models import ModelSpec
 from ..core.schedule import BatchPlan, learning_rates
@@ -32,7 +33,7 @@ FORMAT = "deltagrad-ray-cache"
 FORMAT_VERSION = 2
 DIGEST_KEY = b"deltagrad_ray.training_digest"  # in every shard's Parquet key-value metadata
 OPTIMIZERS = ("gd", "sgd")
-DTYPES = ("float64", "float32")
+DTYPES = tuple(_TRAINING_DTYPES)
 
 
 @dataclass(frozen=True)
