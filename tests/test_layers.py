@@ -42,6 +42,38 @@ def test_the_library_imports_neither_pipelines_nor_benchmarks():
     assert offenders == []
 
 
+# docs/architecture.md, "Layers": a unit imports its own layer or lower ones only
+LAYERS = {"core": 0, "environment": 0, "store": 1, "stats": 1, "datasets": 1, "progress": 1,
+          "distributed": 2, "results": 2, "report": 2, "baselines": 2, "api": 3, "many": 3, "runtime": 3,
+          "erasure": 4, "sklearn": 4, "jobs": 5, "demo": 6, "cli": 7, "__init__": 7}
+
+
+def _unit(path: pathlib.Path) -> str:
+    return path.relative_to(LIBRARY).with_suffix("").parts[0]
+
+
+def test_imports_follow_the_layers():
+    """Every import of the library (module level and inside functions) points to its own layer or a
+    lower one, and the units' import graph has no cycle."""
+    graph: dict[str, set[str]] = {}
+    offenders = []
+    for p in LIBRARY.rglob("*.py"):
+        u = _unit(p)
+        assert u in LAYERS, f"{p.relative_to(ROOT)}: unit {u!r} is in no layer of docs/architecture.md"
+        for name in _imports(p):
+            parts = name.split(".")
+            if parts[0] != "deltagrad_ray" or len(parts) < 2 or parts[1] not in LAYERS or parts[1] == u:
+                continue
+            graph.setdefault(u, set()).add(parts[1])
+            if LAYERS[parts[1]] > LAYERS[u]:
+                offenders.append(f"{p.relative_to(ROOT)} (layer {LAYERS[u]}) imports {name} (layer {LAYERS[parts[1]]})")
+    assert offenders == []
+
+    def reaches(a, b, seen=()):
+        return any(n == b or (n not in seen and reaches(n, b, (*seen, n))) for n in graph.get(a, ()))
+    assert sorted(f"{a} <-> {b}" for a in graph for b in graph[a] if reaches(b, a)) == []
+
+
 def test_the_store_has_no_import_cycle():
     store = {p.stem: p for p in (LIBRARY / "store").glob("*.py") if p.stem != "__init__"}
     graph = {name: {i.split(".")[2] for i in _imports(p) if i.startswith("deltagrad_ray.store.")
