@@ -137,3 +137,15 @@ def test_default_output_is_one_readable_line(workdir):
     assert p.returncode == 0, p.stderr
     line = p.stdout.strip()
     assert line.startswith("evaluate: ") and "accuracy" in line and "{" not in line.split(": ", 1)[0]
+
+
+@pytest.mark.slow
+def test_the_demo_runs_end_to_end_and_states_its_certificate(tmp_path):
+    """`deltagrad-ray demo` (the README's main job) at a small size: every stage runs on a local Ray,
+    the erasure is verified against exact retraining, and the index shows the certificate beside it."""
+    out = ok("demo", "--out", str(tmp_path / "demo"), "--n", "3000", "--d", "20", "--steps", "40", cwd=tmp_path)
+    assert out["stage"] == "done" and out["erasure_ratio_vs_exact"] < 0.05 and out["coverage"] > 0.7
+    index = (tmp_path / "demo" / "reports" / "index.md").read_text()
+    assert "certificate: error estimate" in index and "faster than retraining" in index
+    if out["erasure_error_estimate"] is not None:     # the estimate is conservative where it is finite
+        assert out["erasure_error_estimate"] >= out["erasure_ratio_vs_exact"]
