@@ -14,10 +14,9 @@ import json
 import math
 import sys
 import time
-import traceback
 
 from . import environment
-from .runtime import EXIT_BUG, EXIT_INPUT, EXIT_INTERRUPTED, EXIT_OK
+from .runtime import EXIT_INPUT, EXIT_INTERRUPTED, EXIT_OK
 
 EXAMPLES = """\
 examples:
@@ -710,8 +709,7 @@ def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     global _JSON
     _JSON = args.json
-    from .distributed.errors import remote_traceback
-    from .runtime import failure_code
+    from .runtime import report_failure
     from .store.s3 import configure_s3
     try:
         with _user_warnings():
@@ -724,27 +722,12 @@ def _main(argv: list[str] | None) -> int:
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     except Exception as raised:  # noqa: BLE001 - every failure ends with its documented code
-        code, e = failure_code(raised)  # raised in a Ray task or actor: reported as in process
-        if code != EXIT_BUG:  # bad input (2) or storage (3): one line
-            print(f"error: {_one_line(e)}", file=sys.stderr)
-            return code
-        # a bug: say so, show the traceback on request
-        print(f"error: unexpected {type(e).__name__}: {_one_line(e)} (rerun with --debug for the traceback)",
-              file=sys.stderr)
-        if args.debug or environment.debug():
-            traceback.print_exc()
-            remote = remote_traceback(raised)
-            if remote:
-                print(remote, file=sys.stderr)
-        return EXIT_BUG
+        debug = args.debug or environment.debug()   # a bug: the traceback on request
+        return report_failure(raised, show_traceback=debug,
+                              hint="" if debug else " (rerun with --debug for the traceback)")
     finally:
         sys.stdout.flush()
         sys.stderr.flush()
-
-
-def _one_line(e: BaseException) -> str:
-    """An error's message as the one line the command prints."""
-    return " ".join(line.strip() for line in str(e).splitlines() if line.strip()) or type(e).__name__
 
 
 class _user_warnings:

@@ -183,15 +183,10 @@ class _Fields:
         return getattr(self, key) if key in self else default
 
 
-@dataclass(frozen=True)
-class JackknifeResult(_Fields):
-    """Jackknife estimates of the test predictions and of the mean test loss (:func:`jackknife`)."""
-
-    test_ids: Tensor
-    predictions: Any          # stats.Jackknife of the (m, …) test predictions (probabilities for classification)
-    test_loss: Any            # stats.Jackknife of the mean test loss
-    n_loo: int
-    loo: ManyResult           # the leave-one-out models it used
+class _FromLoo(_Fields):
+    """A statistic of leave-one-out models (``loo``, a :class:`ManyResult`): their replay, their
+    verification and method per request, and the summary line (the statistic's metadata, then the
+    replays')."""
 
     @property
     def replay(self) -> RunReport:
@@ -204,6 +199,20 @@ class JackknifeResult(_Fields):
     @property
     def method(self) -> list[str]:
         return self.loo.method
+
+    def summary(self) -> dict:
+        return {**self.metadata(), **self.loo.summary()}
+
+
+@dataclass(frozen=True)
+class JackknifeResult(_FromLoo):
+    """Jackknife estimates of the test predictions and of the mean test loss (:func:`jackknife`)."""
+
+    test_ids: Tensor
+    predictions: Any          # stats.Jackknife of the (m, …) test predictions (probabilities for classification)
+    test_loss: Any            # stats.Jackknife of the mean test loss
+    n_loo: int
+    loo: ManyResult           # the leave-one-out models it used
 
     def table(self) -> dict:
         p = self.predictions
@@ -215,12 +224,9 @@ class JackknifeResult(_Fields):
         return {"test_loss": {k: float(getattr(loss, k)) for k in ("estimate", "bias", "bias_corrected", "se")},
                 "n_loo": self.n_loo}
 
-    def summary(self) -> dict:
-        return {**self.metadata(), **self.loo.summary()}
-
 
 @dataclass(frozen=True)
-class InfluenceResult(_Fields):
+class InfluenceResult(_FromLoo):
     """Per training id, the leave-one-out change in mean test loss (:func:`influence`)."""
 
     ids: Tensor
@@ -228,26 +234,11 @@ class InfluenceResult(_Fields):
     test_loss: float          # of the full model
     loo: ManyResult
 
-    @property
-    def replay(self) -> RunReport:
-        return self.loo.replay
-
-    @property
-    def verification(self):
-        return self.loo.verification
-
-    @property
-    def method(self) -> list[str]:
-        return self.loo.method
-
     def table(self) -> dict:
         return {"id": self.ids, "influence": self.influence, **_estimate_columns(self.replay), "method": self.method}
 
     def metadata(self) -> dict:
         return {"test_loss": self.test_loss}
-
-    def summary(self) -> dict:
-        return {**self.metadata(), **self.loo.summary()}
 
 
 @dataclass(frozen=True)

@@ -86,6 +86,30 @@ def run_to_end(main: Callable[[], int]) -> NoReturn:
         end(code)
 
 
+def one_line(e: BaseException) -> str:
+    """An error's message as the one line a process prints."""
+    return " ".join(line.strip() for line in str(e).splitlines() if line.strip()) or type(e).__name__
+
+
+def report_failure(raised: BaseException, *, show_traceback: bool, hint: str = "") -> int:
+    """Print a failure as the command and the jobs do, and return its exit code: bad input (2) and
+    storage (3) as one ``error: …`` line; a bug (1) as ``error: unexpected …`` + ``hint``, after its
+    traceback (and the remote one, raised in a Ray task or actor) when ``show_traceback``. The
+    error line is always the last line of stderr."""
+    from .distributed.errors import remote_traceback
+    code, e = failure_code(raised)
+    if code != EXIT_BUG:
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        return code
+    if show_traceback:
+        traceback.print_exc()
+        remote = remote_traceback(raised)
+        if remote:
+            print(remote, file=sys.stderr)
+    print(f"error: unexpected {type(e).__name__}: {one_line(e)}{hint}", file=sys.stderr)
+    return EXIT_BUG
+
+
 def failure_code(raised: BaseException) -> tuple[int, BaseException]:
     """The exit code of a failure and the error to report: raised in a Ray task or actor, the
     error as it would have been raised in process. Bad input is 2, storage 3, anything else a bug (1)."""

@@ -20,7 +20,7 @@ import sys
 import uuid
 
 from ..core.errors import InputError
-from .config import DELTAGRAD, RAY, REQUIRED, S3, PartialRun, check, report_target
+from .config import DELTAGRAD, RAY, REQUIRED, S3, PartialRun, check, local_ray, report_target
 
 SCHEMA = {
     "data": None,
@@ -54,8 +54,7 @@ def defaults(root: str = "demo-output") -> dict:
             "deltagrad": {"period": 5, "burn_in": 10, "history": 2}, "verify": {"sample": 0, "tolerance": 0.05},
             "reconcile": {"max_drift": 0.05, "every_versions": 10},
             "retention": {"superseded_days": None}, "lease": {"ttl_s": 300, "wait_s": 0, "holder": None},
-            "ray": {"address": None, "workers": 2, "num_cpus": 1, "num_gpus": 0, "mode": "auto", "strategy": "SPREAD",
-                    "batch_size": 32},
+            "ray": local_ray(32),
             "report": {"output": f"{root}/reports", "redact_ids": False}}
 
 

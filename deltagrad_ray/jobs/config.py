@@ -10,7 +10,6 @@ import argparse
 import json
 import sys
 import time
-import traceback
 from collections.abc import Callable, Sequence
 
 import yaml
@@ -18,7 +17,7 @@ import yaml
 from .. import environment
 from ..core.config import DeltaGradConfig
 from ..core.errors import InputError
-from ..runtime import EXIT_BUG, EXIT_INTERRUPTED, EXIT_OK, EXIT_PARTIAL
+from ..runtime import EXIT_INTERRUPTED, EXIT_OK, EXIT_PARTIAL
 from ..store.location import StorageError, location
 
 REQUIRED = object()
@@ -36,6 +35,12 @@ class PartialRun(Exception):
 # memory cap) or a count; RayBackend checks the value
 RAY = {"address": None, "workers": 2, "num_cpus": 1.0, "num_gpus": 0.0, "mode": "auto", "strategy": "SPREAD",
        "batch_size": 32, "data_shards": None}
+def local_ray(batch_size: int) -> dict:
+    """The ``ray`` block of the local defaults: a local Ray (address null), two single-CPU workers."""
+    return {"address": None, "workers": 2, "num_cpus": 1, "num_gpus": 0, "mode": "auto", "strategy": "SPREAD",
+            "batch_size": batch_size}
+
+
 # every DeltaGrad setting, with its default (DeltaGradConfig checks the values)
 DELTAGRAD = DeltaGradConfig().to_dict()
 # S3 settings for every s3:// location of the job (non-secret; credentials stay in the environment)
@@ -226,13 +231,7 @@ def _main(description: str, schema: dict, run: Callable[[dict], dict], argv: lis
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     except Exception as raised:  # noqa: BLE001 - every failure ends with its documented code
-        from ..runtime import failure_code
-        code, e = failure_code(raised)  # raised in a Ray task or actor: reported as in process
-        if code != EXIT_BUG:  # bad input (2) or storage (3)
-            print(f"error: {e}", file=sys.stderr)
-            return code
-        traceback.print_exc()  # a bug: say so, with the traceback (jobs keep their logs)
-        print(f"error: unexpected {type(e).__name__}: {e}", file=sys.stderr)
-        return EXIT_BUG
+        from ..runtime import report_failure
+        return report_failure(raised, show_traceback=True)   # jobs keep their logs: a bug's traceback always
     print(json.dumps({**out, "seconds": round(time.perf_counter() - t0, 2)}, default=str), flush=True)
     return EXIT_OK

@@ -6,7 +6,7 @@ is used.
 
 from __future__ import annotations
 
-from .config import RAY, REQUIRED, S3, fanout, report_target
+from .config import RAY, REQUIRED, S3, fanout, local_ray, report_target
 
 SCHEMA = {"cache": REQUIRED, "test": REQUIRED, "output": REQUIRED, "alpha": 0.1, "method": "jackknife+",
           "folds": 10, "ray": dict(RAY), "report": None, "s3": dict(S3)}
@@ -17,8 +17,7 @@ def defaults(root: str = "demo-output") -> dict:
     diabetes test set, on a local Ray."""
     return {"cache": f"{root}/models/diabetes", "test": f"{root}/data/diabetes-test.parquet",
             "output": f"{root}/results/conformal", "alpha": 0.1, "method": "jackknife+", "folds": 10,
-            "ray": {"address": None, "workers": 2, "num_cpus": 1, "num_gpus": 0, "mode": "auto", "strategy": "SPREAD",
-                    "batch_size": 64},
+            "ray": local_ray(64),
             "report": f"{root}/reports"}
 
 

@@ -7,7 +7,7 @@ that were erased.
 
 from __future__ import annotations
 
-from .config import RAY, REQUIRED, S3, fanout, report_target
+from .config import RAY, REQUIRED, S3, fanout, local_ray, report_target
 
 # verify: K leave-one-out requests retrained exactly, with the order-statistic statement (README, Verification);
 # exact_above: every request whose error estimate is above it retrained exactly (many.loo checks both)
@@ -20,8 +20,7 @@ def defaults(root: str = "demo-output") -> dict:
     of the diabetes model, on a local Ray."""
     return {"cache": f"{root}/models/diabetes", "test": f"{root}/data/diabetes-test.parquet",
             "output": f"{root}/results/jackknife",
-            "ray": {"address": None, "workers": 2, "num_cpus": 1, "num_gpus": 0, "mode": "auto", "strategy": "SPREAD",
-                    "batch_size": 64},
+            "ray": local_ray(64),
             "report": f"{root}/reports"}
 
 
