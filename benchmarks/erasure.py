@@ -149,8 +149,10 @@ def job_vs_retrain(quick: bool, rows: int | None = None, steps: int | None = Non
     try:
         data = synthetic_classification(n, 784, 10, seed=0)
         write_dataset(data, work / "data.parquet")
+        # as pipelines.train makes it by default for a local cache: with the memory-mappable feature copy
+        # (features_copy), which `retrain` and the job's replay both map instead of decoding Parquet
         api.fit(str(work / "data.parquet"), str(work / "first"), model="logreg", steps=steps, lr=0.5, l2=0.001,
-                n_classes=10)
+                n_classes=10, mmap_features=True)
         ids = torch.randperm(n, generator=torch.Generator().manual_seed(1))[:100].tolist()
         (work / "ids.txt").write_text("\n".join(map(str, ids)) + "\n")
         shape = {"n": n, "d": 784, "classes": 10, "T": steps, "requests": len(ids)}

@@ -7,6 +7,7 @@ read whatever version is published.
 
 from __future__ import annotations
 
+from ..core.errors import InputError
 from .config import REQUIRED, S3, report_target
 
 SCHEMA = {
@@ -18,6 +19,9 @@ SCHEMA = {
                   "dtype": "float64"},
     "report": None,
     "s3": dict(S3),
+    # a memory-mappable copy of the features inside the cache (api.fit's mmap_features): later
+    # replays map it instead of decoding Parquet; null: yes for a local cache, no on S3
+    "features_copy": None,
 }
 
 
@@ -43,9 +47,15 @@ def run(cfg: dict) -> dict:
         if latest is not None:
             raise Conflict(f"{cfg['publish']}: version {latest.version} is published already; publish version 0 "
                            "of a new model under a new prefix")
+    copy = cfg["features_copy"]
+    if copy is None:
+        from ..store import location
+        copy = location(cfg["cache"]).is_local
+    elif not isinstance(copy, bool):
+        raise InputError(f"config: features_copy must be true, false or null, got {copy!r}")
     cache = api.fit(cfg["data"], cfg["cache"], model=m["kind"], hidden=tuple(m["hidden"] or ()),
                     optimizer=o["kind"], steps=int(o["steps"]), lr=float(o["lr"]), l2=float(o["l2"]),
-                    batch_size=o["batch_size"], seed=int(o["seed"]), dtype=o["dtype"])
+                    batch_size=o["batch_size"], seed=int(o["seed"]), dtype=o["dtype"], mmap_features=copy)
     out = {"pipeline": "train", "cache": cache.uri, "steps": cache.steps, "p": cache.model.p,
            "cache_mb": round(cache.manifest.shard_bytes / 2**20, 2)}
     if cfg["publish"]:

@@ -599,8 +599,8 @@ class Cache:
         copy that does not match the recorded fingerprint is ignored, with a warning). The ids
         and labels come from ``src``: a data set rewritten without erased rows takes the kept
         rows' features from the copy (a copy, then, not a mapping), checked row by row."""
-        copy = self.root.join(FEATURE_COPY)
-        if not (copy.is_local and copy.exists()):
+        copy = self._feature_copy()
+        if copy is None:
             return None
         try:
             ids, y = read_ids_labels(src, regression=self.spec.task == "regression")
@@ -621,6 +621,25 @@ class Cache:
                 return self._with_placeholders(data, keep)
         warnings.warn(f"{copy.uri}: the feature copy does not match the data the cache was trained on; "
                       f"reading {src.uri}", stacklevel=3)
+        return None
+
+    def _feature_copy(self, depth: int = 64) -> Location | None:
+        """The local feature copy of this cache, else of the nearest cache it derives from (a replay
+        or an erasure version trains on the same data set, so its ancestor's copy serves it; the
+        copy is verified against this cache's fingerprint on load). None when no cache up the
+        lineage has one (it was never written, or retention deleted it)."""
+        root: Location | None = self.root
+        for _ in range(depth):
+            if root is None or not root.is_local:
+                return None
+            copy = root.join(FEATURE_COPY)
+            if copy.exists():
+                return copy
+            try:
+                parent = open_cache(root).parent_location() if root is not self.root else self.parent_location()
+            except (StorageError, InputError):
+                return None
+            root = parent
         return None
 
     def data_location(self, uri: str | Location | None = None) -> Location:

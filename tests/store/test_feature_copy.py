@@ -56,3 +56,38 @@ def test_refused_for_a_cache_on_s3(trained):
     d, *_ = trained
     with pytest.raises(InputError, match="--mmap-features needs a local cache"):
         api.fit(str(d / "train.parquet"), "s3://bucket/c", steps=5, lr=0.5, mmap_features=True)
+
+
+def test_a_derived_cache_maps_its_ancestors_copy(trained, tmp_path):
+    """A replay's cache (and so every erasure version) trains on the same data set: it maps the copy
+    of the nearest cache up its lineage, verified against its own fingerprint, with no warning."""
+    import warnings
+    d, data, plain, mapped = trained
+    gone = data.ids[:4].tolist()
+    api.unlearn(mapped, delete=gone, out_cache=str(tmp_path / "v1"))
+    api.unlearn(str(tmp_path / "v1"), delete=data.ids[4:6].tolist(), out_cache=str(tmp_path / "v2"))
+    v2 = api.open_cache(str(tmp_path / "v2"))
+    assert not (tmp_path / "v2" / "features.npy").exists()
+    assert v2._feature_copy().path == str(d / "mapped" / "features.npy")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = v2.data()
+    want = plain.data()
+    assert torch.equal(got.X, want.X) and torch.equal(got.ids, want.ids)
+    # a lineage without a copy reads Parquet, as before
+    api.unlearn(plain, delete=gone, out_cache=str(tmp_path / "p1"))
+    assert api.open_cache(str(tmp_path / "p1"))._feature_copy() is None
+
+
+def test_the_train_job_writes_a_copy_for_a_local_cache_by_default(tmp_path):
+    from deltagrad_ray.jobs import train
+    from deltagrad_ray.jobs.config import check
+    write_dataset(synthetic_classification(200, 5, 2, seed=0), tmp_path / "data.parquet")
+    for name, setting in (("auto", None), ("off", False)):
+        cfg = check({"data": str(tmp_path / "data.parquet"), "cache": str(tmp_path / name),
+                     "optimizer": {"steps": 5}, "features_copy": setting}, train.SCHEMA)
+        train.run(cfg)
+    assert (tmp_path / "auto" / "features.npy").is_file() and not (tmp_path / "off" / "features.npy").exists()
+    with pytest.raises(InputError, match="features_copy must be true, false or null"):
+        train.run(check({"data": str(tmp_path / "data.parquet"), "cache": str(tmp_path / "bad"),
+                         "features_copy": "yes"}, train.SCHEMA))
