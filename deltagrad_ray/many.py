@@ -22,6 +22,7 @@ from .core.config import DeltaGradConfig
 from .core.requests import fold_assignment, k_fold, leave_one_out
 from .distributed.backends import RunReport, SerialBackend
 from .distributed.sink import ResultSink
+from .results import estimate_columns, estimate_summary
 from .stats import (DEFAULT_MEMORY_MB, Calibration, ModelTable, as_table, check_memory_mb, endpoint_shift_bound,
                     loo_influence, predict, streamed_intervals, streamed_jackknife, streamed_sets, streamed_test_loss)
 from .store.cache import Cache, labels_only
@@ -133,31 +134,25 @@ class ManyResult(NamedTuple):
         c = self.replay.counters
         return {"id": self.ids, "params": self.params if self.params is not None else self.models,
                 "explicit_steps": c["explicit_steps"], "approx_steps": c["approx_steps"], "fallbacks": c["fallbacks"],
-                **_estimate_columns(self.replay), "method": self.method,
+                **estimate_columns(self.replay), "method": self.method,
                 "error": [self.replay.errors.get(i) for i in range(len(self.ids))]}
 
     def summary(self) -> dict:
         """The run in a few numbers (the summary line): :func:`replay_summary` and the evidence."""
-        return {**replay_summary(self.replay), **_evidence(self)}
+        return {**replay_summary(self.replay), **evidence(self)}
 
 
 def replay_summary(report: RunReport) -> dict:
     """A fan-out's replays in a few numbers: requests, mean explicit steps, fallbacks, failures, the
     backend, and the error estimates' median and largest value (:func:`~.results.estimate_summary`)."""
-    from .results import estimate_summary
     c = report.counters
     return {"requests": len(c["explicit_steps"]), "explicit_steps_mean": float(c["explicit_steps"].double().mean()),
             "fallbacks": int(c["fallbacks"].sum()), "failed": len(report.errors),
             "backend": report.stats.get("backend"),
-            **estimate_summary(report.stats.get("error_estimate"), report.stats.get("error_reliable"))}
+            **estimate_summary(report)}
 
 
-def _estimate_columns(report: RunReport) -> dict:
-    from .results import estimate_columns
-    return estimate_columns(report)
-
-
-def _evidence(res: ManyResult) -> dict:
+def evidence(res: ManyResult) -> dict:
     """What ``exact_above`` reran and what ``verify`` showed (the verification as a dict)."""
     out = {}
     if "retrained" in res.replay.stats:
@@ -235,7 +230,7 @@ class InfluenceResult(_FromLoo):
     loo: ManyResult
 
     def table(self) -> dict:
-        return {"id": self.ids, "influence": self.influence, **_estimate_columns(self.replay), "method": self.method}
+        return {"id": self.ids, "influence": self.influence, **estimate_columns(self.replay), "method": self.method}
 
     def metadata(self) -> dict:
         return {"test_loss": self.test_loss}

@@ -84,9 +84,10 @@ def estimate_columns(report) -> dict:
     return {"error_estimate": est, "error_reliable": rel}
 
 
-def estimate_summary(estimate, reliable) -> dict:
-    """Median and largest error estimate of the requests that have one, and how many are reliable
-    (None where no request has a finite estimate: JSON has no inf)."""
+def estimate_summary(report) -> dict:
+    """Of a fan-out's per-request error estimates: the median and largest of the requests that have
+    one, and how many are reliable (None where no request has a finite estimate: JSON has no inf)."""
+    estimate, reliable = report.stats.get("error_estimate"), report.stats.get("error_reliable")
     if estimate is None:
         return {}
     have = estimate[~torch.isnan(estimate)]

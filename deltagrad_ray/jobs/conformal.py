@@ -35,7 +35,7 @@ def run(cfg: dict) -> dict:
                        fanout=fan)
     fan.progress.close()
     out = {"pipeline": "conformal", **r.metadata(), "output": out_loc.join("conformal.parquet").uri,
-           **estimate_summary(r.replay.stats.get("error_estimate"), r.replay.stats.get("error_reliable"))}
+           **estimate_summary(r.replay)}
     write_table(out_loc.join("conformal.parquet"), r.table(), metadata=r.metadata(), overwrite=True)
     report, _ = report_target(cfg["report"])  # no training ids in this report
     if report:

@@ -46,11 +46,7 @@ def run(cfg: dict) -> dict:
     out = {"pipeline": "jackknife", "loo_models": len(loo.ids), "backend": stats.get("backend"),
            "mode": stats.get("mode"), "test_loss": float(loss.estimate), "test_loss_bias_corrected":
            float(loss.bias_corrected), "test_loss_se": float(loss.se), "output": out_loc.uri,
-           **estimate_summary(stats.get("error_estimate"), stats.get("error_reliable"))}
-    if cfg["exact_above"] is not None:
-        out["retrained_exactly"] = loo.method.count("exact")
-    if loo.verification is not None:
-        out["verification"] = loo.verification.summary()
+           **estimate_summary(loo.replay), **many.evidence(loo)}
     report, redact_ids = report_target(cfg["report"])
     if report:
         salt = redaction_salt(out_loc) if redact_ids else None
