@@ -100,7 +100,7 @@ def _from_parquet(cache, test_uri: str, parts: str, memory_mb: float):
 
     from deltagrad_ray import many
     from deltagrad_ray.core.requests import leave_one_out
-    from deltagrad_ray.distributed.sink import SinkTable
+    from deltagrad_ray.store.parts import SinkTable
     from deltagrad_ray.stats import Calibration, streamed_intervals
     t = many._test_set(cache, test_uri, labels=False)
     ds = cache.data()

@@ -1,6 +1,10 @@
 """The Python API over storage: train into a cache, unlearn, retrain exactly, evaluate.
 
 The CLI calls exactly these functions, so a notebook and a shell session share one code path.
+It also carries what the CLI needs from the lower layers, so the CLI imports no ``store``,
+``core`` or ``distributed`` module (docs/architecture.md): the settings (:class:`DeltaGradConfig`),
+the errors (:class:`InputError`, :class:`StorageError`), id lists and data sets (:func:`read_ids`,
+:func:`write_dataset`), model files (:func:`save_model`) and the S3 settings (:func:`configure_s3`).
 
 Example (``data.parquet`` as written by ``deltagrad-ray make-data``)::
 
@@ -29,14 +33,16 @@ from .core.replay import ReplayResult, deltagrad
 from .core.schedule import learning_rates
 from .core.train import retrain, train
 from .core.schedule import BatchPlan
-from .store.cache import ROW_DIGESTS, Cache, CacheWriter, dtype_name, open_cache, row_digest_file
+from .store.cache import (ROW_DIGESTS, Cache, CacheWriter, added_rows_file, check_new_cache, dtype_name, open_cache,
+                          removed_rows_file, row_digest_file)
 from .store.manifest import DataRef, ParentRef, Training
 from .store.datasets import (feature_copy, fingerprint, id_tensor, read_dataset, read_ids, write_dataset,
                              write_feature_copy)
 from .store.inputs import as_dataset, in_project_layout, is_location
-from .store.location import Location, location, overlap
-from .store.models import load_model
+from .store.location import Location, StorageError, location, overlap
+from .store.models import load_model, save_model as save_model
 from .store.registry import open_resolved, resolve_cache
+from .store.s3 import configure_s3 as configure_s3  # re-exported for the CLI (module docstring)
 
 log = logging.getLogger("deltagrad_ray")
 
@@ -195,7 +201,7 @@ def _portable_uri(loc: Location) -> str:
     return loc.portable_uri
 
 
-def _as_cache(cache: Cache | str | Location) -> Cache:
+def as_cache(cache: Cache | str | Location) -> Cache:
     """An open cache: ``cache`` itself, or the published version of a models prefix."""
     return open_resolved(cache)
 
@@ -331,6 +337,22 @@ def check_outputs(outputs: dict[str, str | Location | None], inputs: dict[str, s
                                  "write outputs elsewhere")
 
 
+def check_new_output(path: str | Location, overwrite: bool, name: str = "--out") -> None:
+    """Refuse, before anything is computed, an output that exists when it may not be replaced.
+
+    Args:
+      path: the output's location.
+      overwrite: whether an existing file may be replaced.
+      name: how messages name the output (the CLI's flag).
+
+    Raises:
+      StorageError: naming the location and how to proceed.
+    """
+    loc = location(path)
+    if not overwrite and loc.exists():
+        raise StorageError(f"{loc.uri}: already exists; pass --overwrite or choose another {name}")
+
+
 def unlearn(cache: Cache | str | Location, *, delete=None, add=None, config: DeltaGradConfig | None = None,
             data: str | Location | None = None, device: str = "cpu", out_cache: str | Location | None = None,
             note: dict | None = None) -> ReplayResult:
@@ -343,7 +365,7 @@ def unlearn(cache: Cache | str | Location, *, delete=None, add=None, config: Del
     Returns a :class:`ReplayResult` (``params``, ``explicit_steps``, ``fallbacks``, …).
     """
     check_device(device)
-    c = _checked_cache(_as_cache(cache))
+    c = _checked_cache(as_cache(cache))
     out = None if out_cache is None else _new_cache_location(c, out_cache, data)
     ds = c.data(data, device=device)
     traj = c.trajectory(device)
@@ -371,6 +393,7 @@ def _new_cache_location(parent: Cache, out_cache: str | Location, data: str | Lo
         raise InputError(f"{out.uri}: the new cache must go to a new location, not over or inside the cache it "
                          "comes from")
     check_outputs({"the new cache": out}, {"the data": parent.data_location(data)})
+    check_new_cache(out)  # before the data is read and anything replayed
     return out
 
 
@@ -385,10 +408,6 @@ def write_derived_cache(parent: Cache, writer: CacheWriter, res: ReplayResult, d
                         config: DeltaGradConfig, note: dict | None) -> Cache:
     """Commit the cache a recorded replay wrote: the parent's settings, the rows it has now
     (removed.parquet, added.parquet) and a log of the changes that led to it."""
-    import pyarrow as pa
-
-    from .store.datasets import dataset_table, table_bytes
-
     new = res.trajectory
     n_orig = parent.manifest.data.n
     files = {}
@@ -398,12 +417,12 @@ def write_derived_cache(parent: Cache, writer: CacheWriter, res: ReplayResult, d
     if new.removed is not None:
         rows = torch.nonzero(new.removed).reshape(-1).cpu()
     if len(rows):  # deletions only ever remove rows the data already had
-        files["removed.parquet"] = table_bytes(pa.table({"row": rows.numpy(), "id": data.ids.cpu()[rows].numpy()}))
+        files["removed.parquet"] = removed_rows_file(rows, data.ids.cpu()[rows])
     all_rows = len(data) + (len(change.add) if change.add is not None else 0)
     if all_rows > n_orig:
         from .core.data import concat
         full = concat(data, change.add) if change.add is not None else data
-        files["added.parquet"] = table_bytes(dataset_table(full.rows(torch.arange(n_orig, all_rows))))
+        files["added.parquet"] = added_rows_file(full.rows(torch.arange(n_orig, all_rows)))
     entry = {"run_id": writer.run_id, "deleted": int(len(change.delete)),
              "added": int(len(change.add)) if change.add is not None else 0,
              "config": config.to_dict(), **res.diagnostics(), **(note or {})}
@@ -423,7 +442,7 @@ def retrain_exact(cache: Cache | str | Location, *, delete=None, add=None, data:
     does for DeltaGrad), e.g. to publish an exactly retrained version.
     """
     check_device(device)
-    c = _checked_cache(_as_cache(cache))
+    c = _checked_cache(as_cache(cache))
     out = None if out_cache is None else _new_cache_location(c, out_cache, data)
     ds = c.data(data, device=device)
     traj = c.trajectory(device)
@@ -449,7 +468,7 @@ def training_curve(cache: Cache | str | Location, points: int = 50, rows: int = 
     """The objective (mean loss + (λ/2)‖θ‖²) at the cached θ_t of ~``points`` steps, on up to
     ``rows`` training rows (a seeded subsample) — read from the cache, nothing is retrained.
     Rows earlier changes removed are left out: the cached path was trained without them."""
-    c = _as_cache(cache)
+    c = as_cache(cache)
     ds = c.data(data)
     removed = c.removed_mask()
     if removed is not None:  # (a data set rewritten without them holds only placeholders for them)

@@ -138,7 +138,7 @@ def _add_deltagrad_args(p: argparse.ArgumentParser) -> None:
 
 def _deltagrad_config(a: argparse.Namespace):
     """The DeltaGradConfig of the flags given (the others keep their defaults)."""
-    from .core.config import DeltaGradConfig
+    from .api import DeltaGradConfig
     given = {flag[2:].replace("-", "_"): getattr(a, flag[2:].replace("-", "_")) for flag, _, _ in _DG_FLAGS}
     return DeltaGradConfig.from_dict({k: v for k, v in given.items() if v is not None})
 
@@ -332,13 +332,6 @@ def _human(v) -> str:
     return str(v)
 
 
-def _check_out(path: str, overwrite: bool) -> None:
-    from .store.location import StorageError, location
-    loc = location(path)
-    if not overwrite and loc.exists():
-        raise StorageError(f"{loc.uri}: already exists; pass --overwrite or choose another --out")
-
-
 def _check_io(a: argparse.Namespace, outputs: dict[str, str | None], **inputs: str | None) -> None:
     """Outputs never land on, inside or around what the command reads (the cache, its data, the
     test set, id files), with or without --overwrite: refused before anything is computed."""
@@ -369,25 +362,18 @@ def _change_summary(a: argparse.Namespace) -> dict:
 
 def cmd_unlearn(a: argparse.Namespace) -> dict:
     from . import api
-    from .store.models import save_model
     _check_io(a, {"--out": a.out, "--out-cache": a.out_cache}, delete=a.delete, add=a.add)
-    _check_out(a.out, a.overwrite)
+    api.check_new_output(a.out, a.overwrite)
     cfg = _deltagrad_config(a)
     cache = api.open_cache(a.cache)
     t0 = time.perf_counter()
-    if a.out_cache:
-        from .store.cache import MANIFEST
-        from .store.location import StorageError, location
-        if location(a.out_cache).join(MANIFEST).exists():
-            raise StorageError(f"{location(a.out_cache).uri}: a trajectory cache already exists here; choose a new "
-                               "--out-cache")
     res = api.unlearn(cache, delete=a.delete, add=a.add, config=cfg, data=a.data, device=a.device,
                       out_cache=a.out_cache)
     seconds = time.perf_counter() - t0
     meta = {"method": "deltagrad", "cache": cache.uri, "cache_run_id": cache.manifest.run_id,
             "config": cfg.to_dict(),
             **_change_summary(a), **res.diagnostics()}
-    save_model(a.out, cache.model, res.params, metadata=meta, overwrite=a.overwrite)
+    api.save_model(a.out, cache.model, res.params, metadata=meta, overwrite=a.overwrite)
     _warn_accuracy(cfg, cache, [res.prediction_error_mean])
     out = {"command": "unlearn", "out": a.out, "seconds": round(seconds, 3), **res.diagnostics()}
     if a.out_cache:
@@ -409,9 +395,7 @@ def _warn_accuracy(cfg, cache, prediction_errors) -> None:
 def _warn_replays(a: argparse.Namespace, fan, report, ids=None) -> None:
     """After a fan-out: a run where every request failed is an error (exit 2, the first reasons);
     some failed: one warning line; then the accuracy warning of the replays that succeeded."""
-    from .api import open_cache
-    from .core.errors import InputError
-    from .store.registry import resolve_cache
+    from .api import InputError, as_cache
     n, errors = len(report.counters["explicit_steps"]), report.errors
     shown = "; ".join(f"{'id ' + str(int(ids[i])) if ids is not None else 'request ' + str(i)}: {e}"
                       for i, e in list(errors.items())[:2])
@@ -422,21 +406,20 @@ def _warn_replays(a: argparse.Namespace, fan, report, ids=None) -> None:
               f"of --out), e.g. {shown}", file=sys.stderr)
     pred = report.stats.get("prediction_error_mean")
     ok = [float(pred[i]) for i in range(n) if i not in errors] if pred is not None else []
-    _warn_accuracy(fan.config, open_cache(resolve_cache(a.cache)), ok)
+    _warn_accuracy(fan.config, as_cache(a.cache), ok)
 
 
 def cmd_retrain(a: argparse.Namespace) -> dict:
     from . import api
-    from .store.models import save_model
     _check_io(a, {"--out": a.out}, delete=a.delete, add=a.add)
-    _check_out(a.out, a.overwrite)
+    api.check_new_output(a.out, a.overwrite)
     cache = api.open_cache(a.cache)
     t0 = time.perf_counter()
     params = api.retrain_exact(cache, delete=a.delete, add=a.add, data=a.data, device=a.device)
     seconds = time.perf_counter() - t0
     meta = {"method": "exact-retrain", "cache": cache.uri, "cache_run_id": cache.manifest.run_id,
             **_change_summary(a)}
-    save_model(a.out, cache.model, params, metadata=meta, overwrite=a.overwrite)
+    api.save_model(a.out, cache.model, params, metadata=meta, overwrite=a.overwrite)
     return {"command": "retrain", "out": a.out, "seconds": round(seconds, 3), "steps": cache.steps,
             "explicit_steps": cache.steps, "approx_steps": 0, "fallbacks": 0}
 
@@ -458,8 +441,7 @@ def _fanout(a: argparse.Namespace):
     """The Fanout of a many-request command; results are kept incrementally next to --out."""
     import torch
 
-    from .distributed.backends import backend
-    from .many import Fanout
+    from .many import Fanout, backend
     from .progress import bar
     cfg = _deltagrad_config(a)
     gemm = getattr(torch, a.gemm_dtype) if a.gemm_dtype else None
@@ -471,34 +453,23 @@ def _fanout(a: argparse.Namespace):
                   progress=progress), progress
 
 
-def _done(fanout, out: str) -> None:
-    """The final file is written: the incremental parts are no longer needed."""
-    from .store.location import location
-    fanout.progress.close()
-    parts = location(out + ".parts")
-    for f in parts.list():
-        f.delete()
-    if parts.is_local and parts.is_dir():
-        import os
-        os.rmdir(parts.path)
-
-
 def _check_many_io(a: argparse.Namespace) -> None:
     """--out and its incremental parts never over the cache, its data, the test set or the ids."""
     _check_io(a, {"--out": a.out, "--out's parts": a.out + ".parts"}, test=getattr(a, "test", None), ids=a.ids)
 
 
 def _ids_arg(a: argparse.Namespace):
-    from .store.datasets import read_ids
+    from .api import read_ids
     return read_ids(a.ids) if a.ids else None
 
 
 def _fan_command(a: argparse.Namespace, compute) -> dict:
     """A many-request command: checks, the fan-out, the result's table to --out (its metadata in the
     file), the summary line. ``compute(fanout)`` returns a typed result (:mod:`deltagrad_ray.many`)."""
+    from .api import check_new_output
     from .results import write_table
     _check_many_io(a)
-    _check_out(a.out, a.overwrite)
+    check_new_output(a.out, a.overwrite)
     fan, progress = _fanout(a)
     t0 = time.perf_counter()
     res = compute(fan)
@@ -506,7 +477,8 @@ def _fan_command(a: argparse.Namespace, compute) -> dict:
     # models beyond --max-model-mb are streamed from the parts into --out a row group at a time
     meta = res.metadata() if hasattr(res, "metadata") else None
     write_table(a.out, res.table(), metadata=meta, overwrite=a.overwrite)
-    _done(fan, a.out)
+    progress.close()
+    fan.discard_parts()  # the final file is written: the incremental parts are no longer needed
     out = {"command": a.command, "out": a.out, "seconds": round(time.perf_counter() - t0, 3), **res.summary()}
     if res.verification is not None and not _JSON:
         out["verification"] = res.verification.statement()
@@ -541,8 +513,8 @@ def cmd_conformal(a: argparse.Namespace) -> dict:
 
 
 def cmd_make_data(a: argparse.Namespace) -> dict:
+    from .api import write_dataset
     from .datasets import make_dataset
-    from .store.datasets import write_dataset
     data = make_dataset(a.kind, n=a.n, d=a.d, n_classes=a.classes, seed=a.seed, dtype=a.dtype)
     loc = write_dataset(data, a.out, overwrite=a.overwrite)
     return {"command": "make-data", "out": loc.uri, "rows": len(data), "features": data.n_features}
@@ -559,7 +531,6 @@ def cmd_demo(a: argparse.Namespace) -> dict:
 def _fleet(a: argparse.Namespace):
     """(targets, inbox, retention) of ``--config`` or ``--output``."""
     from .erasure import Target
-    from .store.location import location
     if getattr(a, "config", None):
         from .jobs.bulk_erasure import SCHEMA, fleet_of
         from .jobs.config import configure, load
@@ -568,13 +539,12 @@ def _fleet(a: argparse.Namespace):
         fleet = fleet_of(cfg)
         return list(fleet.models), a.requests or fleet.requests, fleet.settings.retention
     outs = a.output if isinstance(a.output, list) else [a.output]
-    return [Target(location(o).name or "model", location(o).portable_uri) for o in outs], a.requests, None
+    return [Target.for_output(o) for o in outs], a.requests, None
 
 
 def cmd_erasure(a: argparse.Namespace) -> dict:
     from . import erasure
-    from .core.errors import InputError
-    from .store.location import StorageError
+    from .api import InputError, StorageError
     cmd = a.erasure_command
     if cmd == "publish":
         rec = erasure.publish_initial(a.cache, a.output)
@@ -709,8 +679,8 @@ def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     global _JSON
     _JSON = args.json
+    from .api import configure_s3
     from .runtime import report_failure
-    from .store.s3 import configure_s3
     try:
         with _user_warnings():
             configure_s3(endpoint=args.endpoint_url, profile=args.profile, region=args.region)

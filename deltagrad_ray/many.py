@@ -20,8 +20,8 @@ from .core.data import ChangeSet, Dataset, validate
 from .core.errors import InputError
 from .core.config import DeltaGradConfig
 from .core.requests import fold_assignment, k_fold, leave_one_out
-from .distributed.backends import RunReport, SerialBackend
-from .distributed.sink import ResultSink
+from .distributed.backends import RunReport, SerialBackend, backend as backend
+from .store.parts import ResultSink, discard_parts
 from .results import estimate_columns, estimate_summary
 from .stats import (DEFAULT_MEMORY_MB, Calibration, ModelTable, as_table, check_memory_mb, endpoint_shift_bound,
                     loo_influence, predict, streamed_intervals, streamed_jackknife, streamed_sets, streamed_test_loss)
@@ -61,6 +61,12 @@ class Fanout:
                                            "requests": _fingerprint(changes)})
         return self.backend.run(cache, data_uri, changes, batch_size=self.batch_size, config=self.config,
                                 gemm_dtype=self.gemm_dtype, sink=sink, progress=self.progress, data=data)
+
+
+    def discard_parts(self) -> None:
+        """Delete the incremental parts (after the final output is written from them)."""
+        if self.parts is not None:
+            discard_parts(self.parts)
 
 
 def _fingerprint(changes: list[ChangeSet]) -> str:

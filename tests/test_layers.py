@@ -74,6 +74,23 @@ def test_imports_follow_the_layers():
     assert sorted(f"{a} <-> {b}" for a in graph for b in graph[a] if reaches(b, a)) == []
 
 
+def test_the_cli_goes_through_the_public_modules():
+    """docs/architecture.md: the CLI parses, calls the library's public modules (api, many, erasure,
+    jobs, …) and prints; it reaches past them into no store, core or distributed module."""
+    offenders = [name for name in _imports(LIBRARY / "cli.py")
+                 if name.split(".")[:2] in (["deltagrad_ray", "store"], ["deltagrad_ray", "core"],
+                                            ["deltagrad_ray", "distributed"])]
+    assert offenders == []
+
+
+def test_only_the_store_reads_and_writes_files_in_storage_formats():
+    """Parquet/Arrow and the S3 filesystem are the storage layer's (docs/architecture.md)."""
+    offenders = [f"{p.relative_to(ROOT)} imports {name}" for p in LIBRARY.rglob("*.py")
+                 if _unit(p) != "store" for name in _imports(p)
+                 if name.split(".")[0] in ("pyarrow", "s3fs", "fsspec", "botocore", "boto3")]
+    assert offenders == []
+
+
 def test_the_store_has_no_import_cycle():
     store = {p.stem: p for p in (LIBRARY / "store").glob("*.py") if p.stem != "__init__"}
     graph = {name: {i.split(".")[2] for i in _imports(p) if i.startswith("deltagrad_ray.store.")

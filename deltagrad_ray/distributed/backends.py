@@ -20,7 +20,7 @@ Failures fall in three kinds, handled at this boundary:
   (a replacement node can take minutes);
 * **anything else** is a bug: the run stops at once and the error propagates with its traceback.
 
-Results are written as they arrive (:class:`~.sink.ResultSink`) and returned in request order.
+Results are written as they arrive (:class:`~deltagrad_ray.store.parts.ResultSink`) and returned in request order.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ from ..core.errors import InputError
 from ..core.replay import COUNTERS, ReplayState, RequestError, failure_reason
 from ..store.location import StorageError
 from .errors import keeps_init_error, local_error
-from .sink import ResultSink
+from ..store.parts import ResultSink
 from .worker import ReplayWorker
 
 
@@ -165,7 +165,7 @@ class _Collector:
 
     def report(self, stats: dict) -> RunReport:
         from ..stats.tables import TensorTable
-        from .sink import SinkTable
+        from ..store.parts import SinkTable
         models = TensorTable(self.params) if self.keep else SinkTable(self.sink.root, self.n)
         # stats["prediction_error_mean"]: (N,) each request's mean L-BFGS prediction error at its explicit steps;
         # stats["error_estimate"], ["error_absolute"], ["error_reliable"]: (N,) each request's error estimate

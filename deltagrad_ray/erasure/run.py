@@ -63,6 +63,12 @@ class Target:
     num_gpus: float = 0.0
     resources: dict = field(default_factory=dict)
 
+    @classmethod
+    def for_output(cls, output: str) -> Target:
+        """The model at a models prefix alone (named after its last path part), with default settings."""
+        loc = location(output)
+        return cls(loc.name or "model", loc.portable_uri)
+
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name.strip() or len(self.name) > 100:
             raise InputError(f"a model's name must be a non-empty string of at most 100 characters, got {self.name!r}")

@@ -3,7 +3,7 @@
 The statistics take their models through :class:`ModelTable`, so that n models of p parameters
 need not be in memory at once (n × p float64 is 3.8 GB for leave-one-out on MNIST). Two
 implementations: :class:`TensorTable` over an (n, p) tensor, and
-:class:`~deltagrad_ray.distributed.sink.SinkTable` over a fan-out's result parts.
+:class:`~deltagrad_ray.store.parts.SinkTable` over a fan-out's result parts.
 """
 
 from __future__ import annotations

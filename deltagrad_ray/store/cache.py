@@ -54,8 +54,8 @@ from ..core.data import Dataset, concat
 from ..core.errors import InputError
 from ..core.models import FunctionalModel
 from ..core.trajectory import Segment, Trajectory
-from .datasets import (FEATURE_COPY, dataset_from_table, fingerprint, parquet_table, read_dataset, read_ids_labels,
-                       read_rows, row_digests, table_bytes)
+from .datasets import (FEATURE_COPY, dataset_from_table, dataset_table, fingerprint, parquet_table, read_dataset,
+                       read_ids_labels, read_rows, row_digests, table_bytes)
 from .location import Location, StorageError, location, recorded_location
 from .manifest import DIGEST_KEY, DataRef, FileRef, Manifest, ParentRef, ShardRef, Training
 from .models import model_bytes, parse_model
@@ -175,6 +175,25 @@ def read_verified(loc: Location, expected: str, size: int | None = None) -> pa.B
     return raw
 
 
+def removed_rows_file(rows: torch.Tensor, ids: torch.Tensor):
+    """``removed.parquet`` of a derived cache: the rows deleted so far (``row``) and their ids (``id``),
+    read back by :meth:`Cache.removed_mask`."""
+    return table_bytes(pa.table({"row": rows.cpu().numpy(), "id": ids.cpu().numpy()}))
+
+
+def added_rows_file(rows: Dataset):
+    """``added.parquet`` of a derived cache: the rows added so far, as a data set's table (read back
+    with the cache's data)."""
+    return table_bytes(dataset_table(rows))
+
+
+def check_new_cache(root: Location) -> None:
+    """Refuse a location that already holds a committed cache: caches are never overwritten."""
+    if root.join(MANIFEST).exists():
+        raise StorageError(f"{root.uri}: a trajectory cache already exists here; "
+                           "choose a new location (caches are never overwritten)")
+
+
 class CacheWriter:
     """A core :class:`~deltagrad_ray.core.train.Recorder` that writes shards as training (or a
     recorded replay) runs.
@@ -201,9 +220,7 @@ class CacheWriter:
     def __init__(self, root: Location, training: Training, *, shard_steps: int | None = None,
                  shard_bytes: int | None = None, storage: str | torch.dtype | None = None,
                  row_group_steps: int | None = None) -> None:
-        if root.join(MANIFEST).exists():
-            raise StorageError(f"{root.uri}: a trajectory cache already exists here; "
-                               "choose a new location (caches are never overwritten)")
+        check_new_cache(root)
         if shard_steps is not None and shard_steps < 1:
             raise InputError(f"shard steps must be >= 1, got {shard_steps}")
         if shard_bytes is not None and shard_bytes < 1:

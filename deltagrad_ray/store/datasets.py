@@ -39,6 +39,18 @@ def parquet_table(buf: pa.Buffer, columns: list[str] | None = None) -> pa.Table:
     return pq.ParquetFile(pa.BufferReader(buf)).read(columns=columns)
 
 
+def parquet_rows(buf) -> list[dict]:
+    """The rows of one Parquet file held in an Arrow buffer, as dicts.
+
+    Raises:
+      ValueError: "not a readable Parquet file (…)", with Arrow's first line of reason.
+    """
+    try:
+        return parquet_table(buf).to_pylist()
+    except (pa.ArrowException, OSError, ValueError, OverflowError) as e:
+        raise ValueError(f"not a readable Parquet file ({str(e).splitlines()[0][:100]})") from None
+
+
 def _read_table(loc: Location, columns: list[str] | None = None) -> pa.Table:
     """Every Parquet part of ``loc`` (only ``columns``, if given) as one table."""
     tables = []

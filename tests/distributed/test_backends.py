@@ -9,7 +9,7 @@ from deltagrad_ray import api
 from deltagrad_ray.core import ChangeSet, Dataset, InputError, leave_one_out, make_change_set
 from deltagrad_ray.core import synthetic_classification
 from deltagrad_ray.distributed.backends import RayBackend, SerialBackend
-from deltagrad_ray.distributed.sink import ResultSink
+from deltagrad_ray.store.parts import ResultSink
 from deltagrad_ray.store import write_dataset
 
 from ..processes import assert_same_across_processes
@@ -229,7 +229,7 @@ def test_parts_are_named_by_their_first_request_and_a_resume_fills_the_gaps(worl
     missing batch, under the same name; the same batch written twice (a lost response) is no
     error, another batch under a taken name is; a damaged part names itself."""
     from deltagrad_ray.core.replay import COUNTERS
-    from deltagrad_ray.distributed.sink import part_name
+    from deltagrad_ray.store.parts import part_name
     from deltagrad_ray.store.location import StorageError
     d, data, cache = world
     changes = _changes(data, 9)  # 10 requests, batches of 4: parts at 0, 4, 8

@@ -14,7 +14,7 @@ from deltagrad_ray import api, many
 from deltagrad_ray.core import InputError, ModelSpec
 from deltagrad_ray.core.data import rows_of_ids
 from deltagrad_ray.datasets import sklearn_dataset, train_test_split
-from deltagrad_ray.distributed.sink import ResultSink, SinkTable
+from deltagrad_ray.store.parts import ResultSink, SinkTable
 from deltagrad_ray.stats import (Calibration, Chunks, TensorTable, jackknife, jackknife_plus_intervals,
                                  jackknife_plus_sets, plan_chunks, predict, streamed_intervals, streamed_jackknife,
                                  streamed_sets, streamed_test_loss)

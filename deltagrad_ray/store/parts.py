@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from collections.abc import Iterator
 
@@ -29,8 +30,8 @@ import torch
 from ..core.errors import InputError
 from ..core.replay import COUNTERS
 from ..stats.tables import check_chunk
-from ..store.datasets import parquet_table
-from ..store.location import Conflict, Location, StorageError, location
+from .datasets import parquet_table
+from .location import Conflict, Location, StorageError, location
 
 _POSITIONAL = re.compile(r"part-(\d{9,})\.parquet")  # named by the first request; older parts: 6-digit counter
 
@@ -169,6 +170,15 @@ class ResultSink:
     def clear(self) -> None:
         for part in self.root.list():
             part.delete()
+
+
+def discard_parts(root: str | Location) -> None:
+    """Delete a run's parts and their folder (once its final output is written, they are not needed)."""
+    parts = location(root)
+    for f in parts.list():
+        f.delete()
+    if parts.is_local and parts.is_dir():
+        os.rmdir(parts.path)
 
 
 class SinkTable:
