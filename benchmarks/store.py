@@ -31,7 +31,8 @@ from deltagrad_ray import api
 from deltagrad_ray.core import ModelSpec, learning_rates, synthetic_classification, train
 from tests.servers import start_seaweedfs, stop_seaweedfs
 from deltagrad_ray.store import location, write_dataset
-from deltagrad_ray.store.cache import CacheWriter, open_cache
+from deltagrad_ray.store.cache import open_cache
+from deltagrad_ray.store.cache_writer import CacheWriter
 from deltagrad_ray.store.manifest import DataRef, Training
 
 

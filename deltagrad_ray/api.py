@@ -33,8 +33,9 @@ from .core.replay import ReplayResult, deltagrad
 from .core.schedule import learning_rates
 from .core.train import retrain, train
 from .core.schedule import BatchPlan
-from .store.cache import (ROW_DIGESTS, Cache, CacheWriter, added_rows_file, check_new_cache, dtype_name, open_cache,
-                          removed_rows_file, row_digest_file)
+from .store.cache import Cache, open_cache
+from .store.cache_format import ROW_DIGESTS, dtype_name
+from .store.cache_writer import CacheWriter, added_rows_file, check_new_cache, removed_rows_file, row_digest_file
 from .store.manifest import DataRef, ParentRef, Training
 from .store.datasets import (feature_copy, fingerprint, id_tensor, read_dataset, read_ids, write_dataset,
                              write_feature_copy)

@@ -31,7 +31,7 @@ import uuid
 from dataclasses import asdict, dataclass, field
 
 from ..core.errors import InputError
-from ..store.cache import MANIFEST
+from ..store.cache_format import MANIFEST
 from ..store.location import Location, location
 from ..store.records import Damaged, Fields, create, decode, dump
 from ..store.registry import now

@@ -1,6 +1,7 @@
 """The storage layer: the only code that touches filesystems, Parquet and model files."""
 
-from .cache import Cache as Cache, CacheWriter as CacheWriter, open_cache as open_cache
+from .cache import Cache as Cache, open_cache as open_cache
+from .cache_writer import CacheWriter as CacheWriter
 from .datasets import (fingerprint as fingerprint, read_dataset as read_dataset, read_ids as read_ids,
                        write_dataset as write_dataset)
 from .location import Location as Location, StorageError as StorageError, location as location

@@ -25,7 +25,8 @@ import hashlib
 import re
 from dataclasses import dataclass, field, replace
 
-from .cache import MANIFEST, Cache, open_cache
+from .cache import Cache, open_cache
+from .cache_format import MANIFEST
 from .location import Conflict, Location, StorageError, location, stored_location
 from .records import Damaged, Fields, create, decode, dump, read
 

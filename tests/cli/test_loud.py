@@ -98,7 +98,7 @@ def test_values_beyond_float16_are_refused_at_train_time(w):
 
 def test_a_cache_holding_non_finite_values_is_refused_by_replays(w, monkeypatch):
     """A cache written before the writer checked its inputs (float16 overflowed to inf)."""
-    from deltagrad_ray.store.cache import CacheWriter
+    from deltagrad_ray.store.cache_writer import CacheWriter
     with monkeypatch.context() as m:
         m.setattr(CacheWriter, "_check", lambda self, step, theta, grad: None)
         api.fit(str(w / "big-targets.parquet"), str(w / "legacy"), model="linear", steps=20, lr=0.1,

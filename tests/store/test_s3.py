@@ -123,7 +123,7 @@ def test_partial_read_fetches_row_groups_and_checks_pages(world, moto_s3):
 
 def test_interrupted_writer_leaves_no_cache_and_blocks_nothing(world, moto_s3, monkeypatch):
     _, bucket, _, _, _ = world
-    from deltagrad_ray.store import cache as cache_mod
+    from deltagrad_ray.store import cache_writer as cache_mod
     calls = {"n": 0}
     real = cache_mod.CacheWriter._flush
 
