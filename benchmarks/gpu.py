@@ -363,7 +363,8 @@ def check_ray_mode(device: str, optimizer: str, mode: str, cache, changes, seria
 
 def run_ray_driver(device: str, report: Report, optimizers, modes, address: str | None) -> None:
     """The Ray part in this process, which must not touch CUDA (see :func:`run_ray`)."""
-    from deltagrad_ray.distributed.backends import SerialBackend, ensure_ray
+    from deltagrad_ray.distributed.backends import SerialBackend
+    from deltagrad_ray.distributed.session import ensure_ray
     ensure_ray(address)
     with tempfile.TemporaryDirectory(prefix="deltagrad-gpu-check-") as tmp:
         for optimizer in optimizers:

@@ -28,7 +28,8 @@ import torch
 
 from deltagrad_ray import api
 from deltagrad_ray.core import leave_one_out, synthetic_classification
-from deltagrad_ray.distributed.backends import RayBackend, SerialBackend, ensure_ray
+from deltagrad_ray.distributed.backends import RayBackend, SerialBackend
+from deltagrad_ray.distributed.session import ensure_ray
 from deltagrad_ray.store import write_dataset
 
 

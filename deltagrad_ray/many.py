@@ -20,7 +20,8 @@ from .core.data import ChangeSet, Dataset, validate
 from .core.errors import InputError
 from .core.config import DeltaGradConfig
 from .core.requests import fold_assignment, k_fold, leave_one_out
-from .distributed.backends import RunReport, SerialBackend, backend as backend
+from .distributed.backends import SerialBackend, backend as backend
+from .distributed.collect import RunReport
 from .store.parts import ResultSink, discard_parts
 from .results import estimate_columns, estimate_summary
 from .stats import (DEFAULT_MEMORY_MB, Calibration, ModelTable, as_table, check_memory_mb, endpoint_shift_bound,

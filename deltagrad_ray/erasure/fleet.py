@@ -250,7 +250,7 @@ def _on_ray(fleet: Fleet, inbox: Inbox, address: str | None, workers: int,
             say: Callable[[str], None]) -> dict[str, ModelOutcome]:
     import ray
 
-    from ..distributed.backends import ensure_ray
+    from ..distributed.session import ensure_ray
     ensure_ray(address)
     snapshot = ray.put(inbox)
     task = ray.remote(run_target)

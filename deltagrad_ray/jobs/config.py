@@ -172,7 +172,7 @@ def fanout(ray: dict, deltagrad: dict | None = None, parts: str | None = None):
     :class:`~deltagrad_ray.distributed.backends.RayBackend` and :class:`~deltagrad_ray.many.Fanout`
     as written (they check them: ``workers: 2.5`` or ``num_cpus: .nan`` is an input error, exit 2);
     an ``address`` where nothing answers fails after
-    :data:`~deltagrad_ray.distributed.backends.CONNECT_TIMEOUT_S` seconds (a storage error, exit 3)."""
+    :data:`~deltagrad_ray.distributed.session.CONNECT_TIMEOUT_S` seconds (a storage error, exit 3)."""
     from ..distributed.backends import RayBackend
     from ..many import Fanout
     from ..progress import bar

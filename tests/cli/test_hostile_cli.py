@@ -177,7 +177,7 @@ def test_an_address_where_nobody_listens_fails_within_the_connect_timeout(world)
 
 
 def test_an_address_that_is_not_a_ray_cluster(world):
-    from deltagrad_ray.distributed.backends import check_ray_address
+    from deltagrad_ray.distributed.session import check_ray_address
     from deltagrad_ray.store.location import StorageError
     d, _ = world
     with socket.socket() as quiet:  # accepts connections, never answers

@@ -298,7 +298,7 @@ def test_a_fanout_where_every_request_failed_is_an_error(w, capsys):
     import argparse
 
     from deltagrad_ray import cli
-    from deltagrad_ray.distributed.backends import RunReport
+    from deltagrad_ray.distributed.collect import RunReport
     from deltagrad_ray.many import Fanout
     n, p = 3, open_cache(w / "c1").model.p
     counters = {k: torch.zeros(n, dtype=torch.int64) for k in ("explicit_steps", "approx_steps", "fallbacks")}

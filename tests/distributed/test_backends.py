@@ -171,13 +171,13 @@ def test_a_batch_is_split_after_a_pipeline_stage_with_every_field_of_its_state(l
     """The driver removes requests from a batch at any stage (here after the first of two): the
     selected state carries every field, and the rest replays as if it had been alone in the batch."""
     from deltagrad_ray.core import DeltaGradConfig
-    from deltagrad_ray.distributed.backends import _Job
+    from deltagrad_ray.distributed.collect import Job
     from deltagrad_ray.distributed.worker import ReplayWorker
     d, data, cache = linear_world
     changes = leave_one_out(data, data.ids[:4])
     cfg = DeltaGradConfig(schedule="adaptive")  # every field of the state in use
     first, second = ReplayWorker(cache.uri, steps=(0, 30)), ReplayWorker(cache.uri, steps=(30, 60))
-    job = _Job([10, 11, 12, 13], changes, stage=1, state=first.advance(changes, cfg, None, None))
+    job = Job([10, 11, 12, 13], changes, stage=1, state=first.advance(changes, cfg, None, None))
     rest = job.without([1, 2])
     assert rest.members == [10, 13] and rest.stage == 1 and rest.state.B == 2
     for name, v in rest.state._values():

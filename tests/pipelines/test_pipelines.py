@@ -190,7 +190,7 @@ def test_a_job_whose_ray_address_does_not_answer_fails_within_the_connect_timeou
     line naming the address, instead of Ray's own retries (minutes)."""
     import socket
 
-    from deltagrad_ray.distributed.backends import CONNECT_TIMEOUT_S
+    from deltagrad_ray.distributed.session import CONNECT_TIMEOUT_S
     cache = _train(diabetes)
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
