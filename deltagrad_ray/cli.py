@@ -225,10 +225,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="replayed models held in memory at most; beyond, they stay in --out's parts and are "
                             "read back a chunk at a time")
         _add_deltagrad_args(p)
+        p.add_argument("--verify", type=_COUNT, default=None, metavar="K",
+                       help="also retrain K requests drawn at random exactly and state a bound on the error of "
+                            "95%% of all requests at 95%% confidence (K = 59 and up: README, Verification)")
         if name in ("loo", "jackknife", "influence"):
-            p.add_argument("--verify", type=_COUNT, default=None, metavar="K",
-                           help="also retrain K requests drawn at random exactly and state a bound on the error of "
-                                "95%% of all requests at 95%% confidence (K = 59 and up: README, Verification)")
             p.add_argument("--exact-above", type=_NONNEGATIVE, default=None, metavar="E",
                            help="retrain exactly every request whose error estimate is above E (or not finite); "
                                 "the table's 'method' column marks them")
@@ -473,7 +473,7 @@ def _fan_command(a: argparse.Namespace, compute) -> dict:
     fan, progress = _fanout(a)
     t0 = time.perf_counter()
     res = compute(fan)
-    _warn_replays(a, fan, res.replay, getattr(res, "ids", None) if a.command != "conformal" else None)
+    _warn_replays(a, fan, res.replay, res.request_ids)
     # models beyond --max-model-mb are streamed from the parts into --out a row group at a time
     meta = res.metadata() if hasattr(res, "metadata") else None
     write_table(a.out, res.table(), metadata=meta, overwrite=a.overwrite)
@@ -509,7 +509,7 @@ def cmd_conformal(a: argparse.Namespace) -> dict:
     from . import many
     return _fan_command(a, lambda fan: many.conformal(a.cache, a.test, a.alpha, method=a.method, folds=a.folds,
                                                        ids=_ids_arg(a), seed=a.seed, fanout=fan, data=a.data,
-                                                       memory_mb=a.memory_mb))
+                                                       memory_mb=a.memory_mb, verify=a.verify))
 
 
 def cmd_make_data(a: argparse.Namespace) -> dict:

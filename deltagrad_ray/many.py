@@ -118,6 +118,11 @@ class ManyResult(NamedTuple):
     verification: Any = None  # stats.verification.Verification when ``verify=K`` was asked
 
     @property
+    def request_ids(self) -> Tensor:
+        """What each request left out (messages name a request by it)."""
+        return self.ids
+
+    @property
     def models(self) -> ModelTable:
         """The models as a table, read a chunk at a time (from memory or from the results' parts)."""
         return self.replay.models if self.replay.models is not None else as_table(self.params)
@@ -159,7 +164,7 @@ def replay_summary(report: RunReport) -> dict:
             **estimate_summary(report)}
 
 
-def evidence(res: ManyResult) -> dict:
+def evidence(res: ManyResult | _FromLoo | ConformalResult) -> dict:
     """What ``exact_above`` reran and what ``verify`` showed (the verification as a dict)."""
     out = {}
     if "retrained" in res.replay.stats:
@@ -197,6 +202,10 @@ class _FromLoo(_Fields):
     @property
     def verification(self):
         return self.loo.verification
+
+    @property
+    def request_ids(self) -> Tensor:
+        return self.loo.ids
 
     @property
     def method(self) -> list[str]:
@@ -263,11 +272,7 @@ class ConformalResult(_Fields):
     coverage: float | None = None       # when the test set has labels
     y: Tensor | None = None
     endpoint_bound: Tensor | None = None  # (m,) regression: how far an end point can be from the exact refits'
-
-    @property
-    def verification(self):
-        """None: conformal runs draw no sample to retrain (the end-point bound states their accuracy)."""
-        return None
+    verification: Any = None  # stats.verification.Verification of the models, when ``verify=K`` was asked
 
     def table(self) -> dict:
         cols = {"id": self.ids, "prediction": self.prediction}
@@ -286,8 +291,13 @@ class ConformalResult(_Fields):
             out["endpoint_bound_max"] = float(f"{float(self.endpoint_bound.max()):.4g}")
         return out
 
+    @property
+    def request_ids(self) -> None:
+        """None: messages name a request by its position (a fold, or the i-th calibration point)."""
+        return None
+
     def summary(self) -> dict:
-        return {**self.metadata(), **replay_summary(self.replay)}
+        return {**self.metadata(), **replay_summary(self.replay), **evidence(self)}
 
 
 def _cache(cache: Cache | str | Location) -> Cache:
@@ -407,18 +417,28 @@ def verify_sample(cache: Cache | str | Location, result: ManyResult, k: int, *, 
                   confidence: float = 0.95, seed: int = 0, data: str | Location | None = None):
     """Retrain K drawn leave-one-out requests of ``result`` exactly and state the guarantee
     (:func:`~.stats.verification.verification`). Failed requests are not drawn."""
+    c = _cache(cache)
+    ds = c.data(data)
+    return _verify_replays(c, ds, result.replay, result.models,
+                           lambda idx: leave_one_out(ds, result.ids[idx], removed=c.removed_mask()),
+                           k, quantile=quantile, confidence=confidence, seed=seed)
+
+
+def _verify_replays(c: Cache, ds: Dataset, replay: RunReport, models: ModelTable,
+                    changes_of: Callable[[Tensor], list[ChangeSet]], k: int, *, quantile: float,
+                    confidence: float, seed: int):
+    """The verification of any fan-out: K of its successful requests drawn, their change sets
+    (``changes_of(indices)``) retrained exactly (batched), and the order-statistic guarantee stated."""
     from .core.replay import retrain_batched
     from .stats.verification import check_settings, draw, verification
     check_settings(k, quantile, confidence)
-    c = _cache(cache)
-    ok = torch.tensor([i for i in range(len(result.ids)) if i not in result.replay.errors], dtype=torch.int64)
+    n = len(replay.counters["explicit_steps"])
+    ok = torch.tensor([i for i in range(n) if i not in replay.errors], dtype=torch.int64)
     if len(ok) == 0:
         raise InputError("no request succeeded: nothing to verify")
     idx = ok[draw(len(ok), k, seed)]
-    ds = c.data(data)
-    changes = leave_one_out(ds, result.ids[idx], removed=c.removed_mask())
-    exact = retrain_batched(c.model, c.trajectory(), ds, changes)
-    replayed = result.params[idx] if result.params is not None else result.models.rows(idx)
+    exact = retrain_batched(c.model, c.trajectory(), ds, changes_of(idx))
+    replayed = models.rows(idx)
     return verification(replayed.to(exact.dtype), exact, c.final.to(exact.dtype), idx, len(ok),
                         quantile=quantile, confidence=confidence)
 
@@ -490,7 +510,8 @@ def influence(cache: Cache | str | Location, test, ids=None, *,
 
 def conformal(cache: Cache | str | Location, test, alpha: float = 0.1, *,
               method: str = "jackknife+", folds: int = 10, ids=None, seed: int = 0,
-              fanout: Fanout | None = None, data=None, memory_mb: float = DEFAULT_MEMORY_MB) -> dict:
+              fanout: Fanout | None = None, data=None, memory_mb: float = DEFAULT_MEMORY_MB,
+              verify: int | None = None, quantile: float = 0.95, confidence: float = 0.95) -> ConformalResult:
     """Jackknife+ / CV+ intervals (regression) or sets (classification) for the test rows.
 
     Args:
@@ -502,6 +523,9 @@ def conformal(cache: Cache | str | Location, test, alpha: float = 0.1, *,
       memory_mb: working memory of the statistics: they stream over chunks of models and test
         points (:func:`~deltagrad_ray.stats.streamed_intervals`, :func:`~deltagrad_ray.stats.streamed_sets`),
         so the models × test points predictions are never held at once.
+      verify, quantile, confidence: as for :func:`loo`: K of the models (leave-one-out or fold models)
+        drawn at random are also retrained exactly, and ``verification`` states a bound on the error of
+        a fraction ``quantile`` of all of them (the draw uses ``seed``).
 
     Returns:
       a :class:`ConformalResult`: ``ids`` and ``prediction`` (full model) per test row, and ``lower``, ``upper``
@@ -513,6 +537,9 @@ def conformal(cache: Cache | str | Location, test, alpha: float = 0.1, *,
     from .stats import check_alpha
     check_alpha(alpha)
     check_memory_mb(memory_mb)
+    if verify is not None:
+        from .stats.verification import check_settings
+        check_settings(verify, quantile, confidence)  # before any replay
     if method not in ("jackknife+", "cv+"):
         raise InputError(f"method must be jackknife+ or cv+, got {method!r}")
     c = _cache(cache)
@@ -535,6 +562,9 @@ def conformal(cache: Cache | str | Location, test, alpha: float = 0.1, *,
     full_out = predict(c.model, c.final.to(t.X.dtype)[None], t.X, chunk=4096)[0]
     out = {"ids": t.ids, "n_models": len(models), "n_calibration": len(rows), "method": method,
            "alpha": alpha, "replay": replay}
+    if verify is not None:
+        out["verification"] = _verify_replays(c, ds, replay, models, lambda idx: [changes[i] for i in idx.tolist()],
+                                              verify, quantile=quantile, confidence=confidence, seed=seed)
     # (the fields of ConformalResult, filled by task)
     if c.spec.task == "regression":
         out["prediction"] = full_out

@@ -185,6 +185,20 @@ def fanout(ray: dict, deltagrad: dict | None = None, parts: str | None = None):
                   parts=parts, progress=bar("replays"))
 
 
+def fanout_job(cfg: dict, parts: str):
+    """What a fan-out job (jackknife, conformal) starts from: its cache (a models prefix gives its
+    published version), its output location, and the :func:`fanout` of its ``ray`` block keeping
+    results incrementally under ``output/parts``.
+
+    Returns:
+      (cache, output location, Fanout).
+    """
+    from ..store import location
+    from ..store.registry import open_resolved
+    out = location(cfg["output"])
+    return open_resolved(cfg["cache"]), out, fanout(cfg["ray"], parts=out.join(parts).uri)
+
+
 def main(description: str, schema: dict, run: Callable[[dict], dict], argv: list[str] | None = None,
          options: Sequence[tuple[str, str, type, str]] = ()) -> int:
     """``python -m pipelines.<name> --config FILE``: run, print one JSON summary line, exit 0 /

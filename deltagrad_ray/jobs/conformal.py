@@ -6,10 +6,11 @@ is used.
 
 from __future__ import annotations
 
-from .config import RAY, REQUIRED, S3, fanout, local_ray, report_target
+from .config import RAY, REQUIRED, S3, fanout_job, local_ray, report_target
 
+# verify: K of the models (leave-one-out or fold) retrained exactly, with the order-statistic statement
 SCHEMA = {"cache": REQUIRED, "test": REQUIRED, "output": REQUIRED, "alpha": 0.1, "method": "jackknife+",
-          "folds": 10, "ray": dict(RAY), "report": None, "s3": dict(S3)}
+          "folds": 10, "ray": dict(RAY), "report": None, "s3": dict(S3), "verify": None}
 
 
 def defaults(root: str = "demo-output") -> dict:
@@ -23,19 +24,15 @@ def defaults(root: str = "demo-output") -> dict:
 
 def run(cfg: dict) -> dict:
     from .. import many
-    from ..store.registry import open_resolved
     from ..report import Report, bars, histogram, intervals
     from ..results import estimate_summary, write_table
-    from ..store import location
 
-    cache = open_resolved(cfg["cache"])
-    out_loc = location(cfg["output"])
-    fan = fanout(cfg["ray"], parts=out_loc.join("models.parts").uri)
+    cache, out_loc, fan = fanout_job(cfg, "models.parts")
     r = many.conformal(cache, cfg["test"], float(cfg["alpha"]), method=cfg["method"], folds=int(cfg["folds"]),
-                       fanout=fan)
+                       fanout=fan, verify=cfg["verify"])
     fan.progress.close()
     out = {"pipeline": "conformal", **r.metadata(), "output": out_loc.join("conformal.parquet").uri,
-           **estimate_summary(r.replay)}
+           **estimate_summary(r.replay), **many.evidence(r)}
     write_table(out_loc.join("conformal.parquet"), r.table(), metadata=r.metadata(), overwrite=True)
     report, _ = report_target(cfg["report"])  # no training ids in this report
     if report:

@@ -7,7 +7,7 @@ that were erased.
 
 from __future__ import annotations
 
-from .config import RAY, REQUIRED, S3, fanout, local_ray, report_target
+from .config import RAY, REQUIRED, S3, fanout_job, local_ray, report_target
 
 # verify: K leave-one-out requests retrained exactly, with the order-statistic statement (README, Verification);
 # exact_above: every request whose error estimate is above it retrained exactly (many.loo checks both)
@@ -27,14 +27,10 @@ def defaults(root: str = "demo-output") -> dict:
 def run(cfg: dict) -> dict:
     from .. import many
     from ..erasure import redact, redaction_salt
-    from ..store.registry import open_resolved
     from ..report import Report, histogram
     from ..results import estimate_summary, write_table
-    from ..store import location
 
-    cache = open_resolved(cfg["cache"])
-    out_loc = location(cfg["output"])
-    fan = fanout(cfg["ray"], parts=out_loc.join("loo.parts").uri)
+    cache, out_loc, fan = fanout_job(cfg, "loo.parts")
     loo = many.loo(cache, fanout=fan, strict=True, verify=cfg["verify"], exact_above=cfg["exact_above"])
     fan.progress.close()
     jk = many.jackknife(cache, cfg["test"], loo_result=loo)

@@ -65,3 +65,44 @@ def test_the_cli_prints_the_statement(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:   # a usage error: argparse's one line, exit 2
         main(["loo", "--cache", str(tmp_path / "c"), "--out", str(tmp_path / "x.parquet"), "--verify", "0"])
     assert e.value.code == 2 and "argument --verify: must be an integer >= 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method", ["jackknife+", "cv+"])
+def test_conformal_verify_states_a_bound_that_holds_for_all_its_models(tmp_path, method):
+    """The models behind the intervals (one per left-out point, or one per fold) are verified as
+    loo's are: the drawn errors are the true ones and the bound covers the stated fraction of ALL
+    models, each retrained exactly here."""
+    from deltagrad_ray.core import synthetic_regression
+    from deltagrad_ray.core.requests import k_fold
+    from deltagrad_ray.store import open_cache
+    data = synthetic_regression(240, 5, seed=2)
+    api.fit(data, str(tmp_path / "c"), model="linear", steps=60, lr=0.1, l2=0.01)
+    test = synthetic_regression(40, 5, seed=3)
+    k = 30 if method == "jackknife+" else 8
+    res = many.conformal(str(tmp_path / "c"), test, 0.1, method=method, folds=12, verify=k, quantile=0.9,
+                         confidence=0.5, seed=4)
+    v = res.verification
+    assert v.sampled == k and v.population == res.n_models and v.bound is not None
+    c = open_cache(tmp_path / "c")
+    ds = c.data()
+    changes = leave_one_out(ds, None) if method == "jackknife+" else k_fold(ds, 12, seed=4)
+    exact = retrain_batched(c.model, c.trajectory(), ds, changes)
+    models = res.replay.models.rows(torch.arange(res.n_models)).to(exact.dtype)
+    err = (models - exact).norm(dim=1) / (exact - c.final).norm(dim=1)
+    assert torch.allclose(torch.tensor(v.errors, dtype=err.dtype), err[list(v.indices)], rtol=1e-6, atol=1e-12)
+    assert float((err <= v.bound).double().mean()) >= v.quantile
+    assert 0 < v.max_error < 0.5                                       # DeltaGrad did something, not nothing
+    assert res.summary()["verification"]["sampled"] == k
+
+
+def test_the_conformal_cli_prints_the_statement(tmp_path, capsys):
+    from deltagrad_ray.cli import main
+    from deltagrad_ray.core import synthetic_regression
+    api.fit(synthetic_regression(120, 4, seed=0), str(tmp_path / "c"), model="linear", steps=30, lr=0.1, l2=0.01)
+    api.write_dataset(synthetic_regression(20, 4, seed=1), str(tmp_path / "test.parquet"))
+    capsys.readouterr()
+    code = main(["conformal", "--cache", str(tmp_path / "c"), "--test", str(tmp_path / "test.parquet"),
+                 "--out", str(tmp_path / "conformal.parquet"), "--verify", "59"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "at least 95% of all 120 requests have error <= " in out and "59 retrained exactly" in out
