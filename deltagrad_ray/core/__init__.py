@@ -20,6 +20,7 @@ from .replay import (BatchedResult as BatchedResult, LocalRows as LocalRows, Rep
 from .schedule import (BatchPlan as BatchPlan, geometric_explicit_steps as geometric_explicit_steps,
                        learning_rates as learning_rates, speedup_bound as speedup_bound,
                        uniform_explicit_steps as uniform_explicit_steps)
+from .spectral import gram_norm as gram_norm, hessian_norm as hessian_norm
 from .synthetic import (synthetic_classification as synthetic_classification,
                         synthetic_regression as synthetic_regression)
 from .train import (changed_trajectory as changed_trajectory, retrain as retrain, run_sgd as run_sgd,

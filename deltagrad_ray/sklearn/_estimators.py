@@ -26,8 +26,9 @@ import copy
 import math
 import numbers
 import warnings
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -36,12 +37,15 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 from torch import Tensor, nn
-from torch.func import grad, vjp, vmap
+from torch.func import vmap
 
 from ..core import (DTYPES, BatchPlan, ChangeSet, Dataset, DeltaGradConfig, FunctionalModel, InMemory, InputError,
-                    MemoryRecorder, ModelSpec, Trajectory, deltagrad, deltagrad_batched, learning_rates,
-                    changed_trajectory, make_change_set, retrain, run_sgd, train)
+                    MemoryRecorder, ModelSpec, Trajectory, deltagrad, deltagrad_batched, gram_norm, hessian_norm,
+                    learning_rates, changed_trajectory, make_change_set, retrain, run_sgd, train)
 from ..store.inputs import check_finite, is_table, read_rows
+
+if TYPE_CHECKING:
+    from ..store.cache import Cache
 
 AUTO_MAX_STEPS = 1000   # steps="auto": gradient descent stops at tol or after this many steps
 AUTO_SGD_EPOCHS = 10    # steps="auto" with optimizer="sgd": this many passes over the rows
@@ -57,26 +61,6 @@ def _standardization(A: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     constant = scale <= 10 * np.finfo(np.float64).eps * np.maximum(np.abs(mean), 1.0)
     scale[constant] = 1.0
     return mean, scale
-
-
-def _curvature(fm: FunctionalModel, theta: Tensor, X: Tensor, y: Tensor, l2: float, iters: int = 30) -> float:
-    """|λ|max of ∇²F(θ) on (X, y): power iteration on Hessian-vector products (reverse over reverse:
-    one vjp of ∇F at θ, then H·v = vjp(v) for the symmetric H)."""
-    _, hvp = vjp(grad(lambda th: fm.loss_sum(th, X, y) / len(X) + 0.5 * l2 * (th @ th)), theta)
-    gen = torch.Generator().manual_seed(0)
-    v = torch.randn(theta.shape, generator=gen, dtype=torch.float64).to(dtype=theta.dtype, device=theta.device)
-    v = v / v.norm()
-    lam = 0.0
-    for _ in range(iters):
-        hv = hvp(v)[0]
-        new = float(hv.norm())
-        if new == 0 or not math.isfinite(new):
-            return new
-        v = hv / new
-        if abs(new - lam) <= 1e-3 * new:
-            return new
-        lam = new
-    return lam
 
 
 def _full_gradient(fm: FunctionalModel, theta: Tensor, data: Dataset, l2: float) -> Tensor:
@@ -170,6 +154,154 @@ _UNPICKLED = ("this estimator was unpickled, and pickles carry what predict need
               "reloaded from there)")
 
 
+class _Recording(ABC):
+    """The fit's recorded training and the unlearning verbs' operations on it, wherever it is kept:
+    :class:`_MemoryRecording` (fitted without ``cache=``) or :class:`_CachedRecording`.
+
+    :meth:`_DeltaGradBase._recording` makes one per call from the fitted state (the trajectory and
+    rows, or the cache's location); it is never stored on the estimator, so pickles stay light.
+    """
+
+    def __init__(self, est: _DeltaGradBase) -> None:
+        self.est = est
+
+    @property
+    @abstractmethod
+    def n_rows(self) -> int:
+        """Rows given to fit, deleted ones included (row numbers keep their meaning after a forget)."""
+
+    @abstractmethod
+    def training_data(self) -> Dataset:
+        """The rows the trajectory was trained on (standardised), on the estimator's device."""
+
+    @abstractmethod
+    def removed(self) -> Tensor | None:
+        """(n_rows,) mask of the rows already deleted from the trajectory, or None for none."""
+
+    @abstractmethod
+    def forget(self, rows: Tensor, exact: bool, out_cache: str | None) -> tuple[Tensor, dict[str, Any]]:
+        """θ trained without ``rows``, and the copy's fitted attributes: ``forget_report_`` and where
+        it replays from next (``trajectory_`` or ``cache_``, None when it cannot)."""
+
+    @abstractmethod
+    def replay_many(self, changes: list[ChangeSet], exact: bool, backend: Any, batch_size: int) -> Tensor:
+        """(B, p) parameters after each change set, replayed ``batch_size`` at a time on ``backend``."""
+
+    def active_rows(self) -> Tensor:
+        """Row numbers still in the model, ascending."""
+        removed = self.removed()
+        return torch.arange(self.n_rows) if removed is None else torch.nonzero(~removed.cpu()).reshape(-1)
+
+    def _change(self, data: Dataset, removed: Tensor | None, rows: Tensor) -> ChangeSet:
+        """The deletion of ``rows`` checked against ``data`` and the rows deleted before."""
+        return make_change_set(data, delete_ids=data.ids[rows.to(data.ids.device)], removed=removed,
+                               n_classes=self.est._n_classes())
+
+
+class _MemoryRecording(_Recording):
+    """The trajectory and the training rows held by the estimator; replays run in this process."""
+
+    def __init__(self, est: _DeltaGradBase, traj: Trajectory, data: Dataset) -> None:
+        super().__init__(est)
+        self.traj, self.data = traj, data
+
+    @property
+    def n_rows(self) -> int:
+        return len(self.data)
+
+    def training_data(self) -> Dataset:
+        return self.data
+
+    def removed(self) -> Tensor | None:
+        return self.traj.removed
+
+    def forget(self, rows: Tensor, exact: bool, out_cache: str | None) -> tuple[Tensor, dict[str, Any]]:
+        if out_cache is not None:
+            raise InputError("out_cache applies to estimators fitted with cache=; this one keeps its "
+                             "trajectory in memory")
+        traj, data, fm = self.traj, self.data, self.est._fm
+        change = self._change(data, traj.removed, rows)
+        if exact:
+            rec = MemoryRecorder(traj.steps, traj.p, traj.dtype, traj.initial.device)
+            final = retrain(fm, traj, data, change, recorder=rec)
+            new_traj = changed_trajectory(traj, data, change, final, rec)
+            report = {"method": "exact", "steps": traj.steps}
+        else:
+            res = deltagrad(fm, traj, data, change, self.est._config_, record=True)
+            final, new_traj, report = res.params, res.trajectory, {"method": "deltagrad", **res.diagnostics()}
+        return final, {"trajectory_": new_traj, "forget_report_": report}
+
+    def replay_many(self, changes: list[ChangeSet], exact: bool, backend: Any, batch_size: int) -> Tensor:
+        if backend not in (None, "serial"):
+            raise InputError(f"backend {backend!r} runs on caches: fit the estimator with cache=LOCATION "
+                             "(the backend's workers load the trajectory from there)")
+        traj, data, fm = self.traj, self.data, self.est._fm
+        checked = [self._change(data, traj.removed, ch.delete) for ch in changes]
+        if exact:
+            return torch.stack([retrain(fm, traj, data, ch) for ch in checked])
+        return deltagrad_batched(fm, traj, data, checked, self.est._config_, batch_size=batch_size).params
+
+
+class _CachedRecording(_Recording):
+    """A trajectory cache on storage, opened from ``cache_``; replays go through the storage API and
+    the replay backends (serial or Ray), whose workers load the cache themselves."""
+
+    def __init__(self, est: _DeltaGradBase, cache: Cache) -> None:
+        super().__init__(est)
+        self.cache = cache
+
+    @property
+    def n_rows(self) -> int:
+        return int(self.cache.n_rows)
+
+    def training_data(self) -> Dataset:
+        return self.cache.data(device=self.est.device)
+
+    def removed(self) -> Tensor | None:
+        return self.cache.removed_mask()
+
+    def forget(self, rows: Tensor, exact: bool, out_cache: str | None) -> tuple[Tensor, dict[str, Any]]:
+        from .. import api
+        from ..store.cache import open_cache
+        c, device, ids = self.cache, self.est.device, rows.tolist()
+        if exact:
+            final = api.retrain_exact(c, delete=ids, device=device, out_cache=out_cache)
+            report = {"method": "exact", "steps": c.steps}
+        else:
+            res = api.unlearn(c, delete=ids, config=self.est._config_, device=device, out_cache=out_cache)
+            final, report = res.params, {"method": "deltagrad", **res.diagnostics()}
+        new_cache = None if out_cache is None else open_cache(out_cache).uri
+        return final.to(device=device), {"cache_": new_cache, "forget_report_": report}
+
+    def replay_many(self, changes: list[ChangeSet], exact: bool, backend: Any, batch_size: int) -> Tensor:
+        from .. import many
+        c, est = self.cache, self.est
+        data = c.data(device=est.device)
+        removed = c.removed_mask()
+        checked = [self._change(data, removed, ch.delete) for ch in changes]
+        rep = many.Fanout(backend=self._backend(exact, backend), batch_size=batch_size,
+                          config=est._config_).run(c, data, checked)
+        if rep.errors:
+            i, e = next(iter(rep.errors.items()))
+            raise InputError(f"{len(rep.errors)} replay(s) failed, e.g. request {i}: {e}")
+        return rep.params.to(dtype=est.params_.dtype, device=est.device)
+
+    @staticmethod
+    def _backend(exact: bool, backend: Any) -> Any:
+        """The replay backend ``backend`` names (exact retraining has its own)."""
+        from .. import many
+        from ..distributed.backends import RayBackend, SerialBackend
+        if exact:
+            return many.ExactBackend()
+        if backend in (None, "serial"):
+            return SerialBackend()
+        if backend == "ray":
+            return RayBackend()
+        if isinstance(backend, str):
+            raise InputError(f"backend must be serial, ray or a backend object, got {backend!r}")
+        return backend
+
+
 class _DeltaGradBase(BaseEstimator):
     """Shared parameters and the unlearning verbs (see the subclasses for the public docs)."""
 
@@ -230,11 +362,11 @@ class _DeltaGradBase(BaseEstimator):
         """``lr``, or for ``"auto"``: 1/L for the linear kinds, 0.5/|λ|max(∇²F(θ_0)) for the MLP.
 
         Linear kinds: L = c·σ_max([X, 1])²/n + λ, c = 1 for squared loss, ½ for softmax cross-entropy
-        (its Hessian in the logits is at most ½I); σ_max by power iteration. L bounds the Hessian
-        everywhere, so η = 1/L (inside GD's stable range η < 2/L) converges without tuning.
-        MLP: the curvature at the start, by power iteration on Hessian-vector products over at most
-        :data:`CURVATURE_ROWS` evenly spaced rows; half its inverse leaves room for the curvature to
-        grow during training (a heuristic: the MLP's objective has no global bound).
+        (its Hessian in the logits is at most ½I); σ_max² by :func:`~deltagrad_ray.core.spectral.gram_norm`.
+        L bounds the Hessian everywhere, so η = 1/L (inside GD's stable range η < 2/L) converges
+        without tuning. MLP: the curvature at the start (:func:`~deltagrad_ray.core.spectral.hessian_norm`)
+        over at most :data:`CURVATURE_ROWS` evenly spaced rows; half its inverse leaves room for the
+        curvature to grow during training (a heuristic: the MLP's objective has no global bound).
         """
         if isinstance(self.lr, str):
             if self.lr != "auto":
@@ -244,22 +376,10 @@ class _DeltaGradBase(BaseEstimator):
                 rows = torch.linspace(0, len(data) - 1, min(len(data), CURVATURE_ROWS)).round().long()
                 rows = rows.to(X.device)
                 theta0 = fm.init_params(int(self.seed), dtype=X.dtype, device=X.device)
-                lam = _curvature(fm, theta0, X[rows], data.y[rows], float(self.l2))
+                lam = hessian_norm(fm, theta0, X[rows], data.y[rows], float(self.l2))
                 return MLP_LR_FACTOR / lam if lam > 0 and math.isfinite(lam) else 0.1
             Xd = torch.cat([X, torch.ones(len(X), 1, dtype=X.dtype, device=X.device)], dim=1)
-            v = torch.ones(Xd.shape[1], dtype=X.dtype, device=X.device) / math.sqrt(Xd.shape[1])
-            sq = 0.0
-            for _ in range(100):                      # power iteration on X̃ᵀX̃
-                w = Xd.T @ (Xd @ v)
-                new = float(w.norm())
-                if new == 0:
-                    break
-                v = w / new
-                if abs(new - sq) <= 1e-6 * new:
-                    sq = new
-                    break
-                sq = new
-            L = (1.0 if n_classes is None else 0.5) * sq / len(X) + float(self.l2)
+            L = (1.0 if n_classes is None else 0.5) * gram_norm(Xd) / len(X) + float(self.l2)
             return 1.0 / L if L > 0 else 0.1
         if isinstance(self.lr, bool) or not isinstance(self.lr, numbers.Real) or not (self.lr > 0 and
                                                                                     math.isfinite(self.lr)):
@@ -454,13 +574,26 @@ class _DeltaGradBase(BaseEstimator):
         return out
 
     # -- unlearning -----------------------------------------------------------------------------
-    def _rows(self, indices: Any, what: str = "indices") -> Tensor:
+    def _recording(self) -> _Recording:
+        """The recorded training the unlearning verbs replay: the trajectory in memory, or the cache
+        at ``cache_``; an error saying why when this estimator holds neither."""
+        check_is_fitted(self, "params_")
+        traj = self.__dict__.get("trajectory_")
+        if traj is not None:
+            return _MemoryRecording(self, traj, self._data)
+        if self.__dict__.get("cache_") is None:
+            raise InputError(_UNPICKLED if self.__dict__.get("_unpickled") else _NO_TRAJECTORY)
+        from ..store.cache import open_cache
+        return _CachedRecording(self, open_cache(self.cache_))
+
+    @staticmethod
+    def _rows(indices: Any, n: int, what: str = "indices") -> Tensor:
+        """``indices`` checked as row numbers of n training rows, as a tensor."""
         arr = np.asarray(indices)
         if arr.ndim == 0:
             arr = arr.reshape(1)
         if arr.ndim != 1 or (len(arr) and arr.dtype.kind not in "iu"):
             raise InputError(f"{what} must be a list of row numbers of the training data, got {indices!r}")
-        n = self._n_rows()
         bad = np.flatnonzero((arr < 0) | (arr >= n))
         if len(bad):
             raise InputError(f"{what}: row {int(arr[bad[0]])} is out of range; the training data has {n} rows "
@@ -468,32 +601,6 @@ class _DeltaGradBase(BaseEstimator):
         if len(arr) == 0:
             raise InputError(f"{what}: no rows given")
         return torch.as_tensor(arr.astype(np.int64))
-
-    def _n_rows(self) -> int:
-        if "_data" in self.__dict__:
-            return len(self._data)
-        return int(self._open_cache().n_rows)
-
-    def _open_cache(self):
-        from ..store.cache import open_cache
-        if self.__dict__.get("cache_") is None:
-            raise self._no_trajectory()
-        return open_cache(self.cache_)
-
-    def _no_trajectory(self) -> InputError:
-        return InputError(_UNPICKLED if self.__dict__.get("_unpickled") else _NO_TRAJECTORY)
-
-    def _trajectory(self) -> tuple[Trajectory, Dataset]:
-        if self.__dict__.get("trajectory_") is None:
-            raise self._no_trajectory()
-        return self.trajectory_, self._data
-
-    def _in_memory(self) -> bool:
-        check_is_fitted(self, "params_")
-        if self.__dict__.get("trajectory_") is not None:
-            return True
-        self._open_cache()  # raises the right message when there is neither
-        return False
 
     def _copy_with(self, params: Tensor, **fitted) -> _DeltaGradBase:
         new = copy.copy(self)
@@ -524,39 +631,9 @@ class _DeltaGradBase(BaseEstimator):
           >>> bool(np.abs(without.predict_proba(X) - exact.predict_proba(X)).max() < 0.05 * moved)
           True
         """
-        rows = self._rows(indices)
-        if self._in_memory():
-            if out_cache is not None:
-                raise InputError("out_cache applies to estimators fitted with cache=; this one keeps its "
-                                 "trajectory in memory")
-            traj, data = self._trajectory()
-            change = make_change_set(data, delete_ids=data.ids[rows.to(data.ids.device)], removed=traj.removed,
-                                     n_classes=self._n_classes())
-            if exact:
-                rec = MemoryRecorder(traj.steps, traj.p, traj.dtype, traj.initial.device)
-                final = retrain(self._fm, traj, data, change, recorder=rec)
-                new_traj = changed_trajectory(traj, data, change, final, rec)
-                report = {"method": "exact", "steps": traj.steps}
-            else:
-                res = deltagrad(self._fm, traj, data, change, self._config_, record=True)
-                final, new_traj, report = res.params, res.trajectory, {"method": "deltagrad", **res.diagnostics()}
-            return self._copy_with(final, trajectory_=new_traj, forget_report_=report)
-        from .. import api
-        c = self._open_cache()
-        ids = rows.tolist()
-        if exact:
-            final = api.retrain_exact(c, delete=ids, device=self.device, out_cache=out_cache)
-            report = {"method": "exact", "steps": c.steps}
-        else:
-            res = api.unlearn(c, delete=ids, config=self._config_, device=self.device, out_cache=out_cache)
-            final, report = res.params, {"method": "deltagrad", **res.diagnostics()}
-        new_cache = None if out_cache is None else self._cache_uri(out_cache)
-        return self._copy_with(final.to(device=self.device), cache_=new_cache, forget_report_=report)
-
-    @staticmethod
-    def _cache_uri(loc: str) -> str:
-        from ..store.cache import open_cache
-        return open_cache(loc).uri
+        recording = self._recording()
+        params, fitted = recording.forget(self._rows(indices, recording.n_rows), exact, out_cache)
+        return self._copy_with(params, **fitted)
 
     def forget_many(self, index_sets: Sequence[Any], *, exact: bool = False, backend: Any = None,
                     batch_size: int = 32) -> list[_DeltaGradBase]:
@@ -585,53 +662,19 @@ class _DeltaGradBase(BaseEstimator):
     def _change_sets(self, index_sets: Sequence[Any]) -> list[ChangeSet]:
         if isinstance(index_sets, (str, bytes)) or not hasattr(index_sets, "__len__") or len(index_sets) == 0:
             raise InputError(f"index_sets must be a non-empty list of lists of row numbers, got {index_sets!r}")
-        out = []
-        for j, s in enumerate(index_sets):
-            out.append(ChangeSet(self._rows(s, what=f"index set {j}")))
-        return out
+        n = self._recording().n_rows
+        return [ChangeSet(self._rows(s, n, what=f"index set {j}")) for j, s in enumerate(index_sets)]
 
     def _replay_many(self, changes: list[ChangeSet], *, exact: bool = False, backend: Any = None,
                      batch_size: int = 32) -> Tensor:
         """(B, p) parameters after each change set (DeltaGrad, batched; or exact retraining)."""
         if not isinstance(batch_size, numbers.Integral) or batch_size < 1:
             raise InputError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-        if self._in_memory() and backend in (None, "serial"):
-            traj, data = self._trajectory()
-            checked = [make_change_set(data, delete_ids=data.ids[ch.delete.to(data.ids.device)], removed=traj.removed,
-                                       n_classes=self._n_classes()) for ch in changes]
-            if exact:
-                return torch.stack([retrain(self._fm, traj, data, ch) for ch in checked])
-            return deltagrad_batched(self._fm, traj, data, checked, self._config_, batch_size=int(batch_size)).params
-        if self._in_memory():
-            raise InputError(f"backend {backend!r} runs on caches: fit the estimator with cache=LOCATION "
-                             "(the backend's workers load the trajectory from there)")
-        from .. import many
-        from ..distributed.backends import RayBackend, SerialBackend
-        c = self._open_cache()
-        data = c.data(device=self.device)
-        checked = [make_change_set(data, delete_ids=data.ids[ch.delete], removed=c.removed_mask(),
-                                   n_classes=self._n_classes()) for ch in changes]
-        if exact:
-            be = many.ExactBackend()
-        elif backend in (None, "serial"):
-            be = SerialBackend()
-        elif backend == "ray":
-            be = RayBackend()
-        elif isinstance(backend, str):
-            raise InputError(f"backend must be serial, ray or a backend object, got {backend!r}")
-        else:
-            be = backend
-        rep = many.Fanout(backend=be, batch_size=int(batch_size), config=self._config_).run(c, data, checked)
-        if rep.errors:
-            i, e = next(iter(rep.errors.items()))
-            raise InputError(f"{len(rep.errors)} replay(s) failed, e.g. request {i}: {e}")
-        return rep.params.to(dtype=self.params_.dtype, device=self.device)
+        return self._recording().replay_many(changes, exact, backend, int(batch_size))
 
     def _training_data(self) -> Dataset:
         """The rows the trajectory was trained on: standardised features, class indices or standardised targets."""
-        if self._in_memory():
-            return self._data
-        return self._open_cache().data(device=self.device)
+        return self._recording().training_data()
 
     def _training_labels(self) -> np.ndarray:
         """The labels given to fit, in their own units (class labels, or float targets)."""
@@ -641,14 +684,7 @@ class _DeltaGradBase(BaseEstimator):
         return y.astype(np.float64) * self.y_scale_ + self.y_mean_
 
     def _active_rows(self) -> Tensor:
-        if self._in_memory():
-            traj, data = self._trajectory()
-            removed = traj.removed
-        else:
-            c = self._open_cache()
-            removed = c.removed_mask()
-        n = self._n_rows()
-        return torch.arange(n) if removed is None else torch.nonzero(~removed.cpu()).reshape(-1)
+        return self._recording().active_rows()
 
     def _loo_outputs(self, X: Any, chunk: int, exact: bool, backend: Any, batch_size: int):
         """Yield (rows, outputs) for chunks of leave-one-out models: (k,) rows and (k, m[, c]) outputs."""
