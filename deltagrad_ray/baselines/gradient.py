@@ -18,7 +18,7 @@ from ..core.errors import InputError
 from ..core.models import FunctionalModel
 from ..core.replay import DeltaGradConfig, deltagrad
 from ..core.schedule import BatchPlan
-from ..core.train import retrain, run_sgd, train
+from ..core.train import derived_trajectory, retrain, run_sgd, train
 from ..core.trajectory import MemoryRecorder, Trajectory
 from .base import Outcome, Rows, TrainConfig, request
 
@@ -87,8 +87,7 @@ def exact_retrain(model: FunctionalModel, traj: Trajectory, n_fit: int, rows: Ro
     if rec is None:
         return theta, None
     removed = rows.removed if bool(rows.removed.any()) else None
-    return theta, Trajectory(traj.plan, traj.l2, traj.lrs, traj.initial, theta, len(rows.data), removed,
-                             rec.finish(traj.lrs))
+    return theta, derived_trajectory(traj, theta, len(rows.data), removed, rec)
 
 
 class _TrainedMethod:

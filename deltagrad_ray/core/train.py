@@ -207,10 +207,18 @@ def changed_trajectory(traj: Trajectory, data: Dataset, change: ChangeSet, final
                        recorder: Recorder) -> Trajectory:
     """The trajectory a replay or an exact retraining of ``change`` recorded (``recorder``), ending at
     ``final``: ``traj``'s plan, l2, schedule and θ_0 over the changed rows (:func:`changed_data`).
-    The one way a derived trajectory is built (DeltaGrad, exact retraining, the estimators, baselines)."""
+    The way a derived trajectory is built (DeltaGrad, exact retraining, the estimators)."""
     new_data, removed = changed_data(traj, data, change)
-    return Trajectory(traj.plan, traj.l2, traj.lrs, traj.initial, final, len(new_data), removed,
-                      recorder.finish(traj.lrs))
+    return derived_trajectory(traj, final, len(new_data), removed, recorder)
+
+
+def derived_trajectory(traj: Trajectory, final: Tensor, n_rows: int, removed: Tensor | None,
+                       recorder: Recorder) -> Trajectory:
+    """A trajectory recorded (``recorder``) by a rerun of ``traj`` — its plan, l2, schedule and θ_0 —
+    over ``n_rows`` rows of which ``removed`` (None: none) are out, ending at ``final``. The one
+    constructor of derived trajectories: :func:`changed_trajectory` and callers that keep their own
+    row layout (the gradient baselines) both go through it."""
+    return Trajectory(traj.plan, traj.l2, traj.lrs, traj.initial, final, n_rows, removed, recorder.finish(traj.lrs))
 
 
 def retrain(model: FunctionalModel, traj: Trajectory, data: Dataset, change: ChangeSet,
