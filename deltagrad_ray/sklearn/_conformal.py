@@ -48,8 +48,10 @@ from torch import Tensor
 
 from ..core import ChangeSet, InputError
 from ..stats import jackknife_plus_intervals
+from ..stats.verification import Verification, check_settings, draw, verification
 from ._estimators import DeltaGradClassifier, DeltaGradRegressor, _DeltaGradBase
 
+QUANTILE = CONFIDENCE = 0.95  # verify=K: a bound on 95% of the fold models at 95% confidence
 EPSILON = 1e-8  # MAPIE's tolerance in set membership (mapie._machine_precision.EPSILON)
 _TEST_CHUNK_VALUES = 1 << 22  # models × test rows evaluated at once (~32 MB of float64)
 
@@ -115,7 +117,7 @@ class _CrossConformal:
     _scores: tuple[str, ...] = ()
 
     def _init(self, estimator, confidence_level, conformity_score, cv, n_jobs, verbose, random_state,
-              backend, batch_size, exact) -> None:
+              backend, batch_size, exact, verify) -> None:
         if conformity_score not in self._scores:
             raise InputError(f"conformity_score must be {' or '.join(repr(s) for s in self._scores)} here, "
                              f"got {conformity_score!r}")
@@ -129,6 +131,9 @@ class _CrossConformal:
         self.backend = backend
         self.batch_size = batch_size
         self.exact = exact
+        self.verify = verify
+        if verify is not None:
+            check_settings(verify, QUANTILE, CONFIDENCE)
         self._alphas = _alphas(confidence_level)
         if isinstance(cv, str):
             _check_cv(cv, 0)  # raises: MAPIE refuses strings here too ("split", "prefit")
@@ -137,7 +142,8 @@ class _CrossConformal:
     def reset(self):
         """Discard the fitted models and conformity scores, so that :meth:`fit_conformalize` can run again."""
         self.is_fitted_and_conformalized = False
-        for name in ("estimator_", "_core", "_pre", "_targets", "_thetas", "_model_of", "_scores_", "_y", "_oof"):
+        for name in ("estimator_", "_core", "_pre", "_targets", "_thetas", "_model_of", "_scores_", "_y", "_oof",
+                     "verification_"):
             self.__dict__.pop(name, None)
         return self
 
@@ -170,6 +176,8 @@ class _CrossConformal:
             raise InputError(f"cv must put every training row in exactly one test fold; row {i} is in {count[i]}")
         thetas = est._replay_many([ChangeSet(torch.from_numpy(f)) for f in folds], exact=bool(self.exact),
                                   backend=self.backend, batch_size=self.batch_size)
+        if self.verify is not None:
+            self.verification_ = self._verification(est, folds, thetas)
         model_of = torch.empty(n, dtype=torch.int64)
         for k, f in enumerate(folds):
             model_of[torch.from_numpy(f)] = k
@@ -185,6 +193,17 @@ class _CrossConformal:
         self._model_of, self._y, self._oof = model_of.to(thetas.device), labels, oof
         self._scores_ = self._conformity(oof, labels)
         self.is_fitted_and_conformalized = True
+
+    def _verification(self, est: _DeltaGradBase, folds: list[np.ndarray], thetas: Tensor) -> Verification:
+        """``verify`` of the fold models drawn at random (seeded by ``random_state`` when it is an
+        integer) and retrained exactly: the order-statistic statement about all of them
+        (:mod:`deltagrad_ray.stats.verification`)."""
+        seed = self.random_state if isinstance(self.random_state, numbers.Integral) else 0
+        idx = draw(len(folds), min(int(self.verify), len(folds)), int(seed))
+        exact = est._replay_many([ChangeSet(torch.from_numpy(folds[i])) for i in idx.tolist()], exact=True,
+                                 backend=self.backend, batch_size=self.batch_size)
+        return verification(thetas[idx].to(exact.dtype), exact, est.params_.to(exact.dtype), idx, len(folds),
+                            quantile=QUANTILE, confidence=CONFIDENCE)
 
     def _rows(self, X: Any) -> Tensor:
         """Test rows through the fitted preprocessing, standardised as the final step's training rows."""
@@ -252,6 +271,9 @@ class CrossConformalRegressor(_CrossConformal):
         estimator fitted with ``cache=``); see :meth:`DeltaGradRegressor.forget_many`.
       batch_size: replays batched per pass over the trajectory.
       exact: refit every fold by exact retraining instead (for verification).
+      verify: K, to also retrain K fold models drawn at random exactly: ``verification_`` then states,
+        with probability >= 95% over the draw, a bound on the error of 95% of ALL fold models
+        (‖θ_DeltaGrad − θ_exact‖ / ‖θ_exact − θ_full‖; K >= 59 for a bound; README, Verification).
 
     Memory: the fold models' parameters (K × p floats; n × p for leave-one-out) and, while
     predicting, outputs of the models on chunks of test rows (about 32 MB at a time).
@@ -272,12 +294,12 @@ class CrossConformalRegressor(_CrossConformal):
     def __init__(self, estimator: DeltaGradRegressor | None = None, confidence_level: float | list[float] = 0.9,
                  conformity_score: str = "absolute", method: str = "plus", cv: Any = 5, n_jobs: int | None = None,
                  verbose: int = 0, random_state: Any = None, *, backend: Any = None, batch_size: int = 32,
-                 exact: bool = False) -> None:
+                 exact: bool = False, verify: int | None = None) -> None:
         if method not in self._METHODS:
             raise InputError(f"method must be one of {', '.join(self._METHODS)}, got {method!r}")
         self.method = method
         self._init(estimator, confidence_level, conformity_score, cv, n_jobs, verbose, random_state, backend,
-                   batch_size, exact)
+                   batch_size, exact, verify)
 
     @staticmethod
     def _default() -> DeltaGradRegressor:
@@ -381,7 +403,7 @@ class CrossConformalClassifier(_CrossConformal):
         ending in one (its preprocessing fitted once on all rows, as for the regressor).
       confidence_level: 1 − α, a number or a list of them (one set per level).
       conformity_score: ``"lac"`` (1 − p̂(y | x), MAPIE's default; the only one here).
-      cv, n_jobs, verbose, random_state, backend, batch_size, exact: as :class:`CrossConformalRegressor`.
+      cv, n_jobs, verbose, random_state, backend, batch_size, exact, verify: as :class:`CrossConformalRegressor`.
 
     Memory: K × p fold parameters (n × p for leave-one-out) and the models' probabilities on
     chunks of test rows.
@@ -400,9 +422,10 @@ class CrossConformalClassifier(_CrossConformal):
 
     def __init__(self, estimator: DeltaGradClassifier | None = None, confidence_level: float | list[float] = 0.9,
                  conformity_score: str = "lac", cv: Any = 5, n_jobs: int | None = None, verbose: int = 0,
-                 random_state: Any = None, *, backend: Any = None, batch_size: int = 32, exact: bool = False) -> None:
+                 random_state: Any = None, *, backend: Any = None, batch_size: int = 32, exact: bool = False,
+                 verify: int | None = None) -> None:
         self._init(estimator, confidence_level, conformity_score, cv, n_jobs, verbose, random_state, backend,
-                   batch_size, exact)
+                   batch_size, exact, verify)
 
     @staticmethod
     def _default() -> DeltaGradClassifier:

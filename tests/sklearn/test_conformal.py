@@ -210,3 +210,25 @@ def test_pipeline_errors():
                                          r"\(its refits"):
         CrossConformalClassifier(TransformedTargetRegressor(DeltaGradRegressor())).fit_conformalize(
             np.ones((9, 2)), np.arange(9) % 2)
+
+
+@pytest.mark.parametrize("kind", ["regression", "classification"])
+def test_verify_states_a_bound_that_holds_for_all_fold_models(diabetes, wine, kind):
+    """verify=K retrains K of the leave-one-out models exactly; the statement is checked against all
+    of them, each retrained exactly (exact=True gives the ground truth models)."""
+    import torch
+    X, y = diabetes if kind == "regression" else wine
+    X, y = X[:120], y[:120]
+    cls, est = ((CrossConformalRegressor, DeltaGradRegressor(steps=60)) if kind == "regression"
+                else (CrossConformalClassifier, DeltaGradClassifier(steps=60)))
+    ours = cls(est, cv=-1, random_state=3, verify=59).fit_conformalize(X, y)
+    truth = cls(est, cv=-1, random_state=3, exact=True).fit_conformalize(X, y)
+    v = ours.verification_
+    assert v.sampled == 59 and v.population == 120 and v.bound is not None and v.confidence >= 0.95
+    full = ours._core.params_.double()
+    err = ((ours._thetas - truth._thetas).double().norm(dim=1) / (truth._thetas.double() - full).norm(dim=1))
+    assert torch.allclose(torch.tensor(v.errors, dtype=err.dtype), err[list(v.indices)], rtol=1e-6, atol=1e-12)
+    assert float((err <= v.bound).double().mean()) >= v.quantile
+    assert 0 < v.max_error < 0.5                                     # the replays did something
+    with pytest.raises(InputError, match="verify"):
+        cls(est, verify=0)
