@@ -112,6 +112,31 @@ def line(x, ys: dict[str, Sequence[float]], xlabel: str, ylabel: str, title: str
     return fig
 
 
+def estimate_vs_truth(estimates, errors, title: str = "Error estimate against the exact error"):
+    """The sampled requests' error estimates (x) against their errors measured by exact retraining
+    (y), log-log, with the diagonal: points below it are covered (estimate >= truth). Requests with a
+    non-finite or zero value are left out (a log scale has no place for them); the title says how many."""
+    import math
+    pairs = [(float(e), float(t)) for e, t in zip(estimates, errors)]
+    shown = [(e, t) for e, t in pairs if math.isfinite(e) and math.isfinite(t) and e > 0 and t > 0]
+    fig, ax = _plt().subplots(figsize=(4.6, 4.0))
+    if shown:
+        xs, ys = zip(*shown)
+        ax.scatter(xs, ys, s=12, color="#4c72b0")
+        lo, hi = min(min(xs), min(ys)), max(max(xs), max(ys))
+        ax.plot([lo, hi], [lo, hi], color="#c44e52", linestyle="--", label="estimate = truth")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.legend(fontsize=8)
+    covered = sum(e >= t for e, t in pairs)
+    ax.set_xlabel("error estimate")
+    ax.set_ylabel("error against exact retraining")
+    left = len(pairs) - len(shown)
+    ax.set_title(f"{title}\n{covered} of {len(pairs)} covered" + (f"; {left} not plotted" if left else ""),
+                 fontsize=10)
+    return fig
+
+
 def intervals(y_true, lower, upper, prediction, title: str, limit: int = 60):
     """Prediction intervals of the first ``limit`` test points (sorted by prediction), with the truth."""
     import torch

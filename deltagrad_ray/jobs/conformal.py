@@ -24,7 +24,7 @@ def defaults(root: str = "demo-output") -> dict:
 
 def run(cfg: dict) -> dict:
     from .. import many
-    from ..report import Report, bars, histogram, intervals
+    from ..report import Report, bars, estimate_vs_truth, histogram, intervals
     from ..results import estimate_summary, write_table
 
     cache, out_loc, fan = fanout_job(cfg, "models.parts")
@@ -47,6 +47,13 @@ def run(cfg: dict) -> dict:
             rep.figure("intervals", intervals(r.y, r.lower, r.upper, r.prediction,
                                               "Intervals, predictions and truth"),
                        "A sample of test points: interval, prediction (dot) and true value (cross).")
+        v, est = r.verification, r.replay.stats.get("error_estimate")
+        if v is not None:
+            rep.text("Sampled exact verification of the models behind the intervals: " + v.statement() + ".")
+            if est is not None:
+                rep.figure("estimate-vs-truth", estimate_vs_truth(est[list(v.indices)], v.errors),
+                           "The sampled models: each one's error estimate against its error measured by exact "
+                           "retraining (below the diagonal: the estimate covers the truth).")
         if "coverage" in out:
             rep.figure("coverage", bars(["target 1 − α", "empirical"], [1 - r.alpha, out["coverage"]],
                                         "coverage", "Coverage on the test set"),

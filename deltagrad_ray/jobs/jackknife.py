@@ -27,7 +27,7 @@ def defaults(root: str = "demo-output") -> dict:
 def run(cfg: dict) -> dict:
     from .. import many
     from ..erasure import redact, redaction_salt
-    from ..report import Report, histogram
+    from ..report import Report, estimate_vs_truth, histogram
     from ..results import estimate_summary, write_table
 
     cache, out_loc, fan = fanout_job(cfg, "loo.parts")
@@ -58,6 +58,10 @@ def run(cfg: dict) -> dict:
                                    else out["error_estimate_max"]]])
         if loo.verification is not None:
             rep.text("Sampled exact verification: " + loo.verification.statement() + ".")
+            v = loo.verification
+            rep.figure("estimate-vs-truth", estimate_vs_truth(loo.error_estimate[list(v.indices)], v.errors),
+                       "The sampled models: each one's error estimate against its error measured by exact "
+                       "retraining (below the diagonal: the estimate covers the truth).")
         order = inf.influence.argsort(descending=True)
         rep.text("Most helpful training points (removing them raises the test loss most)"
                  + (", ids as salted hashes:" if redact_ids else ":"))

@@ -98,6 +98,7 @@ def test_jackknife_pipeline_on_ray(ray_cluster, diabetes):
     v = out["verification"]
     assert v["sampled"] == 59 and v["population"] == 200 and v["max_error"] <= 0.05 and v["bound"] is not None
     assert (Path(out["report"]).parent / "influence.png").exists()
+    assert (Path(out["report"]).parent / "estimate-vs-truth.png").exists()  # the sampled models, estimate vs truth
 
 
 @pytest.mark.slow
@@ -111,7 +112,8 @@ def test_conformal_pipeline_as_a_ray_job(ray_cluster, diabetes):
     client = JobSubmissionClient(f"http://{dashboard}")
     cfg = _config(diabetes / "conformal.yaml", {
         "cache": str(cache), "test": str(diabetes / "test.parquet"), "output": str(diabetes / "conformal"),
-        "alpha": 0.1, "ray": {"address": "auto", "workers": 2, "batch_size": 32}, "report": str(diabetes / "reports")})
+        "alpha": 0.1, "ray": {"address": "auto", "workers": 2, "batch_size": 32}, "report": str(diabetes / "reports"),
+        "verify": 59})
     broken = _config(diabetes / "broken.yaml", {"cache": str(cache), "tset": "typo"})
     env = {"working_dir": str(ROOT), "excludes": [".venv", ".git", "demo-output", "*.parquet", "docs"],
            "env_vars": {"DELTAGRAD_NO_PROGRESS": "1", "OMP_WAIT_POLICY": "PASSIVE"}}
@@ -138,6 +140,9 @@ def test_conformal_pipeline_as_a_ray_job(ray_cluster, diabetes):
     assert final.get(ok) == JobStatus.SUCCEEDED, client.get_job_logs(ok)[-3000:]
     summary = json.loads(client.get_job_logs(ok).strip().splitlines()[-1])
     assert summary["coverage"] >= 0.75 and summary["models"] == 200
+    v = summary["verification"]  # 59 of the 200 models retrained exactly: a bound on 95% of them
+    assert v["sampled"] == 59 and v["population"] == 200 and v["bound"] is not None and 0 < v["max_error"] < 0.05
+    assert (Path(summary["report"]).parent / "estimate-vs-truth.png").exists()
     table, meta = read_table(diabetes / "conformal" / "conformal.parquet")
     assert table.num_rows == 60 and {"lower", "upper"} <= set(table.column_names)
     assert final.get(bad) == JobStatus.FAILED
