@@ -103,37 +103,46 @@ def _add_change_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
 
 
-# the DeltaGrad settings a user tunes, as flags named after DeltaGradConfig's fields (unset: its default)
+# the DeltaGrad settings a user tunes, as flags named after DeltaGradConfig's fields (unset: its default);
+# choices and defaults come from DeltaGradConfig itself (CHOICES, the fields' defaults), not from here
+_CHOICE = None  # a flag whose values are DeltaGradConfig.CHOICES[field]
 _DG_FLAGS = (
-    ("--period", _COUNT, "T0: an explicit step every T0 steps after the burn-in (default 10 with the secant and shared "
-     "curvatures, else 5)"),
-    ("--burn-in", _SIZE, "j0: explicit steps at the start (default 10)"),
-    ("--history", _COUNT, "m: L-BFGS pairs kept per request (default 2)"),
-    ("--schedule", ["uniform", "geometric", "adaptive"], "explicit steps: every T0 (uniform), growing gaps "
-     "(geometric), or shortened where the L-BFGS prediction measured at explicit steps is poor (adaptive)"),
-    ("--sigma", ["sy/ss", "yy/sy"], "scale of the initial L-BFGS matrix (default sy/ss, the authors' rule)"),
-    ("--curvature-guard", _real(1), "refuse approximations beyond this multiple of the measured curvature (default 2)"),
+    ("--period", _COUNT, "T0: an explicit step every T0 steps after the burn-in (unset: 10 with the secant and "
+     "shared curvatures, else 5)"),
+    ("--burn-in", _SIZE, "j0: explicit steps at the start"),
+    ("--history", _COUNT, "m: L-BFGS pairs kept per request"),
+    ("--schedule", _CHOICE, "explicit steps: every T0 (uniform), growing gaps (geometric), or shortened where the "
+     "L-BFGS prediction measured at explicit steps is poor (adaptive)"),
+    ("--sigma", _CHOICE, "scale of the initial L-BFGS matrix (sy/ss: the authors' rule)"),
+    ("--curvature-guard", _real(1), "refuse approximations beyond this multiple of the measured curvature"),
     ("--max-curvature", _POSITIVE, "a known bound on the Hessian's norm (refuse approximations beyond it)"),
-    ("--first-gap", _COUNT, "geometric schedule: first gap (default 2)"),
-    ("--growth", _real(1), "geometric schedule: growth of the gaps (default 1.4)"),
-    ("--max-gap", _COUNT, "geometric schedule: largest gap (default 40)"),
-    ("--adaptive-tol", _POSITIVE, "adaptive schedule: prediction error that halves the gap (default 0.1)"),
-    ("--curvature", ["auto", "own", "secant", "shared", "own+path"], "curvature of the approximate steps: each "
-     "request's own L-BFGS pairs (own), its own pairs of the last explicit steps as a multi-secant model "
-     "(secant), the batch's pairs as one multi-secant model (shared), own pairs plus the cached path's secant "
-     "pairs (own+path); default auto: secant for GD-trained logreg/linear, else own"),
-    ("--shared-history", _COUNT, "secant and shared curvature: explicit steps whose pairs are kept (default 4)"),
-    ("--path-pairs", _COUNT, "own+path curvature: secant pairs of the cached path added (default 4)"),
+    ("--first-gap", _COUNT, "geometric schedule: first gap"),
+    ("--growth", _real(1), "geometric schedule: growth of the gaps"),
+    ("--max-gap", _COUNT, "geometric schedule: largest gap"),
+    ("--adaptive-tol", _POSITIVE, "adaptive schedule: prediction error that halves the gap"),
+    ("--curvature", _CHOICE, "curvature of the approximate steps: each request's own L-BFGS pairs (own), its own "
+     "pairs of the last explicit steps as a multi-secant model (secant), the batch's pairs as one multi-secant "
+     "model (shared), own pairs plus the cached path's secant pairs (own+path); auto: secant for GD-trained "
+     "logreg/linear, else own"),
+    ("--shared-history", _COUNT, "secant and shared curvature: explicit steps whose pairs are kept"),
+    ("--path-pairs", _COUNT, "own+path curvature: secant pairs of the cached path added"),
 )
 
 
 def _add_deltagrad_args(p: argparse.ArgumentParser) -> None:
+    import dataclasses
+
+    from .api import DeltaGradConfig
+    defaults = {f.name: f.default for f in dataclasses.fields(DeltaGradConfig)}
     g = p.add_argument_group("DeltaGrad settings")
     for flag, kind, helptext in _DG_FLAGS:
-        if isinstance(kind, list):
-            g.add_argument(flag, choices=kind, default=None, help=helptext)
+        name = flag[2:].replace("-", "_")
+        default = defaults[name]
+        shown = helptext if default is None else f"{helptext} (default {default})"
+        if kind is _CHOICE:
+            g.add_argument(flag, choices=DeltaGradConfig.CHOICES[name], default=None, help=shown)
         else:
-            g.add_argument(flag, type=kind, default=None, help=helptext)
+            g.add_argument(flag, type=kind, default=None, help=shown)
 
 
 def _deltagrad_config(a: argparse.Namespace):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor
@@ -109,6 +110,9 @@ class DeltaGradConfig:
     shared_history: int = 4
     path_pairs: int = 4
     shared_rtol: float = 1e-6
+
+    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {"schedule": SCHEDULES, "sigma": SIGMA_RULES,
+                                                      "curvature": CURVATURES}
 
     def __post_init__(self) -> None:
         if self.period is not None:
