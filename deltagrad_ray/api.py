@@ -365,12 +365,7 @@ def unlearn(cache: Cache | str | Location, *, delete=None, add=None, config: Del
 
     Returns a :class:`ReplayResult` (``params``, ``explicit_steps``, ``fallbacks``, …).
     """
-    check_device(device)
-    c = _checked_cache(as_cache(cache))
-    out = None if out_cache is None else _new_cache_location(c, out_cache, data)
-    ds = c.data(data, device=device)
-    traj = c.trajectory(device)
-    change = change_set(c, ds, delete, add, traj.removed)
+    c, out, ds, traj, change = _opened_change(cache, delete, add, data, device, out_cache)
     cfg = config or DeltaGradConfig()
     if out is None:
         res = deltagrad(c.model, traj, ds, change, cfg)
@@ -385,6 +380,18 @@ def unlearn(cache: Cache | str | Location, *, delete=None, add=None, config: Del
         _abort(writer)
         raise
     return res
+
+
+def _opened_change(cache, delete, add, data, device: str, out_cache) -> tuple:
+    """What a replay or a retraining of one change starts from, every input checked before any
+    work: (the cache, the new cache's location or None, the data on ``device``, the trajectory,
+    the change set)."""
+    check_device(device)
+    c = _checked_cache(as_cache(cache))
+    out = None if out_cache is None else _new_cache_location(c, out_cache, data)
+    ds = c.data(data, device=device)
+    traj = c.trajectory(device)
+    return c, out, ds, traj, change_set(c, ds, delete, add, traj.removed)
 
 
 def _new_cache_location(parent: Cache, out_cache: str | Location, data: str | Location | None) -> Location:
@@ -442,12 +449,7 @@ def retrain_exact(cache: Cache | str | Location, *, delete=None, add=None, data:
     With ``out_cache``, the retrained path is recorded as a new cache there (as :func:`unlearn`
     does for DeltaGrad), e.g. to publish an exactly retrained version.
     """
-    check_device(device)
-    c = _checked_cache(as_cache(cache))
-    out = None if out_cache is None else _new_cache_location(c, out_cache, data)
-    ds = c.data(data, device=device)
-    traj = c.trajectory(device)
-    change = change_set(c, ds, delete, add, traj.removed)
+    c, out, ds, traj, change = _opened_change(cache, delete, add, data, device, out_cache)
     if out is None:
         return retrain(c.model, traj, ds, change)
     from .core.train import changed_trajectory
