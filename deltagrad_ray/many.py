@@ -25,7 +25,8 @@ from .distributed.collect import RunReport
 from .store.parts import ResultSink, discard_parts
 from .results import estimate_columns, estimate_summary
 from .stats import (DEFAULT_MEMORY_MB, Calibration, ModelTable, as_table, check_memory_mb, endpoint_shift_bound,
-                    loo_influence, predict, streamed_intervals, streamed_jackknife, streamed_sets, streamed_test_loss)
+                    loo_influence, predict, score_shift_bound, streamed_intervals, streamed_jackknife, streamed_sets,
+                    streamed_test_loss)
 from .store.cache import Cache, labels_only
 from .store.datasets import read_dataset
 from .store.inputs import as_dataset, has_labels, in_project_layout, is_location
@@ -272,6 +273,7 @@ class ConformalResult(_Fields):
     coverage: float | None = None       # when the test set has labels
     y: Tensor | None = None
     endpoint_bound: Tensor | None = None  # (m,) regression: how far an end point can be from the exact refits'
+    set_certain: Tensor | None = None     # (m,) classification: the set is certain to be the exact refits'
     verification: Any = None  # stats.verification.Verification of the models, when ``verify=K`` was asked
 
     def table(self) -> dict:
@@ -282,6 +284,8 @@ class ConformalResult(_Fields):
             cols["lower"], cols["upper"] = self.lower, self.upper
         if self.endpoint_bound is not None:
             cols["endpoint_bound"] = self.endpoint_bound
+        if self.set_certain is not None:
+            cols["set_certain"] = self.set_certain
         return cols
 
     def metadata(self) -> dict:
@@ -289,6 +293,8 @@ class ConformalResult(_Fields):
         out.update({k: getattr(self, k) for k in ("mean_width", "mean_set_size", "coverage") if k in self})
         if self.endpoint_bound is not None:
             out["endpoint_bound_max"] = float(f"{float(self.endpoint_bound.max()):.4g}")
+        if self.set_certain is not None:
+            out["sets_certain"] = float(f"{float(self.set_certain.double().mean()):.4g}")
         return out
 
     @property
@@ -580,7 +586,18 @@ def conformal(cache: Cache | str | Location, test, alpha: float = 0.1, *,
             out["coverage"] = float(((t.y >= lo) & (t.y <= hi)).double().mean())
     else:
         out["prediction"] = full_out.argmax(-1)
-        out["sets"] = sets = streamed_sets(c.model, models, cal, t.X, alpha, memory_mb=memory_mb)
+        # which sets are certain to be the exact refits' (stats.score_shift_bound): a linear softmax model
+        # with every estimate reliable and finite; an MLP's logits have no such bound
+        err, reliable = replay.stats.get("error_absolute"), replay.stats.get("error_reliable")
+        shift = None
+        if (c.spec.kind == "logreg" and err is not None and bool(reliable.all())
+                and bool(err.isfinite().all())):
+            shift = score_shift_bound(err, model_of, ds.X[rows], t.X)
+        sets = streamed_sets(c.model, models, cal, t.X, alpha, memory_mb=memory_mb, shift=shift)
+        if shift is not None:
+            sets, certain = sets
+            out["set_certain"] = certain.all(1)
+        out["sets"] = sets
         out["mean_set_size"] = float(sets.sum(1).double().mean())
         if labelled:
             out["coverage"] = float(sets[torch.arange(len(t)), t.y].double().mean())

@@ -6,6 +6,7 @@ themselves (a :class:`ModelTable`) in chunks, in bounded memory — the path the
 """
 
 from .conformal import (check_alpha as check_alpha, endpoint_shift_bound as endpoint_shift_bound,
+                          score_shift_bound as score_shift_bound,
                         jackknife_plus_intervals as jackknife_plus_intervals,
                         jackknife_plus_sets as jackknife_plus_sets)
 from .jackknife import Jackknife as Jackknife, jackknife as jackknife, loo_influence as loo_influence

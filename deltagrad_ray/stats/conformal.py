@@ -107,3 +107,25 @@ def endpoint_shift_bound(model_error: Tensor, model_of: Tensor, X_cal: Tensor, X
     e = model_error.double()
     cal = e[model_of] * (X_cal.double().pow(2).sum(1) + 1).sqrt()
     return (X_test.double().pow(2).sum(1) + 1).sqrt() * e.max() + cal.max()
+
+
+# the Lipschitz constant of a softmax probability in its logits: ∂p_y/∂z = p_y(e_y − p), whose norm is at
+# most p_y·√((1 − p_y)² + Σ_{j≠y} p_j²) ≤ √2·p_y(1 − p_y) ≤ √2/4
+SOFTMAX_LIPSCHITZ = 2 ** 0.5 / 4
+
+
+def score_shift_bound(model_error: Tensor, model_of: Tensor, X_cal: Tensor, X_test: Tensor) -> Tensor:
+    """How far each comparison behind a multinomial logistic regression's jackknife+/CV+ sets can move.
+
+    Args: as :func:`endpoint_shift_bound`.
+
+    Returns (m,): for logits z = Wx + b, ‖z(θ') − z(θ)‖ ≤ ‖(x, 1)‖·‖θ' − θ‖ (Cauchy–Schwarz per class
+    row), so every probability, and every conformity score 1 − p̂(y | x), moves by at most
+    :data:`SOFTMAX_LIPSCHITZ`·‖(x, 1)‖·e_k. Label y is in the set of x when #{i : s_i(x, y) > R_i} is
+    below a threshold; each difference s_i(x, y) − R_i moves by at most
+    Δ(x) = √2/4·(‖(x, 1)‖·max_k e_k + max_i e_k(i)·‖(x_i, 1)‖). A comparison farther than Δ(x) from 0
+    cannot flip, which :func:`~.streaming.streamed_sets` turns into memberships certain to equal the
+    exact refits'. It holds as far as the errors ``model_error`` do.
+    """
+    return SOFTMAX_LIPSCHITZ * endpoint_shift_bound(model_error, model_of, X_cal, X_test)
+

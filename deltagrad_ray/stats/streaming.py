@@ -313,7 +313,8 @@ def streamed_intervals(model: FunctionalModel, models: ModelTable | Tensor, cal:
 
 
 def streamed_sets(model: FunctionalModel, models: ModelTable | Tensor, cal: Calibration, X: Tensor, alpha: float,
-                  *, memory_mb: float = DEFAULT_MEMORY_MB, chunks: Chunks | None = None) -> Tensor:
+                  *, memory_mb: float = DEFAULT_MEMORY_MB, chunks: Chunks | None = None,
+                  shift: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
     """Conformal classification sets, jackknife+/CV+ style, streamed (the models read once).
 
     Equal to :func:`~.conformal.jackknife_plus_sets` on the dense probabilities: label y is in
@@ -327,9 +328,14 @@ def streamed_sets(model: FunctionalModel, models: ModelTable | Tensor, cal: Cali
       X: (m, d) test features.
       alpha: miscoverage level in (0, 1).
       memory_mb: working-memory budget (see :func:`plan_chunks`); ``chunks`` overrides it.
+      shift: (m,) how far any comparison s_i(x, y) − R_i of test row x can move when every model is
+        replaced by its exact refit (:func:`~.conformal.score_shift_bound`); with it, the memberships
+        certain to be the exact refits' are returned too.
 
     Returns:
-      (m, c) bool membership.
+      (m, c) bool membership; with ``shift``, ``(membership, certain)``: ``certain[j, y]`` is True
+      when the count of label y stays on the same side of the threshold for every comparison moved
+      by up to ``shift[j]`` (comparisons within it may flip either way).
     """
     alpha = check_alpha(alpha)
     if model.task != "classification":
@@ -340,6 +346,9 @@ def streamed_sets(model: FunctionalModel, models: ModelTable | Tensor, cal: Cali
     mo, starts, R = _calibration(model, models, cal, ch, X.dtype)
     m = X.shape[0]
     counts = torch.zeros(m, model.n_classes, dtype=torch.int64)
+    sure = maybe = None   # with shift: the comparisons above R_i + Δ(x), and above R_i − Δ(x)
+    if shift is not None:
+        sure, maybe = torch.zeros_like(counts), torch.zeros_like(counts)
     for s, th in models.chunks(ch.models):
         a, b = int(starts[s // ch.models]), int(starts[s // ch.models + 1])
         if a == b:
@@ -353,4 +362,13 @@ def streamed_sets(model: FunctionalModel, models: ModelTable | Tensor, cal: Cali
                 own = scores if r2 - r == len(th) and bool((local == torch.arange(len(th))).all()) \
                     else scores[local]
                 counts[j:j + ch.tests] += (own > R[r:r2, None, None]).sum(0)
-    return counts < (1 - alpha) * (n + 1)
+                if shift is not None:
+                    d = shift[j:j + ch.tests].to(own.dtype)[None, :, None]
+                    sure[j:j + ch.tests] += (own > R[r:r2, None, None] + d).sum(0)
+                    maybe[j:j + ch.tests] += (own >= R[r:r2, None, None] - d).sum(0)
+    threshold = (1 - alpha) * (n + 1)
+    sets = counts < threshold
+    if shift is None:
+        return sets
+    # the exact count lies in [sure, maybe]: the membership is certain when both ends agree
+    return sets, (sure < threshold) == (maybe < threshold)

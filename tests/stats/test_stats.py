@@ -10,7 +10,7 @@ import torch
 from deltagrad_ray import api, many
 from deltagrad_ray.core import InputError
 from deltagrad_ray.datasets import sklearn_dataset, train_test_split
-from deltagrad_ray.stats import jackknife, jackknife_plus_intervals, jackknife_plus_sets
+from deltagrad_ray.stats import jackknife, jackknife_plus_intervals, jackknife_plus_sets, predict
 from deltagrad_ray.store import write_dataset
 
 EXACT = many.Fanout(backend=many.ExactBackend())
@@ -118,6 +118,40 @@ def test_conformal_sets_agree_with_exact_loo(tmp):
     same = (dg["sets"] == ex["sets"]).all(dim=1).double().mean()
     print(f"breast_cancer jackknife+ sets: fraction identical = {float(same):.4f}")
     assert float(same) >= 0.98
+
+
+@pytest.mark.parametrize("method", ["jackknife+"])
+def test_certain_sets_are_the_exact_refits_sets(tmp, method):
+    """Every set marked certain equals the exact refits' set, and most are certain; a replay that did
+    nothing (the full model for every request, estimate 0) would mark wrong sets certain. (CV+: the
+    fold models' errors are larger and the worst-case bound certifies no set on this data: 0 of 269.)"""
+    cache, te, test_uri = _world("breast_cancer", tmp)
+    dg = many.conformal(cache, test_uri, 0.1, method=method, folds=10, fanout=many.Fanout(batch_size=64))
+    ex = many.conformal(cache, test_uri, 0.1, method=method, folds=10, fanout=EXACT)
+    certain = dg["set_certain"]
+    same = (dg["sets"] == ex["sets"]).all(dim=1)
+    print(f"breast_cancer {method}: sets certain {float(certain.double().mean()):.3f}, "
+          f"identical {float(same.double().mean()):.3f}")
+    assert bool(same[certain].all())
+    assert float(certain.double().mean()) >= 0.5
+    assert dg.metadata()["sets_certain"] == pytest.approx(float(certain.double().mean()), abs=1e-3)
+
+
+def test_the_softmax_score_bound():
+    """|p_y(θ') − p_y(θ)| ≤ √2/4·‖(x, 1)‖·‖θ' − θ‖ for a linear softmax model, on random draws."""
+    from deltagrad_ray.core import ModelSpec
+    from deltagrad_ray.stats.conformal import SOFTMAX_LIPSCHITZ
+    g = torch.Generator().manual_seed(0)
+    fm = ModelSpec("logreg", 6, 4).build()
+    worst = 0.0
+    for _ in range(200):
+        th, x = torch.randn(fm.p, generator=g, dtype=torch.float64) * 3, torch.randn(1, 6, generator=g,
+                                                                                       dtype=torch.float64) * 2
+        dth = torch.randn(fm.p, generator=g, dtype=torch.float64) * 1e-3
+        p0, p1 = predict(fm, th[None], x)[0], predict(fm, (th + dth)[None], x)[0]
+        ratio = float((p1 - p0).abs().max()) / (float((x.pow(2).sum() + 1).sqrt()) * float(dth.norm()))
+        worst = max(worst, ratio)
+    assert worst <= SOFTMAX_LIPSCHITZ and worst > 0.1 * SOFTMAX_LIPSCHITZ   # holds, and is not vacuous
 
 
 def test_jackknife_and_influence_agree_with_exact_loo(tmp):
