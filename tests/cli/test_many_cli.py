@@ -76,9 +76,11 @@ def test_conformal_sets_in_test_order(bc):
     test_ids = sklearn_dataset("breast_cancer").ids[torch.randperm(569, generator=torch.Generator().manual_seed(0))
                                                     [200:260]].tolist()
     assert table.column("id").to_pylist() == test_ids
-    assert set(table.column_names) == {"id", "prediction", "set"}
+    # set_certain: logreg with reliable error estimates states which sets are the exact refits' (README)
+    assert set(table.column_names) == {"id", "prediction", "set", "set_certain"}
     assert all(set(s) <= {0, 1} for s in table.column("set").to_pylist())
     assert meta["method"] == "jackknife+" and meta["calibration"] == 200
+    assert meta["sets_certain"] == pytest.approx(sum(table.column("set_certain").to_pylist()) / 60, abs=1e-3)
 
 
 def test_jackknife_and_influence(bc):
