@@ -2,7 +2,8 @@
 
 * :class:`DeltaGradClassifier` (logistic regression, ReLU MLP) and :class:`DeltaGradRegressor`
   (least squares, ReLU MLP): scikit-learn estimators whose training is recorded, with
-  ``forget(indices)``, ``forget_many(index_sets)`` and ``loo_predict(X)``.
+  ``forget(indices)``, ``forget_many(index_sets)`` (with ``verify=K``: a statement on all of them
+  from K retrained exactly) and ``loo_predict(X)``.
 * :class:`CrossConformalRegressor` and :class:`CrossConformalClassifier`: MAPIE 1.x's classes of the
   same names (constructor, ``fit_conformalize``, ``predict_interval`` / ``predict_set``, ``predict``),
   whose leave-one-out or K-fold refits are DeltaGrad replays, batched.
@@ -18,8 +19,9 @@ Example:
 
 from ._conformal import (CrossConformalClassifier as CrossConformalClassifier,
                          CrossConformalRegressor as CrossConformalRegressor)
-from ._estimators import DeltaGradClassifier as DeltaGradClassifier, DeltaGradRegressor as DeltaGradRegressor
+from ._estimators import (DeltaGradClassifier as DeltaGradClassifier, DeltaGradRegressor as DeltaGradRegressor,
+                          Forgotten as Forgotten)
 from ._plot import plot_intervals as plot_intervals
 
 __all__ = ["CrossConformalClassifier", "CrossConformalRegressor", "DeltaGradClassifier", "DeltaGradRegressor",
-           "plot_intervals"]
+           "Forgotten", "plot_intervals"]

@@ -83,6 +83,27 @@ def test_forget_many_equals_single_requests(diabetes):
         many[0].forget([1])
 
 
+def test_forget_many_verify_states_a_bound_that_holds_for_all_copies(breast_cancer):
+    """verify=K retrains K of the sets exactly; the statement is checked against every set retrained
+    exactly (exact=True)."""
+    X, y = breast_cancer
+    full = DeltaGradClassifier(steps=80, lr=0.5).fit(X[:150], y[:150])
+    sets = [[i] for i in range(120)]
+    ours = full.forget_many(sets, verify=59, random_state=2)
+    truth = full.forget_many(sets, exact=True)
+    assert isinstance(ours, list) and len(ours) == 120 and truth.verification is None
+    v = ours.verification
+    assert v.sampled == 59 and v.population == 120 and v.bound is not None and v.confidence >= 0.95
+    P = torch.stack([m.params_ for m in ours]).double()
+    E = torch.stack([m.params_ for m in truth]).double()
+    err = (P - E).norm(dim=1) / (E - full.params_.double()).norm(dim=1)
+    assert torch.allclose(torch.tensor(v.errors, dtype=err.dtype), err[list(v.indices)], rtol=1e-6, atol=1e-12)
+    assert float((err <= v.bound).double().mean()) >= v.quantile
+    assert 0 < v.max_error < 0.5                                # the replays are not the exact refits, yet close
+    with pytest.raises(InputError, match="verify"):
+        full.forget_many(sets, verify=0)
+
+
 def test_loo_predict_bounded_chunks(wine):
     X, y = wine
     clf = DeltaGradClassifier(steps=60, lr=0.5).fit(X, np.array(["a", "b", "c"])[y])
