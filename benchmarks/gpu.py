@@ -72,7 +72,8 @@ def _label(line: dict) -> str:
     return "/".join(str(line[k]) for k in keys if k in line)
 
 
-def _error(e: BaseException) -> str:
+def error_text(e: BaseException) -> str:
+    """An exception as one short line for a JSON report."""
     return f"{type(e).__name__}: {e}"[:400]
 
 
@@ -95,7 +96,8 @@ def _small(x: float) -> float:
 
 
 @contextmanager
-def _tf32(on: bool):
+def tf32_matmuls(on: bool):
+    """CUDA float32 matmuls in TF32 (``on``) or in float32, restored afterwards."""
     old = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = on
     try:
@@ -137,7 +139,7 @@ def matmul_peak(device: str, precision: str, size: int, repeats: int = 5) -> flo
     g = torch.Generator(device=device).manual_seed(0)
     A = torch.randn(size, size, dtype=dtype, device=device, generator=g)
     B = torch.randn(size, size, dtype=dtype, device=device, generator=g)
-    with _tf32(precision == "tf32"):
+    with tf32_matmuls(precision == "tf32"):
         s = _best(lambda: torch.mm(A, B), device, repeats)
     return 2 * size ** 3 / s / 1e9
 
@@ -149,7 +151,7 @@ def _time_step(model, base: Dataset, W: torch.Tensor, w_t: torch.Tensor, device:
     rows = LocalRows(model, base.to(dtype=dtype, device=device), len(base), gemm_dtype=gemm)
     Wd, wd = W.to(dtype=dtype, device=device), w_t.to(dtype=dtype, device=device)
     extra = torch.zeros(0, dtype=torch.int64, device=device)
-    with _tf32(tf32):
+    with tf32_matmuls(tf32):
         G = rows.grad_many(Wd, None, None, extra, wd)
         seconds = _best(lambda: rows.grad_many(Wd, None, None, extra, wd), device, repeats) if repeats else math.nan
     if device == "cuda":
@@ -192,12 +194,13 @@ def run_throughput(device: str, report: Report, rows: int, batch_sizes, precisio
                 if not ok:
                     line["failures"] = [f"gradient off the float64 one by {err:.3g} > {KERNEL_BOUND[precision]:g}"]
             except Exception as e:  # noqa: BLE001
-                line.update({"ok": False, "error": _error(e)})
+                line.update({"ok": False, "error": error_text(e)})
             report.emit(line)
 
 
 # -- the command ----------------------------------------------------------------------------------------
-def _list(allowed):
+def comma_list(allowed):
+    """An argparse type: a comma-separated list of the ``allowed`` names."""
     def parse(text: str) -> list[str]:
         items = [s.strip() for s in text.split(",") if s.strip()]
         bad = [s for s in items if s not in allowed]
@@ -224,7 +227,7 @@ def parser() -> argparse.ArgumentParser:
                     help="cuda (default; choose the GPU with CUDA_VISIBLE_DEVICES) or cpu")
     ap.add_argument("--rows", type=int, default=60_000, help="rows of the problem (784 features, 10 classes)")
     ap.add_argument("--batch-sizes", type=_ints, default=[32, 128], help="B, the requests per step")
-    ap.add_argument("--precisions", type=_list(tuple(PRECISIONS)), default=list(PRECISIONS),
+    ap.add_argument("--precisions", type=comma_list(tuple(PRECISIONS)), default=list(PRECISIONS),
                     help="default all (tf32 ones on cuda only)")
     ap.add_argument("--peak-size", type=int, default=None, help="matmul size of the peak (default 8192 on cuda, 2048)")
     ap.add_argument("--repeats", type=int, default=5, help="timings are the best of this many")

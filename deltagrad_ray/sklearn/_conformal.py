@@ -48,10 +48,9 @@ from torch import Tensor
 
 from ..core import ChangeSet, InputError
 from ..stats import jackknife_plus_intervals
-from ..stats.verification import Verification, check_settings, draw, verification
-from ._estimators import DeltaGradClassifier, DeltaGradRegressor, _DeltaGradBase
+from ..stats.verification import Verification, check_settings
+from ._estimators import VERIFY_CONFIDENCE, VERIFY_QUANTILE, DeltaGradClassifier, DeltaGradRegressor, _DeltaGradBase
 
-QUANTILE = CONFIDENCE = 0.95  # verify=K: a bound on 95% of the fold models at 95% confidence
 EPSILON = 1e-8  # MAPIE's tolerance in set membership (mapie._machine_precision.EPSILON)
 _TEST_CHUNK_VALUES = 1 << 22  # models × test rows evaluated at once (~32 MB of float64)
 
@@ -133,7 +132,7 @@ class _CrossConformal:
         self.exact = exact
         self.verify = verify
         if verify is not None:
-            check_settings(verify, QUANTILE, CONFIDENCE)
+            check_settings(verify, VERIFY_QUANTILE, VERIFY_CONFIDENCE)
         self._alphas = _alphas(confidence_level)
         if isinstance(cv, str):
             _check_cv(cv, 0)  # raises: MAPIE refuses strings here too ("split", "prefit")
@@ -196,14 +195,10 @@ class _CrossConformal:
 
     def _verification(self, est: _DeltaGradBase, folds: list[np.ndarray], thetas: Tensor) -> Verification:
         """``verify`` of the fold models drawn at random (seeded by ``random_state`` when it is an
-        integer) and retrained exactly: the order-statistic statement about all of them
-        (:mod:`deltagrad_ray.stats.verification`)."""
+        integer) and retrained exactly (:meth:`_DeltaGradBase._verified`)."""
         seed = self.random_state if isinstance(self.random_state, numbers.Integral) else 0
-        idx = draw(len(folds), min(int(self.verify), len(folds)), int(seed))
-        exact = est._replay_many([ChangeSet(torch.from_numpy(folds[i])) for i in idx.tolist()], exact=True,
-                                 backend=self.backend, batch_size=self.batch_size)
-        return verification(thetas[idx].to(exact.dtype), exact, est.params_.to(exact.dtype), idx, len(folds),
-                            quantile=QUANTILE, confidence=CONFIDENCE)
+        return est._verified([ChangeSet(torch.from_numpy(f)) for f in folds], thetas, self.verify, int(seed),
+                             self.backend, self.batch_size)
 
     def _rows(self, X: Any) -> Tensor:
         """Test rows through the fitted preprocessing, standardised as the final step's training rows."""

@@ -48,6 +48,7 @@ from ..store.inputs import check_finite, is_table, read_rows
 if TYPE_CHECKING:
     from ..store.cache import Cache
 
+VERIFY_QUANTILE = VERIFY_CONFIDENCE = 0.95  # verify=K: a bound on 95% of the models at 95% confidence
 AUTO_MAX_STEPS = 1000   # steps="auto": gradient descent stops at tol or after this many steps
 AUTO_SGD_EPOCHS = 10    # steps="auto" with optimizer="sgd": this many passes over the rows
 MLP_LR_FACTOR = 0.5     # lr="auto" for the MLP: this over |λ|max of the Hessian at θ_0
@@ -669,18 +670,25 @@ class _DeltaGradBase(BaseEstimator):
           its ``verification`` holds the statement; None otherwise).
         """
         if verify is not None:
-            check_settings(verify, 0.95, 0.95)  # before any replay
+            check_settings(verify, VERIFY_QUANTILE, VERIFY_CONFIDENCE)  # before any replay
         changes = self._change_sets(index_sets)
         params = self._replay_many(changes, exact=exact, backend=backend, batch_size=batch_size)
         out = Forgotten(self._copy_with(params[b], forget_report_={"method": "exact" if exact else "deltagrad"})
                         for b in range(params.shape[0]))
         if verify is not None:
-            idx = draw(len(changes), min(int(verify), len(changes)), int(random_state))
-            truth = self._replay_many([changes[i] for i in idx.tolist()], exact=True, backend=backend,
-                                      batch_size=batch_size)
-            out.verification = verification(params[idx].to(truth.dtype), truth, self.params_.to(truth.dtype), idx,
-                                             len(changes), quantile=0.95, confidence=0.95)
+            out.verification = self._verified(changes, params, verify, random_state, backend, batch_size)
         return out
+
+    def _verified(self, changes: list[ChangeSet], params: Tensor, k: int, seed: int, backend: Any,
+                  batch_size: int) -> Verification:
+        """K of the replayed ``changes`` (their models ``params``) drawn at random with ``seed`` and
+        retrained exactly: the order-statistic statement about all of them, a bound on
+        :data:`VERIFY_QUANTILE` of them at :data:`VERIFY_CONFIDENCE` (:mod:`deltagrad_ray.stats.verification`)."""
+        idx = draw(len(changes), min(int(k), len(changes)), int(seed))
+        truth = self._replay_many([changes[i] for i in idx.tolist()], exact=True, backend=backend,
+                                  batch_size=batch_size)
+        return verification(params[idx].to(truth.dtype), truth, self.params_.to(truth.dtype), idx, len(changes),
+                            quantile=VERIFY_QUANTILE, confidence=VERIFY_CONFIDENCE)
 
     def _change_sets(self, index_sets: Sequence[Any]) -> list[ChangeSet]:
         if isinstance(index_sets, (str, bytes)) or not hasattr(index_sets, "__len__") or len(index_sets) == 0:

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import pathlib
 import signal
@@ -45,6 +44,7 @@ import torch
 from deltagrad_ray.core import (ChangeSet, Dataset, InMemory, ModelSpec, Trajectory, deltagrad, deltagrad_batched,
                                 learning_rates, make_change_set, relative_error, retrain, synthetic_classification,
                                 train)
+from benchmarks.gpu import comma_list, error_text, rel, tf32_matmuls
 from tests.processes import python
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -75,26 +75,6 @@ RAY_TOLERANCE = 1e-8
 ERROR_BOUND = {("logreg", "gd"): 0.05, ("logreg", "sgd"): 0.05, ("mlp", "gd"): 0.15, ("mlp", "sgd"): 0.3}
 CORE_CASES = [(kind, optimizer, dtype) for dtype in (torch.float64, torch.float32) for kind in ("logreg", "mlp")
               for optimizer in ("gd", "sgd")]
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Largest ‖a_i − b_i‖/‖b_i‖ over rows (a vector is one row), in float64 on the CPU; inf for NaN."""
-    a, b = a.detach().cpu().double().reshape(-1, a.shape[-1]), b.detach().cpu().double().reshape(-1, b.shape[-1])
-    if a.shape != b.shape:
-        return math.inf
-    r = ((a - b).norm(dim=1) / b.norm(dim=1).clamp_min(1e-300)).max()
-    return float(r) if bool(torch.isfinite(r)) else math.inf
-
-
-@contextmanager
-def no_tf32():
-    """float32 matmuls in float32 on CUDA (TF32 would round their operands to 10 mantissa bits)."""
-    old = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = old
 
 
 # -- 1. the core on the device against the CPU -----------------------------------------------------
@@ -159,7 +139,7 @@ def compare_core(device: str, kind: str, optimizer: str, dtype: torch.dtype) -> 
     device against CPU), ``error_ratio_max`` (every replay on the device against exact retraining on
     the device, as a share of the change's effect) and ``smallest_change_effect``."""
     t0 = time.perf_counter()
-    with no_tf32():
+    with tf32_matmuls(False):  # float32 matmuls in float32 (TF32 would round operands to 10 bits)
         model, data, extra, settings = _problem(kind, optimizer, dtype)
         changes = _changes(data, extra)
         data_dev = data.to(device=device)
@@ -329,10 +309,6 @@ def ray_failures(line: dict, device: str) -> list[str]:
     return failures
 
 
-def _error(e: BaseException) -> str:
-    return f"{type(e).__name__}: {e}"[:400]
-
-
 def run_driver(device: str, optimizers, modes, address: str | None) -> None:
     """The child driver: connect to ``address``, print one JSON line per optimizer and mode (a line
     with ``"error"`` for a mode that raised). This process must not touch CUDA."""
@@ -344,14 +320,14 @@ def run_driver(device: str, optimizers, modes, address: str | None) -> None:
                 reference = ray_reference(pathlib.Path(tmp), optimizer)
             except Exception as e:  # noqa: BLE001 - reported; the test fails on it
                 _emit({"check": "ray", "device": device, "optimizer": optimizer,
-                       "error": f"setting up the reference: {_error(e)}"})
+                       "error": f"setting up the reference: {error_text(e)}"})
                 continue
             for mode in modes:
                 try:
                     _emit(compare_ray_mode(device, mode, reference))
                 except Exception as e:  # noqa: BLE001 - reported, the other modes still run
                     _emit({"check": "ray", "device": device, "optimizer": optimizer, "mode": mode,
-                           "error": _error(e)})
+                           "error": error_text(e)})
 
 
 def _emit(line: dict) -> None:
@@ -439,15 +415,6 @@ def child_driver(address: str, device: str, optimizers, modes, timeout_s: float 
 
 
 # -- the helper processes ----------------------------------------------------------------------------
-def _list(allowed):
-    def parse(text: str) -> list[str]:
-        items = [s.strip() for s in text.split(",") if s.strip()]
-        if not items or any(s not in allowed for s in items):
-            raise argparse.ArgumentTypeError(f"expected a comma-separated list of {', '.join(allowed)}, got {text!r}")
-        return items
-    return parse
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m tests.gpu.checks", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -457,8 +424,8 @@ def main(argv: list[str] | None = None) -> int:
     d = sub.add_parser("driver", help="the Ray check's driver: one JSON line per optimizer and mode")
     d.add_argument("--device", choices=("cuda", "cpu"), required=True)
     d.add_argument("--address", required=True)
-    d.add_argument("--optimizers", type=_list(("gd", "sgd")), default=["gd", "sgd"])
-    d.add_argument("--modes", type=_list(tuple(RAY_MODES)), default=list(RAY_MODES))
+    d.add_argument("--optimizers", type=comma_list(("gd", "sgd")), default=["gd", "sgd"])
+    d.add_argument("--modes", type=comma_list(tuple(RAY_MODES)), default=list(RAY_MODES))
     args = ap.parse_args(argv)
     if args.command == "host":
         host(args.gpus)
