@@ -572,27 +572,27 @@ def conformal(cache: Cache | str | Location, test, alpha: float = 0.1, *,
         out["verification"] = _verify_replays(c, ds, replay, models, lambda idx: [changes[i] for i in idx.tolist()],
                                               verify, quantile=quantile, confidence=confidence, seed=seed)
     # (the fields of ConformalResult, filled by task)
+    # the models' error estimates, when every one rests on the convex basis and is finite: what the
+    # statements about the intervals and sets below rest on (none otherwise)
+    err, reliable = replay.stats.get("error_absolute"), replay.stats.get("error_reliable")
+    certified = err if err is not None and bool(reliable.all()) and bool(err.isfinite().all()) else None
     if c.spec.task == "regression":
         out["prediction"] = full_out
         out["lower"], out["upper"] = lo, hi = streamed_intervals(c.model, models, cal, t.X, alpha,
                                                                  memory_mb=memory_mb)
         out["mean_width"] = float((hi - lo).mean())
-        # how far each end point can be from the exact refits' (stats.endpoint_shift_bound), from the
-        # models' error estimates; stated only where every estimate rests on the convex basis
-        err, reliable = replay.stats.get("error_absolute"), replay.stats.get("error_reliable")
-        if err is not None and bool(reliable.all()) and bool(err.isfinite().all()):
-            out["endpoint_bound"] = endpoint_shift_bound(err, model_of, ds.X[rows], t.X)
+        # how far each end point can be from the exact refits' (stats.endpoint_shift_bound)
+        if certified is not None:
+            out["endpoint_bound"] = endpoint_shift_bound(certified, model_of, ds.X[rows], t.X)
         if labelled:
             out["coverage"] = float(((t.y >= lo) & (t.y <= hi)).double().mean())
     else:
         out["prediction"] = full_out.argmax(-1)
         # which sets are certain to be the exact refits' (stats.score_shift_bound): a linear softmax model
-        # with every estimate reliable and finite; an MLP's logits have no such bound
-        err, reliable = replay.stats.get("error_absolute"), replay.stats.get("error_reliable")
+        # only; an MLP's logits have no such bound
         shift = None
-        if (c.spec.kind == "logreg" and err is not None and bool(reliable.all())
-                and bool(err.isfinite().all())):
-            shift = score_shift_bound(err, model_of, ds.X[rows], t.X)
+        if certified is not None and c.spec.kind == "logreg":
+            shift = score_shift_bound(certified, model_of, ds.X[rows], t.X)
         sets = streamed_sets(c.model, models, cal, t.X, alpha, memory_mb=memory_mb, shift=shift)
         if shift is not None:
             sets, certain = sets
