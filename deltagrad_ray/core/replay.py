@@ -353,13 +353,27 @@ class _Entries:
         self._plain = (plain, self.base[plain]) if bool(plain.any()) else None
         self._by_id = (self.hashed, self.ids[self.hashed]) if bool(self.hashed.any()) else None
         self._epoch = -1
+        self._plain_chunk: tuple[int, Tensor] | None = None
+        self._last_epoch = plan.locate(max(0, replay.traj.steps - 1))[0]
         self._none = self._table(torch.zeros(0, dtype=torch.int64, device=dev))
         self._gd = self._table(torch.arange(len(self.owner), device=dev)) if plan.full_batch else None
+
+    EPOCH_CELLS = 1 << 20  # (epochs × plain rows) computed at once: the batches of up to this many
+
+    def _plain_batches(self, epoch: int) -> Tensor:
+        """The plan's batch of each plain entry in ``epoch``, computed for a run of epochs at once
+        (one vectorised pass of the permutation instead of one per epoch)."""
+        chunk = self._plain_chunk
+        if chunk is None or not chunk[0] <= epoch < chunk[0] + len(chunk[1]):
+            n_ep = max(1, min(64, self.EPOCH_CELLS // max(1, len(self._plain[1])), self._last_epoch + 1 - epoch))
+            chunk = self._plain_chunk = (epoch, self.plan.batches_of_base_rows(self._plain[1],
+                                                                               range(epoch, epoch + n_ep)))
+        return chunk[1][epoch - chunk[0]]
 
     def _load_epoch(self, epoch: int) -> None:
         k = torch.empty(len(self.owner), dtype=torch.int64, device=self.dev)
         if self._plain is not None:
-            k[self._plain[0]] = self.plan.batch_of_base_rows(self._plain[1], epoch).to(self.dev)
+            k[self._plain[0]] = self._plain_batches(epoch).to(self.dev)
         if self._by_id is not None:
             k[self._by_id[0]] = self.plan.batch_of_added_ids(self._by_id[1], epoch).to(self.dev)
         self._by_k = {key: self._table(entries) for key, entries in _group(k, torch.arange(len(k),

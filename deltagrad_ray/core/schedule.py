@@ -8,6 +8,7 @@ which rows belong to step t, so they can never disagree (docs/pitfalls.md, rule 
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -56,22 +57,25 @@ class FeistelPermutation:
         ks = splitmix64(np.arange(self.ROUNDS, dtype=np.uint64) ^ key)
         self.keys = [np.uint64(k) for k in ks]
 
-    def _rounds(self, x: np.ndarray, inverse: bool) -> np.ndarray:
+    def _rounds(self, x: np.ndarray, inverse: bool, keys: list | None = None) -> np.ndarray:
         h, m = np.uint64(self.half), self.mask
         L, R = x >> h, x & m
+        keys = self.keys if keys is None else keys
         if not inverse:
-            for k in self.keys:
+            for k in keys:
                 L, R = R, L ^ (splitmix64(R ^ k) & m)
         else:
-            for k in reversed(self.keys):
+            for k in reversed(keys):
                 L, R = R ^ (splitmix64(L ^ k) & m), L
         return (L << h) | R
 
-    def _walk(self, x: np.ndarray, inverse: bool) -> np.ndarray:
-        x = self._rounds(x.astype(np.uint64), inverse)
+    def _walk(self, x: np.ndarray, inverse: bool, keys: list | None = None) -> np.ndarray:
+        """The rounds, repeated on the values outside [0, n); ``keys``: per-value round keys
+        (arrays shaped like ``x``) instead of this permutation's."""
+        x = self._rounds(x.astype(np.uint64), inverse, keys)
         out = x >= np.uint64(self.n)
         while out.any():
-            x[out] = self._rounds(x[out], inverse)
+            x[out] = self._rounds(x[out], inverse, None if keys is None else [k[out] for k in keys])
             out = x >= np.uint64(self.n)
         return x
 
@@ -82,6 +86,13 @@ class FeistelPermutation:
     def rows_at(self, positions: np.ndarray) -> np.ndarray:
         """The rows at the given positions of the permuted order."""
         return self._walk(positions, True).astype(np.int64)
+
+
+@functools.lru_cache(maxsize=256)
+def _permutation(n: int, seed: int, epoch: int) -> FeistelPermutation:
+    """The permutation of an epoch, built once (a replay asks for the same epoch's rows and
+    positions at several steps)."""
+    return FeistelPermutation(n, _key(seed, epoch))
 
 
 @dataclass(frozen=True)
@@ -122,7 +133,7 @@ class BatchPlan:
         return divmod(step, self.batches_per_epoch)
 
     def _perm(self, epoch: int) -> FeistelPermutation:
-        return FeistelPermutation(self.n_base, _key(self.seed, epoch))
+        return _permutation(self.n_base, self.seed, epoch)
 
     def permutation(self, epoch: int) -> Tensor:
         """The whole order of the base rows in an epoch, (n_base,) int64."""
@@ -144,6 +155,21 @@ class BatchPlan:
         if self.batch_size is None or len(rows) == 0:
             return torch.zeros(len(rows), dtype=torch.int64)
         pos = self._perm(epoch).position(rows.cpu().numpy().astype(np.uint64))
+        return torch.from_numpy(pos // self.batch_size)
+
+    def batches_of_base_rows(self, rows: Tensor, epochs: range) -> Tensor:
+        """Batch index of each base row in each of ``epochs``: (len(epochs), len(rows)), the same
+        values as :meth:`batch_of_base_rows` per epoch, in one vectorised pass (a replay asks for
+        its changed rows' batches of many epochs at once instead of one epoch at a time)."""
+        E = len(epochs)
+        if self.batch_size is None or len(rows) == 0 or E == 0:
+            return torch.zeros(E, len(rows), dtype=torch.int64)
+        perms = [self._perm(e) for e in epochs]
+        shape = (E, len(rows))
+        keys = [np.broadcast_to(np.array([p.keys[i] for p in perms], dtype=np.uint64)[:, None], shape).copy()
+                for i in range(FeistelPermutation.ROUNDS)]
+        x = np.broadcast_to(rows.cpu().numpy().astype(np.uint64)[None, :], shape).copy()
+        pos = perms[0]._walk(x, False, keys).astype(np.int64)
         return torch.from_numpy(pos // self.batch_size)
 
     def batch_of_added_ids(self, ids: Tensor, epoch: int) -> Tensor:

@@ -22,6 +22,8 @@ the gradient time.
 from __future__ import annotations
 
 import math
+import threading
+import weakref
 from typing import Protocol
 
 import torch
@@ -41,18 +43,61 @@ class Recorder(Protocol):
     def finish(self, lrs: Tensor) -> SegmentSource: ...
 
 
+POOL_BYTES = 1 << 30  # the largest gather buffer kept for the next gatherer (CPU only; CUDA has its own cache)
+_pool_lock = threading.Lock()
+_pool: dict[tuple, Tensor] = {}  # (dtype, width) -> one free buffer
+
+
+def _take_buffer(rows: int, width: int, dtype: torch.dtype) -> Tensor:
+    """A free pooled buffer with at least ``rows`` rows, or a new one."""
+    with _pool_lock:
+        buf = _pool.pop((dtype, width), None)
+    if buf is not None and buf.shape[0] >= rows:
+        return buf
+    return torch.empty(rows, width, dtype=dtype)
+
+
+def _return_buffer(held: list[Tensor]) -> None:
+    """Keep a collected gatherer's buffer for the next one (the larger of it and the one kept),
+    within POOL_BYTES."""
+    if not held:
+        return
+    buf = held[0]
+    if buf.numel() * buf.element_size() > POOL_BYTES:
+        return
+    key = (buf.dtype, buf.shape[1])
+    with _pool_lock:
+        kept = _pool.get(key)
+        if kept is None or kept.shape[0] < buf.shape[0]:
+            _pool[key] = buf
+
+
 class RowGather:
     """Gathers rows into one reused buffer: a fresh 100 MB tensor per step costs page faults
-    that take 5× longer than the copy itself (measured: 42 ms vs 7.5 ms for 16k × 784 float64)."""
+    that take 5× longer than the copy itself (measured: 42 ms vs 7.5 ms for 16k × 784 float64).
+
+    On the CPU the buffer also outlives its gatherer: when a gatherer is collected its buffer
+    goes back to a process-wide pool (one per dtype and width, at most :data:`POOL_BYTES`), and
+    the next gatherer — the next replay or retraining in this process — starts without the
+    first-touch page faults (measured: 29–33 ms for a fresh 16,384 × 784 float64 buffer, 9–10 ms
+    reused). A buffer belongs to one live gatherer at a time, so two gatherers never share one.
+    """
 
     def __init__(self, X: Tensor) -> None:
         self.X = X
         self.buf: Tensor | None = None
+        self._held: list[Tensor] = []  # the pooled buffer, handed back when this gatherer is collected
+        if X.device.type == "cpu":
+            weakref.finalize(self, _return_buffer, self._held)
 
     def __call__(self, rows: Tensor) -> Tensor:
         m = int(rows.shape[0])
         if self.buf is None or self.buf.shape[0] < m:
-            self.buf = torch.empty(m, self.X.shape[1], dtype=self.X.dtype, device=self.X.device)
+            if self.X.device.type == "cpu":
+                self.buf = _take_buffer(m, self.X.shape[1], self.X.dtype)
+                self._held[:] = [self.buf]
+            else:
+                self.buf = torch.empty(m, self.X.shape[1], dtype=self.X.dtype, device=self.X.device)
         out = self.buf[:m]
         torch.index_select(self.X, 0, rows, out=out)
         return out

@@ -213,3 +213,27 @@ def test_prediction_error_flags_a_poor_curvature_model_and_the_adaptive_schedule
     assert relative_error(uniform.params, exact, traj.final) > 0.1 and uniform.prediction_error_mean > 0.3
     assert relative_error(adaptive.params, exact, traj.final) <= CONVEX_BOUND
     assert adaptive.explicit_steps < 2 * uniform.explicit_steps  # not just "everything explicit"
+
+
+def test_gather_buffers_pass_between_gatherers_but_are_never_shared():
+    """The gather buffer outlives its gatherer (the next replay or retraining in the process skips
+    the first-touch page faults), yet two live gatherers never write into one buffer."""
+    import gc
+
+    from deltagrad_ray.core import train
+    RowGather = train.RowGather
+    train._pool.pop((torch.float64, 7), None)  # no buffer left by an earlier test
+    X = torch.randn(50, 7, dtype=torch.float64)
+    rows_a, rows_b = torch.tensor([3, 1, 4, 1, 5]), torch.tensor([9, 2, 6, 5, 3])
+    a, b = RowGather(X), RowGather(X)
+    out_a, out_b = a(rows_a), b(rows_b)
+    assert out_a.data_ptr() != out_b.data_ptr()
+    assert torch.equal(out_a, X[rows_a]) and torch.equal(out_b, X[rows_b])
+    ptr = out_a.data_ptr()
+    del a, out_a
+    gc.collect()
+    c = RowGather(X)
+    out_c = c(rows_b[:3])  # takes the collected gatherer's buffer (it is large enough)
+    assert out_c.data_ptr() == ptr and torch.equal(out_c, X[rows_b[:3]])
+    assert torch.equal(b(rows_a), X[rows_a])  # b's buffer is b's alone
+    assert torch.equal(out_c, X[rows_b[:3]])

@@ -97,3 +97,20 @@ def test_geometric_schedule_spacing_grows_to_its_cap():
     gaps = (where[1:] - where[:-1])[5:]
     assert mask[:5].all()
     assert (gaps[1:] >= gaps[:-1]).all() and int(gaps.max()) == 40
+
+
+@pytest.mark.parametrize("n, batch", [(1000, 64), (60_000, 16_384), (37, 5)])
+def test_many_epochs_at_once_are_each_epochs_batches(n, batch):
+    """A replay asks for its changed rows' batches of a run of epochs in one vectorised pass: the
+    same batches, row by row, as asking one epoch at a time (the cycle walking included)."""
+    plan = BatchPlan(n, batch, seed=7)
+    rows = torch.randperm(n, generator=torch.Generator().manual_seed(1))[: min(n, 300)]
+    many = plan.batches_of_base_rows(rows, range(3, 20))
+    assert many.shape == (17, len(rows))
+    for i, epoch in enumerate(range(3, 20)):
+        assert torch.equal(many[i], plan.batch_of_base_rows(rows, epoch))
+        k = many[i]
+        for j in torch.unique(k).tolist():  # and each row really sits in the batch it is given
+            assert set(rows[k == j].tolist()) <= set(plan.batch_rows(epoch, j).tolist())
+    assert plan.batches_of_base_rows(rows, range(0)).shape == (0, len(rows))
+    assert torch.equal(BatchPlan(n, None).batches_of_base_rows(rows, range(2)), torch.zeros(2, len(rows), dtype=torch.int64))
