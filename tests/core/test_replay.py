@@ -220,9 +220,10 @@ def test_gather_buffers_pass_between_gatherers_but_are_never_shared():
     the first-touch page faults), yet two live gatherers never write into one buffer."""
     import gc
 
-    from deltagrad_ray.core import train
-    RowGather = train.RowGather
-    train._pool.pop((torch.float64, 7), None)  # no buffer left by an earlier test
+    import sys
+
+    from deltagrad_ray.core.train import RowGather
+    sys.modules[RowGather.__module__]._pool.pop((torch.float64, 7), None)  # no buffer left by an earlier test
     X = torch.randn(50, 7, dtype=torch.float64)
     rows_a, rows_b = torch.tensor([3, 1, 4, 1, 5]), torch.tensor([9, 2, 6, 5, 3])
     a, b = RowGather(X), RowGather(X)

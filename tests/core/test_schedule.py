@@ -113,4 +113,5 @@ def test_many_epochs_at_once_are_each_epochs_batches(n, batch):
         for j in torch.unique(k).tolist():  # and each row really sits in the batch it is given
             assert set(rows[k == j].tolist()) <= set(plan.batch_rows(epoch, j).tolist())
     assert plan.batches_of_base_rows(rows, range(0)).shape == (0, len(rows))
-    assert torch.equal(BatchPlan(n, None).batches_of_base_rows(rows, range(2)), torch.zeros(2, len(rows), dtype=torch.int64))
+    gd = BatchPlan(n, None).batches_of_base_rows(rows, range(2))
+    assert torch.equal(gd, torch.zeros(2, len(rows), dtype=torch.int64))
