@@ -17,7 +17,8 @@ import torch
 from ..core.data import Dataset
 from ..core.errors import InputError
 from ..core.models import FunctionalModel
-from .cache_format import (TORCH_DTYPES, DEFAULT_SHARD_BYTES, MANIFEST, ParquetSource, dtype_name, row_group_steps_for,
+from .cache_format import (TORCH_DTYPES, DEFAULT_SHARD_BYTES, MANIFEST, ParquetSource, dtype_name, overlap_shard_steps,
+                           row_group_steps_for,
                            sha256, shard_bytes, shard_steps_for, storage_dtype)
 from .datasets import dataset_table, row_digests, table_bytes
 from .location import Location, StorageError
@@ -89,6 +90,8 @@ class CacheWriter:
         self.steps = len(self.lrs)
         itemsize = torch.empty(0, dtype=self.storage).element_size()
         steps = shard_steps or shard_steps_for(self.p, itemsize, shard_bytes or DEFAULT_SHARD_BYTES)
+        if shard_steps is None and shard_bytes is None:  # the default: shards written while the run goes on
+            steps = overlap_shard_steps(self.steps, steps)
         self.shard_steps = max(1, min(steps, self.steps))
         self.row_group_steps = min(row_group_steps or row_group_steps_for(self.p, itemsize), self.shard_steps)
         self.run_id = uuid.uuid4().hex[:12]
