@@ -88,7 +88,7 @@ class RowGather:
         self.buf: Tensor | None = None
         self._held: list[Tensor] = []  # the pooled buffer, handed back when this gatherer is collected
         if X.device.type == "cpu":
-            weakref.finalize(self, _return_buffer, self._held)
+            weakref.finalize(self, _return_buffer, self._held).atexit = False  # nothing to keep at exit
 
     def __call__(self, rows: Tensor) -> Tensor:
         m = int(rows.shape[0])

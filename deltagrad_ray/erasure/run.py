@@ -257,11 +257,44 @@ def _replay(m: _Model, plan: Plan, parent: Cache) -> tuple[Location, dict]:
     from .. import api
     done = m.runs.committed(plan.run_id, "cache")
     if done is not None:
-        return done, {"resumed": True}
+        return done, {**_logged_diagnostics(open_cache(done), plan), "resumed": True}
     target = m.runs.new_attempt(plan.run_id, "cache")
-    res = api.unlearn(parent, delete=list(plan.delete_ids), config=replay_config(plan.deltagrad, parent),
+    config = replay_config(plan.deltagrad, parent)
+    res = api.unlearn(parent, delete=list(plan.delete_ids), config=config,
                       out_cache=target, note={"erasure_run": plan.run_id}, data=plan.data)
-    return target, res.diagnostics()
+    used = config.resolve(full_batch=parent.plan.full_batch, kind=parent.spec.kind)  # what the audit shows
+    return target, {**res.diagnostics(), "curvature": used.curvature, "period": used.period}
+
+
+_LOGGED = {"steps": int, "explicit_steps": int, "approx_steps": int, "fallbacks": int, "skipped_pairs": int,
+           "prediction_error_max": float, "prediction_error_mean": float, "error_estimate": float,
+           "error_absolute": float, "error_reliable": bool, "error_basis": str}
+
+
+def _logged_diagnostics(cache: Cache, plan: Plan) -> dict:
+    """The diagnostics a committed replay of ``plan`` logged in its cache's change log (written with the
+    cache, so a run resumed after a kill states the same certificate as one that was not killed).
+    Only the entry of this run counts, and only values of the expected types (a non-negative finite
+    number for the estimates); anything else is left out, which leaves the drift unknown."""
+    entry = cache.manifest.changes[-1] if cache.manifest.changes else {}
+    if entry.get("erasure_run") != plan.run_id:
+        return {}
+    out: dict = {}
+    for key, kind in _LOGGED.items():
+        v = entry.get(key)
+        if kind is float:
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0:
+                out[key] = float(v)
+        elif isinstance(v, kind) and (kind is not int or not isinstance(v, bool)):
+            out[key] = v
+    config = entry.get("config")
+    if isinstance(config, dict):
+        try:
+            used = DeltaGradConfig.from_dict(config).resolve(full_batch=cache.plan.full_batch, kind=cache.spec.kind)
+            out.update(curvature=used.curvature, period=used.period)
+        except (InputError, ValueError, TypeError):
+            pass
+    return out
 
 
 def _exact(m: _Model, plan: Plan, parent: Cache) -> Location:

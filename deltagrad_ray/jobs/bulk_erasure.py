@@ -51,7 +51,7 @@ def defaults(root: str = "demo-output") -> dict:
     ``root/erasure/requests``, versions under ``root/models`` (train publishes version 0 there)."""
     return {"data": f"{root}/data/mnist.parquet", "cache": f"{root}/models/current", "output": f"{root}/models",
             "name": None, "models": None, "requests": f"{root}/erasure/requests", "ledger": None,
-            "deltagrad": {"period": 5, "burn_in": 10, "history": 2}, "verify": {"sample": 0, "tolerance": 0.05},
+            "deltagrad": {"burn_in": 10, "history": 2}, "verify": {"sample": 0, "tolerance": 0.05},
             "reconcile": {"max_drift": 0.05, "every_versions": 10},
             "retention": {"superseded_days": None}, "lease": {"ttl_s": 300, "wait_s": 0, "holder": None},
             "ray": local_ray(32),
