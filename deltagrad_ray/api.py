@@ -34,7 +34,7 @@ from .core.schedule import learning_rates
 from .core.train import retrain, train
 from .core.schedule import BatchPlan
 from .store.cache import Cache, open_cache
-from .store.cache_format import ROW_DIGESTS, dtype_name, overlap_shard_steps
+from .store.cache_format import ROW_DIGESTS, dtype_name
 from .store.cache_writer import CacheWriter, added_rows_file, check_new_cache, removed_rows_file, row_digest_file
 from .store.manifest import DataRef, ParentRef, Training
 from .store.datasets import (feature_copy, fingerprint, id_tensor, read_dataset, read_ids, write_dataset,
@@ -407,10 +407,9 @@ def _new_cache_location(parent: Cache, out_cache: str | Location, data: str | Lo
 
 def _derived_writer(parent: Cache, out: Location) -> CacheWriter:
     """A writer for a cache derived from ``parent``: the same run and row groups, shards no larger
-    than the parent's and small enough to be written while the replay runs (:func:`overlap_shard_steps`)."""
+    than the parent's and small enough to be written while the replay runs (``overlap``)."""
     m = parent.manifest
-    return CacheWriter(out, m.training, shard_steps=overlap_shard_steps(m.training.steps, m.shard_steps),
-                       storage=parent.storage,
+    return CacheWriter(out, m.training, shard_steps=m.shard_steps, overlap=True, storage=parent.storage,
                        row_group_steps=m.row_group_steps)
 
 

@@ -25,7 +25,7 @@ import math
 import random
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from ..core.config import DeltaGradConfig
 from ..core.errors import InputError
@@ -229,29 +229,6 @@ def _parent(m: _Model, plan: Plan) -> Cache:
     return cache
 
 
-# The explicit-step period of an erasure replay whose settings leave it to the curvature (``period``
-# unset) when that curvature is ``secant`` (what ``auto`` picks for gradient descent on the linear
-# kinds): T0 = 20, where the library's default is 10. An erasure run does not rest on the schedule
-# alone: every version carries its certificate (error_estimate, drift_estimate) and the chain is
-# reconciled with an exact retraining when the drift passes ``reconcile.max_drift``. Measured on
-# 20,000 × 784 logistic regression, GD, T = 400, 100 deleted: T0 = 20 replays with 29 explicit steps
-# instead of 48 at an error of 1.3e-5 of the erasure's effect (estimate 2.1e-3); T0 = 40 reached
-# 9.4e-4 (estimate 0.094, above the default tolerance), so 20 it is (README, "Bulk erasure").
-ERASURE_SECANT_PERIOD = 20
-
-
-def replay_config(settings: dict, parent: Cache) -> DeltaGradConfig:
-    """The DeltaGrad settings of an erasure replay: ``settings`` (a plan's ``deltagrad``) over
-    ``parent``, with :data:`ERASURE_SECANT_PERIOD` where the period is unset and the curvature
-    resolves to ``secant``. Other curvatures (own for SGD and MLPs) keep the library's period."""
-    config = DeltaGradConfig.from_dict(settings)
-    if config.period is None:
-        resolved = config.resolve(full_batch=parent.plan.full_batch, kind=parent.spec.kind)
-        if resolved.curvature == "secant":
-            return replace(config, period=ERASURE_SECANT_PERIOD)
-    return config
-
-
 def _replay(m: _Model, plan: Plan, parent: Cache) -> tuple[Location, dict]:
     """The run's DeltaGrad cache: committed by an earlier attempt, or replayed now into a fresh one."""
     from .. import api
@@ -259,7 +236,7 @@ def _replay(m: _Model, plan: Plan, parent: Cache) -> tuple[Location, dict]:
     if done is not None:
         return done, {**_logged_diagnostics(open_cache(done), plan), "resumed": True}
     target = m.runs.new_attempt(plan.run_id, "cache")
-    config = replay_config(plan.deltagrad, parent)
+    config = DeltaGradConfig.from_dict(plan.deltagrad)
     res = api.unlearn(parent, delete=list(plan.delete_ids), config=config,
                       out_cache=target, note={"erasure_run": plan.run_id}, data=plan.data)
     used = config.resolve(full_batch=parent.plan.full_batch, kind=parent.spec.kind)  # what the audit shows

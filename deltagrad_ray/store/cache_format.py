@@ -89,16 +89,18 @@ def shard_steps_for(p: int, itemsize: int, shard_bytes: int = DEFAULT_SHARD_BYTE
     return max(1, shard_bytes // (2 * p * itemsize))
 
 
-OVERLAP_SHARDS = 8  # a default shard holds at most about 1/8 of the run (whole periods of 10 steps)
+OVERLAP_SHARDS = 8            # a default shard holds about 1/8 of the run ...
+OVERLAP_MIN_BYTES = 8 << 20   # ... but at least ~8 MB: small caches stay in one or few files
 
 
-def overlap_shard_steps(steps: int, limit: int) -> int:
-    """Steps per shard for a run of ``steps``: at most ``limit`` (the byte-sized default), and at most
-    about 1/:data:`OVERLAP_SHARDS` of the run, so the writer threads encode, hash and write (fsync)
-    the earlier shards while the run computes the later ones and only the last is written after
-    it. One 400-step shard of a 100,000 × 784 replay (50 MB) took 1.35 s to write after the replay
-    had finished (most of it the fsync); a multiple of 10 steps keeps the default T0's periods whole."""
-    per = 10 * max(1, math.ceil(math.ceil(steps / OVERLAP_SHARDS) / 10))
+def overlap_shard_steps(steps: int, limit: int, floor: int) -> int:
+    """Steps per shard for a run of ``steps``: at most ``limit`` (the byte-sized default) and about
+    1/:data:`OVERLAP_SHARDS` of the run, but no fewer than ``floor`` (the steps of
+    :data:`OVERLAP_MIN_BYTES`). Then the writer threads encode, hash and write (fsync) the earlier
+    shards while the run computes the later ones, and only the last is written after it: one
+    400-step shard of a 100,000 × 784 replay (50 MB) took 1.35 s to write after the replay had
+    finished, most of it the fsync. Multiples of 10 steps keep the default T0's periods whole."""
+    per = max(10 * max(1, math.ceil(math.ceil(steps / OVERLAP_SHARDS) / 10)), floor)
     return max(1, min(limit, per))
 
 

@@ -17,9 +17,9 @@ import torch
 from ..core.data import Dataset
 from ..core.errors import InputError
 from ..core.models import FunctionalModel
-from .cache_format import (TORCH_DTYPES, DEFAULT_SHARD_BYTES, MANIFEST, ParquetSource, dtype_name, overlap_shard_steps,
-                           row_group_steps_for,
-                           sha256, shard_bytes, shard_steps_for, storage_dtype)
+from .cache_format import (TORCH_DTYPES, DEFAULT_SHARD_BYTES, MANIFEST, OVERLAP_MIN_BYTES, ParquetSource, dtype_name,
+                           overlap_shard_steps, row_group_steps_for, sha256, shard_bytes, shard_steps_for,
+                           storage_dtype)
 from .datasets import dataset_table, row_digests, table_bytes
 from .location import Location, StorageError
 from .manifest import DataRef, FileRef, Manifest, ParentRef, ShardRef, Training
@@ -70,13 +70,15 @@ class CacheWriter:
       shard_steps / shard_bytes: shard size, in steps or bytes (default ~64 MB).
       storage: dtype of the stored vectors (default: the training dtype).
       row_group_steps: steps per row group (default: a multiple of 10 of ~8 MB).
+      overlap: cap the shards at about 1/8 of the run (at least ~8 MB each) so they are written while
+        it runs (:func:`~.cache_format.overlap_shard_steps`); default: when no shard size is given.
     """
 
     WRITERS = 2  # shards in flight (one writer thread reached 44% of the disk's raw write speed)
 
     def __init__(self, root: Location, training: Training, *, shard_steps: int | None = None,
                  shard_bytes: int | None = None, storage: str | torch.dtype | None = None,
-                 row_group_steps: int | None = None) -> None:
+                 row_group_steps: int | None = None, overlap: bool | None = None) -> None:
         check_new_cache(root)
         if shard_steps is not None and shard_steps < 1:
             raise InputError(f"shard steps must be >= 1, got {shard_steps}")
@@ -90,8 +92,9 @@ class CacheWriter:
         self.steps = len(self.lrs)
         itemsize = torch.empty(0, dtype=self.storage).element_size()
         steps = shard_steps or shard_steps_for(self.p, itemsize, shard_bytes or DEFAULT_SHARD_BYTES)
-        if shard_steps is None and shard_bytes is None:  # the default: shards written while the run goes on
-            steps = overlap_shard_steps(self.steps, steps)
+        if overlap if overlap is not None else (shard_steps is None and shard_bytes is None):
+            # shards small enough to be written while the run goes on (the default)
+            steps = overlap_shard_steps(self.steps, steps, shard_steps_for(self.p, itemsize, OVERLAP_MIN_BYTES))
         self.shard_steps = max(1, min(steps, self.steps))
         self.row_group_steps = min(row_group_steps or row_group_steps_for(self.p, itemsize), self.shard_steps)
         self.run_id = uuid.uuid4().hex[:12]

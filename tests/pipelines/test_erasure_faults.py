@@ -121,12 +121,16 @@ def _kill_at_every_write(storage: Storage, tmp: Path, env: dict) -> int:
     # a resumed run publishes what an uninterrupted one does (to round-off: some of these models were
     # computed by the killed job processes, the others here; tests/processes.py), with the same method
     # and certificate: a replay committed before the kill keeps its error estimate (its cache logged it),
-    # so the policy decides as it would have (here the drift passes max_drift and the version is exact)
+    # so the policy decides as it would have (before, a kill between the replay's commit and its result
+    # published the replay with its drift unknown)
     reg = Registry(storage.uri(prefix, "models"))
     rec = reg.latest()
     clean, method, cert = reg.open(rec).final, rec.method, rec.certificate or {}
+    assert cert.get("drift_estimate") is not None
     for k, m, m_method, m_cert in models:
         assert m_method == method and m_cert.get("reconciled") == cert.get("reconciled"), (k, m_method, m_cert)
+        for key in ("error_estimate", "drift_estimate"):  # 4 significant digits, computed in two processes
+            assert m_cert.get(key) == pytest.approx(cert.get(key), rel=1e-3), (k, key, m_cert)
         assert_same_across_processes(m, clean, f"killed after write {k}")
     return k - 1
 
