@@ -229,18 +229,18 @@ def _parent(m: _Model, plan: Plan) -> Cache:
     return cache
 
 
-def _replay(m: _Model, plan: Plan, parent: Cache) -> tuple[Location, dict]:
-    """The run's DeltaGrad cache: committed by an earlier attempt, or replayed now into a fresh one."""
+def _replay(m: _Model, plan: Plan, parent: Cache) -> tuple[Location, bool]:
+    """The run's DeltaGrad cache, and whether an earlier attempt committed it (else it is replayed now
+    into a fresh one). Either way its diagnostics are read back from its change log
+    (:func:`_logged_diagnostics`), so a resumed run states what an uninterrupted one does."""
     from .. import api
     done = m.runs.committed(plan.run_id, "cache")
     if done is not None:
-        return done, {**_logged_diagnostics(open_cache(done), plan), "resumed": True}
+        return done, True
     target = m.runs.new_attempt(plan.run_id, "cache")
-    config = DeltaGradConfig.from_dict(plan.deltagrad)
-    res = api.unlearn(parent, delete=list(plan.delete_ids), config=config,
-                      out_cache=target, note={"erasure_run": plan.run_id}, data=plan.data)
-    used = config.resolve(full_batch=parent.plan.full_batch, kind=parent.spec.kind)  # what the audit shows
-    return target, {**res.diagnostics(), "curvature": used.curvature, "period": used.period}
+    api.unlearn(parent, delete=list(plan.delete_ids), config=DeltaGradConfig.from_dict(plan.deltagrad),
+                out_cache=target, note={"erasure_run": plan.run_id}, data=plan.data)
+    return target, False
 
 
 _LOGGED = {"steps": int, "explicit_steps": int, "approx_steps": int, "fallbacks": int, "skipped_pairs": int,
@@ -250,9 +250,10 @@ _LOGGED = {"steps": int, "explicit_steps": int, "approx_steps": int, "fallbacks"
 
 def _logged_diagnostics(cache: Cache, plan: Plan) -> dict:
     """The diagnostics a committed replay of ``plan`` logged in its cache's change log (written with the
-    cache, so a run resumed after a kill states the same certificate as one that was not killed).
-    Only the entry of this run counts, and only values of the expected types (a non-negative finite
-    number for the estimates); anything else is left out, which leaves the drift unknown."""
+    cache), with the curvature and period it used: the one source of a run's diagnostics, fresh or
+    resumed after a kill. Only the entry of this run counts, and only values of the expected types (a
+    non-negative finite number for the estimates, None where the replay logged none); anything else
+    is left out, which leaves the drift unknown."""
     entry = cache.manifest.changes[-1] if cache.manifest.changes else {}
     if entry.get("erasure_run") != plan.run_id:
         return {}
@@ -260,7 +261,9 @@ def _logged_diagnostics(cache: Cache, plan: Plan) -> dict:
     for key, kind in _LOGGED.items():
         v = entry.get(key)
         if kind is float:
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0:
+            if v is None and key in entry:
+                out[key] = None  # logged as not finite: the replay is not certified closer than its parent
+            elif isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0:
                 out[key] = float(v)
         elif isinstance(v, kind) and (kind is not int or not isinstance(v, bool)):
             out[key] = v
@@ -374,8 +377,9 @@ def _result(m: _Model, plan: Plan, lease: Lease | None, verify: VerifySettings,
             new = open_cache(_exact(m, plan, parent))
             diag: dict = {"method": "exact-retrain"}
         else:
-            target, diag = _replay(m, plan, parent)
+            target, resumed = _replay(m, plan, parent)
             new = open_cache(target)
+            diag = {**_logged_diagnostics(new, plan), **({"resumed": True} if resumed else {})}
         result = {"new_version": plan.version, "deltagrad_key": _key(m, new.root),
                   "deltagrad_sha256": new.manifest.model_sha256(), "diagnostics": diag,
                   "deltagrad_s": time.perf_counter() - t}

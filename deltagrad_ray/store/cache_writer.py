@@ -92,8 +92,9 @@ class CacheWriter:
         self.steps = len(self.lrs)
         itemsize = torch.empty(0, dtype=self.storage).element_size()
         steps = shard_steps or shard_steps_for(self.p, itemsize, shard_bytes or DEFAULT_SHARD_BYTES)
-        if overlap if overlap is not None else (shard_steps is None and shard_bytes is None):
-            # shards small enough to be written while the run goes on (the default)
+        if overlap is None:  # the default: overlap unless a shard size was given
+            overlap = shard_steps is None and shard_bytes is None
+        if overlap:  # shards small enough to be written while the run goes on
             steps = overlap_shard_steps(self.steps, steps, shard_steps_for(self.p, itemsize, OVERLAP_MIN_BYTES))
         self.shard_steps = max(1, min(steps, self.steps))
         self.row_group_steps = min(row_group_steps or row_group_steps_for(self.p, itemsize), self.shard_steps)
