@@ -466,11 +466,12 @@ def test_redacted_reports_show_no_data_id_anywhere(w, capsys):
     code, out, err = _job(w, capsys, report={"redact_ids": True})
     assert code == 0
     report = Path(out["report"]).read_text()
-    # not as a number of its own anywhere (a clock stamp such as 20261206T212714Z, or 0.271 s, holds
-    # "271" by chance: the stamp line is dropped, and a match must not touch other digits)
+    # not as a number of its own anywhere (a clock stamp such as 20261206T212714Z, 0.271 s, or a run id
+    # or salted hash in hex, holds "271" by chance: the stamp line is dropped, and a match must not
+    # touch other digits or hex letters)
     body = "\n".join(line for line in report.splitlines() if not line.startswith("_generated "))
     for secret in ("271", "987654", "31415", "12.5"):
-        assert re.search(rf"(?<![0-9.]){re.escape(secret)}(?![0-9]|\.[0-9])", body) is None, secret
+        assert re.search(rf"(?<![0-9a-f.]){re.escape(secret)}(?![0-9a-f]|\.[0-9])", body) is None, secret
     assert "r2" in report and "h:" in report
 
 
