@@ -81,13 +81,16 @@ def prepare(S: Tensor, Y: Tensor, count: Tensor, rule: str) -> Histories:
     L = torch.tril(SY, diagonal=-1)
     D = torch.diag_embed(torch.diagonal(SY, dim1=1, dim2=2))
     M = torch.cat([torch.cat([sigma[:, None, None] * SS, L], 2), torch.cat([L.transpose(1, 2), -D], 2)], 1)
-    unused = torch.arange(m, device=S.device)[None, :] < (m - count)[:, None]     # (B, m)
-    pad = torch.cat([unused, unused], dim=1).to(M.dtype)                           # (B, 2m)
-    M = M + torch.diag_embed(pad)  # unused slots: zero rows/columns become identity
+    full = bool((count == m).all())  # every slot in use (the common case): nothing to pad
+    if not full:
+        unused = torch.arange(m, device=S.device)[None, :] < (m - count)[:, None]     # (B, m)
+        pad = torch.cat([unused, unused], dim=1).to(M.dtype)                           # (B, 2m)
+        M = M + torch.diag_embed(pad)  # unused slots: zero rows/columns become identity
     LU, piv, info = torch.linalg.lu_factor_ex(M)
     ok = has & (info == 0) & torch.isfinite(LU).flatten(1).all(1)
     d = torch.diagonal(SY, dim1=1, dim2=2)
-    ratio = torch.where(unused, torch.zeros_like(d), (Yd ** 2).sum(-1) / torch.where(unused, 1.0, d))
+    ratio = (Yd ** 2).sum(-1) / d if full else \
+        torch.where(unused, torch.zeros_like(d), (Yd ** 2).sum(-1) / torch.where(unused, 1.0, d))
     bound = sigma + ratio.sum(-1)
     Wc = torch.cat([sigma[:, None, None] * Sd, Yd], dim=1)
     return Histories(S, Y, count, sigma, Wc, LU, piv, ok, bound, rule)
@@ -116,6 +119,11 @@ def push(h: Histories, s: Tensor, y: Tensor, mask: Tensor) -> Histories:
     """Append (s_b, y_b) to the histories where ``mask`` is set (oldest dropped when full)."""
     if not bool(mask.any()):
         return h
+    if bool(mask.all()):  # every history takes its pair (the common case): no copy-and-scatter
+        S = torch.cat([h.S[:, 1:], s[:, None].to(h.S.dtype)], dim=1)
+        Y = torch.cat([h.Y[:, 1:], y[:, None].to(h.Y.dtype)], dim=1)
+        count = (h.count + 1).clamp(max=S.shape[1])
+        return prepare(S, Y, count, h.rule)
     S, Y = h.S.clone(), h.Y.clone()
     idx = torch.nonzero(mask).reshape(-1)
     S[idx] = torch.cat([h.S[idx, 1:], s[idx, None].to(S.dtype)], dim=1)

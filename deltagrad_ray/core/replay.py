@@ -353,6 +353,7 @@ class _Entries:
         self._plain = (plain, self.base[plain]) if bool(plain.any()) else None
         self._by_id = (self.hashed, self.ids[self.hashed]) if bool(self.hashed.any()) else None
         self._epoch = -1
+        self._gather = RowGather(self.X)
         self._plain_chunk: tuple[int, Tensor] | None = None
         self._last_epoch = plan.locate(max(0, replay.traj.steps - 1))[0]
         self._none = self._table(torch.zeros(0, dtype=torch.int64, device=dev))
@@ -376,9 +377,33 @@ class _Entries:
             k[self._plain[0]] = self._plain_batches(epoch).to(self.dev)
         if self._by_id is not None:
             k[self._by_id[0]] = self.plan.batch_of_added_ids(self._by_id[1], epoch).to(self.dev)
-        self._by_k = {key: self._table(entries) for key, entries in _group(k, torch.arange(len(k),
-                                                                                           device=self.dev)).items()}
+        self._by_k = self._tables_of_one(k) if self.B == 1 else {
+            key: self._table(entries) for key, entries in _group(k, torch.arange(len(k), device=self.dev)).items()}
         self._epoch = epoch
+
+    def _tables_of_one(self, k: Tensor) -> dict[int, StepChanges]:
+        """One request's tables of an epoch: its entries sorted by batch once, each batch's entries a
+        slice of them, in the entries' order (the tables :meth:`_table` gives). The rows themselves are
+        gathered by :meth:`at`, just before the step reads them, into one reused buffer (a fresh one
+        costs its page faults, rows gathered an epoch ahead are out of the cache by then), so a table is
+        valid until the next call of :meth:`at`."""
+        if len(k) == 0:
+            return {}
+        order = torch.argsort(k, stable=True)
+        keys, counts = torch.unique_consecutive(k[order], return_counts=True)
+        y, w = self.y[order], self.sign[order]
+        ends = torch.cumsum(counts, 0)
+        n_del = torch.cumsum((w < 0).to(torch.int64), 0)[ends - 1]
+        n_del = torch.diff(n_del, prepend=n_del.new_zeros(1))
+        true, dt, dev = torch.ones(1, dtype=torch.bool, device=self.dev), self.sign.dtype, self.dev
+        out, lo = {}, 0
+        for key, hi, nd in zip(keys.tolist(), ends.tolist(), n_del.tolist()):
+            delta = (hi - lo) - 2 * nd
+            # X holds the entries' positions until at() gathers their rows
+            out[key] = StepChanges(order[lo:hi], y[None, lo:hi], w[None, lo:hi], true,
+                                   torch.full((1, 1), delta, dtype=dt, device=dev), delta, True)
+            lo = hi
+        return out
 
     def _table(self, entries: Tensor) -> StepChanges:
         """The padded rows of some entries, with their counts."""
@@ -410,7 +435,10 @@ class _Entries:
         epoch, k = self.plan.locate(t)
         if epoch != self._epoch:
             self._load_epoch(epoch)
-        return self._by_k.get(k, self._none)
+        ch = self._by_k.get(k, self._none)
+        if self.B == 1 and ch.any:  # the rows of the positions _tables_of_one left in X
+            ch = ch._replace(X=self._gather(ch.X)[None])
+        return ch
 
 
 def _check_changes(traj: Trajectory, data: Dataset, changes: Sequence[ChangeSet], width: int) -> None:

@@ -174,7 +174,7 @@ class BatchPlan:
 
     def batch_of_added_ids(self, ids: Tensor, epoch: int) -> Tensor:
         """Batch index, in ``epoch``, of each added row, from a hash of its id."""
-        if self.batch_size is None:
+        if self.batch_size is None or len(ids) == 0:
             return torch.zeros(len(ids), dtype=torch.int64)
         ids_u = ids.cpu().numpy().astype(np.int64).view(np.uint64)
         h = splitmix64(ids_u ^ _key(self.seed, epoch, _ADD_SALT))

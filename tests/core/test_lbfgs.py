@@ -70,6 +70,22 @@ def test_histories_of_a_batch_are_independent():
     assert torch.equal(Bs, Bv[[2, 0]])
 
 
+def test_pushes_that_every_history_takes_equal_the_masked_path_bit_for_bit():
+    # push has a shortcut when every history takes its pair, and prepare one when every slot is in use;
+    # beside a third history that never takes a pair (the general path, never full) the same two
+    # histories must come out bit for bit the same, before and after the slots fill up
+    ps = [_pairs(seed=s) for s in (3, 4)]
+    fast, slow = lbfgs.empty(2, 2, 12), lbfgs.empty(3, 2, 12)
+    for i in range(3):
+        s = torch.stack([S[i] for _, S, _ in ps])
+        y = torch.stack([Y[i] for _, _, Y in ps])
+        fast = lbfgs.push(fast, s, y, torch.tensor([True, True]))
+        slow = lbfgs.push(slow, torch.cat([s, s[:1]]), torch.cat([y, y[:1]]), torch.tensor([True, True, False]))
+        for f in ("S", "Y", "count", "sigma", "Wc", "LU", "piv", "ok", "bound"):
+            assert torch.equal(getattr(fast, f), getattr(slow, f)[:2]), f"push {i}: {f}"
+    assert fast.count.tolist() == [2, 2] and slow.count.tolist() == [2, 2, 0]
+
+
 def test_sigma_rules_are_the_documented_formulas():
     _, S, Y = _pairs()
     s, y = S[1], Y[1]
