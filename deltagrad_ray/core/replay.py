@@ -520,6 +520,10 @@ class Replay:
         # the error estimate's safety factor c (per optimizer) and one unit of round-off of a step's update
         self._safety = certificate.safety(traj.plan.full_batch)
         self._unit = certificate.ROUNDOFF * torch.finfo(traj.dtype).eps
+        # one request, a fixed schedule, no path pairs: approximate steps take _approximate_one
+        self._one = self.SINGLE_FAST_PATH and self.B == 1 and not self.adaptive and config.curvature != "own+path"
+        self._one_key: tuple | None = None   # (history, σ, usable, norm bound) as numbers, per history
+        self._one_curv: tuple | None = None  # (curvature tensor, L̂ as a number)
 
     # -- state --------------------------------------------------------------------------------
     def start(self) -> ReplayState:
@@ -563,6 +567,73 @@ class Replay:
         bb = (Bd * Bd).sum(1)
         stable = lr * bb <= (2 * (1 + 1e-12)) * (Vd * Bd).sum(1)
         return Bv, usable & (ratio <= limit) & stable, bb.sqrt()
+
+    SINGLE_FAST_PATH = True  # one request's approximate steps by :meth:`_approximate_one` (tests turn it off)
+
+    def _approximate_one(self, st: ReplayState, t: int, sb: StepBatch, ch: StepChanges, w_t: Tensor,
+                         g_t: Tensor, lr: float, unit: float | None,
+                         recorders: Sequence[Recorder | None] | None) -> ReplayState | None:
+        """Step t of a single request off the cached path as an approximate step (Alg. 1, lines 9-11)
+        with the error estimate's step: :meth:`_step`'s arithmetic and guards, without its batching.
+        One request's approximate step is a few small vector operations and the changed rows' gradient,
+        so the batched form's ~85 tensor operations (masks, selections, per-request counters) cost
+        more than the arithmetic; this takes about 35. None where the batch lost every row, a guard
+        refuses the approximation or the step is not finite: :meth:`_step` then takes the step as usual
+        (an explicit one) and says why in its counters."""
+        size, cfg = sb.size, self.config
+        den = size + ch.min_delta                   # |B'_t|: B = 1, so min_delta is the request's delta
+        if den <= 0:
+            return None
+        W = st.W
+        V = W - w_t
+        if cfg.curvature == "own":   # B·v = σv − Wᵀ M⁻¹ W v (lbfgs.hvp, one request)
+            h = st.history
+            if self._one_key is None or self._one_key[0] is not h:
+                sigma, ok, bound = torch.stack([h.sigma[0], h.ok[0].double(), h.bound[0]]).tolist()
+                self._one_key = (h, sigma, ok > 0, bound)
+            _, sigma, ok, bound = self._one_key
+            if not ok:
+                return None
+            Vd = V[0].double()
+            z = torch.linalg.lu_solve(h.LU[0], h.piv[0], (h.Wc[0] @ Vd)[:, None])[:, 0]
+            Bvd = torch.addmv(Vd, h.Wc[0].T, z, beta=sigma, alpha=-1)
+            Bv = Bvd.to(V.dtype)
+            Bd = Bv.double()
+            nb2, vv, bb, vb = torch.stack([Bvd.dot(Bvd), Vd.dot(Vd), Bd.dot(Bd), Vd.dot(Bd)]).tolist()
+            nb, nv = math.sqrt(nb2), max(math.sqrt(vv), 1e-300)
+            usable, ratio = nb <= bound * nv * (1 + 1e-6), nb / nv
+        else:
+            Bv2, ratio2, usable2 = self._products(st.history, st.secant, V)
+            Bv, Bd, Vd = Bv2[0], Bv2[0].double(), V[0].double()
+            ratio, usable, bb, vb = torch.stack([ratio2[0], usable2[0].double(), Bd.dot(Bd), Vd.dot(Bd)]).tolist()
+            usable = usable > 0
+        if self._one_curv is None or self._one_curv[0] is not st.curvature:
+            self._one_curv = (st.curvature, float(st.curvature[0]))
+        curvature = self._one_curv[1]
+        limit = cfg.curvature_guard * curvature
+        if cfg.max_curvature is not None:
+            limit = min(limit, cfg.max_curvature)
+        # the guards of _approximate (NaN anywhere fails them all)
+        if not (usable and ratio <= limit and lr * bb <= (2 * (1 + 1e-12)) * vb):
+            return None
+        w = W[0]
+        l2W = self.l2 * w
+        G = size * ((g_t + Bv) - l2W)
+        if ch.any:
+            G = G + self.model.grad_sum(w, ch.X[0], ch.y[0], ch.w[0])
+        g = G / den + l2W
+        w_next = w - lr * g
+        if not math.isfinite(float(w_next.sum())):
+            return None
+        _record(recorders, t, W, g[None])
+        # the error estimate's step (_estimate), in the same order of operations
+        if unit is None:
+            unit = self._unit * (float(w_t.double().norm()) + lr * float(g_t.double().norm()))
+        rho = max(abs(1.0 - lr * curvature), abs(1.0 - lr * self.l2))
+        return st.replace(W=w_next[None], step=t + 1, approx_steps=st.approx_steps + 1,
+                          err_open=st.err_open * rho + ((lr * size) / den) * math.sqrt(bb),
+                          err_bound=st.err_bound * rho,
+                          roundoff_sq=st.roundoff_sq * (rho * rho) + unit * unit)
 
     def _explicit(self, mask: Tensor, st: ReplayState, V: Tensor, sb: StepBatch, w_t: Tensor, g_t: Tensor,
                   G: Tensor, full: Tensor, t: int, track: dict) -> tuple[Tensor, Tensor]:
@@ -626,6 +697,10 @@ class Replay:
         """One step of every request; ``unit``: the step's round-off unit (default: computed here)."""
         sb = self.index.at(t)
         ch = self.entries.at(t)
+        if self._one and not self.explicit[t] and not bool(st.synced[0]):
+            nxt = self._approximate_one(st, t, sb, ch, w_t, g_t, lr, unit, recorders)
+            if nxt is not None:
+                return nxt
         W = st.W
         path = None if st.path is None else st.path.add(w_t, g_t, self.config.path_pairs + 1)
         # requests still synced (w^I_t == w_t) whose batch is unchanged reuse the cached step as is

@@ -48,12 +48,17 @@ _pool_lock = threading.Lock()
 _pool: dict[tuple, Tensor] = {}  # (dtype, width) -> one free buffer
 
 
+POOL_SLACK = 4  # a gatherer takes the pooled buffer only if it asks for at least 1/4 of its rows
+
+
 def _take_buffer(rows: int, width: int, dtype: torch.dtype) -> Tensor:
-    """A free pooled buffer with at least ``rows`` rows, or a new one."""
+    """The free pooled buffer if it has at least ``rows`` rows and not :data:`POOL_SLACK` times more
+    (a gatherer of a few changed rows must not take the buffer of the batches), or a new one."""
+    key = (dtype, width)
     with _pool_lock:
-        buf = _pool.pop((dtype, width), None)
-    if buf is not None and buf.shape[0] >= rows:
-        return buf
+        buf = _pool.get(key)
+        if buf is not None and rows <= buf.shape[0] <= POOL_SLACK * rows:
+            return _pool.pop(key)
     return torch.empty(rows, width, dtype=dtype)
 
 

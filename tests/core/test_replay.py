@@ -13,6 +13,7 @@ from torch import nn
 from deltagrad_ray.core import (Dataset, DeltaGradConfig, FunctionalModel, InMemory, Trajectory,
                                 deltagrad, deltagrad_online, learning_rates, make_change_set,
                                 relative_error, retrain, synthetic_classification, train)
+from deltagrad_ray.core.replay import Replay
 from deltagrad_ray.core.trajectory import MemoryRecorder
 
 from .problems import N, problem, random_ids
@@ -238,3 +239,54 @@ def test_gather_buffers_pass_between_gatherers_but_are_never_shared():
     assert out_c.data_ptr() == ptr and torch.equal(out_c, X[rows_b[:3]])
     assert torch.equal(b(rows_a), X[rows_a])  # b's buffer is b's alone
     assert torch.equal(out_c, X[rows_b[:3]])
+    # a gatherer of a few rows (a replay's changed rows) leaves a much larger pooled buffer (the
+    # batches') to the gatherer that needs it: taking it cost the batch gatherer its page faults
+    big = torch.randperm(50, generator=torch.Generator().manual_seed(0))[:40]
+    first = RowGather(X)
+    ptr = first(big).data_ptr()
+    del first
+    gc.collect()
+    small, large = RowGather(X), RowGather(X)
+    assert small(rows_a[:2]).data_ptr() != ptr and large(big).data_ptr() == ptr
+
+
+@pytest.mark.parametrize("kind,optimizer,curvature,dtype,limit", [
+    ("logreg", "gd", "own", torch.float64, None), ("logreg", "sgd", "own", torch.float64, None),
+    ("logreg", "gd", "secant", torch.float64, None), ("linear", "gd", "secant", torch.float64, None),
+    ("logreg", "sgd", "shared", torch.float64, None), ("mlp", "sgd", "own", torch.float64, None),
+    ("logreg", "sgd", "own", torch.float32, None), ("logreg", "sgd", "own", torch.float64, 0.2)])
+def test_single_request_fast_path_equals_the_batched_step(monkeypatch, kind, optimizer, curvature, dtype, limit):
+    # One request's approximate steps take Replay._approximate_one, the batched step's arithmetic
+    # without its batching; with it turned off the same replay takes _step throughout. Same guards,
+    # same counters, the same parameters up to the summation order of a mat-vec (measured ≤ 1e-16
+    # relative; bit-equal in float32 and where the product is the batched one), the same error
+    # estimate. A known curvature bound ``limit`` below the true one makes the guard refuse some
+    # steps, which the fast path hands back to _step.
+    p = problem(kind, optimizer, dtype)
+    ch = make_change_set(p.data, delete_ids=random_ids(N, 60, seed=7), add=p.extra.rows(torch.arange(5)),
+                         n_classes=p.n_classes)
+    cfg = DeltaGradConfig(curvature=curvature, max_curvature=limit)
+    taken = []
+    one = Replay._approximate_one
+
+    def spy(self, *args):
+        out = one(self, *args)
+        taken.append(out is not None)
+        return out
+
+    monkeypatch.setattr(Replay, "_approximate_one", spy)
+    fast = deltagrad(p.model, p.traj, p.data, ch, cfg)
+    monkeypatch.setattr(Replay, "SINGLE_FAST_PATH", False)
+    slow = deltagrad(p.model, p.traj, p.data, ch, cfg)
+    assert sum(taken) == fast.approx_steps > 0  # every accepted approximate step came from the fast path
+    if limit is not None:
+        assert fast.fallbacks > 0 and not all(taken)
+    got, want = fast.diagnostics(), slow.diagnostics()
+    for k in ("error_estimate", "error_absolute"):  # None where the estimate does not hold (the MLP)
+        g, w = got.pop(k), want.pop(k)
+        assert (g is None and w is None) or g == pytest.approx(w, rel=1e-9)
+    assert got == want  # step counts, fallbacks, prediction errors
+    tol = 1e-12 if dtype == torch.float64 else 1e-6
+    moved = float((slow.params - p.traj.final).norm())
+    diff = float((fast.params - slow.params).norm())
+    assert diff <= tol * float(slow.params.norm()) and diff < 1e-3 * moved
