@@ -108,10 +108,13 @@ def from_pairs(S: Tensor, Y: Tensor) -> Histories:
     return prepare(S[None], Y[None], torch.tensor([S.shape[0]], device=S.device), "sy/ss")
 
 
-def curvature_ok(s: Tensor, y: Tensor, eps: float) -> Tensor:
-    """(B,) mask of the curvature test sᵀy > ε‖s‖‖y‖, with both vectors non-zero and finite."""
+def curvature_ok(s: Tensor, y: Tensor, eps: float, ns: Tensor | None = None, ny: Tensor | None = None) -> Tensor:
+    """(B,) mask of the curvature test sᵀy > ε‖s‖‖y‖, with both vectors non-zero and finite
+    (``ns``, ``ny``: the norms, when the caller has them)."""
     sd, yd = s.double(), y.double()
-    sy, ns, ny = (sd * yd).sum(-1), sd.norm(dim=-1), yd.norm(dim=-1)
+    sy = (sd * yd).sum(-1)
+    ns = sd.norm(dim=-1) if ns is None else ns
+    ny = yd.norm(dim=-1) if ny is None else ny
     return (ns > 0) & (ny > 0) & torch.isfinite(sy) & (sy > eps * ns * ny)
 
 

@@ -640,21 +640,32 @@ class Replay:
         """Explicit steps (Alg. 1, lines 5-7) for the requests in ``mask``, in one computation over
         the rows; updates ``track`` (history, curvature, counters, prediction error, adaptive gap)."""
         cfg = self.config
-        idx = torch.nonzero(mask).reshape(-1)
         W = st.W
+        every = bool(mask.all())  # every request explicit (a scheduled step): no selecting and scattering
+        idx = None if every else torch.nonzero(mask).reshape(-1)
         base, weights = self.index.base(sb)
-        Gx = self.rows.grad_many(W[idx], base, weights, sb.extra, w_t)
-        fx = Gx / sb.size + self.l2 * W[idx] if sb.size else self.l2 * W[idx]
-        G, full = G.clone(), full.clone()
-        G[idx], full[idx] = Gx, fx
-        s = torch.zeros_like(W)
-        y = torch.zeros_like(W)
-        s[idx], y[idx] = V[idx], fx - g_t
+        Wx = W if every else W[idx]
+        Gx = self.rows.grad_many(Wx, base, weights, sb.extra, w_t)
+        fx = Gx / sb.size + self.l2 * Wx if sb.size else self.l2 * Wx
+        if every:
+            G, full, s, y = Gx, fx, V, fx - g_t
+        else:
+            G, full = G.clone(), full.clone()
+            G[idx], full[idx] = Gx, fx
+            s = torch.zeros_like(W)
+            y = torch.zeros_like(W)
+            s[idx], y[idx] = V[idx], fx - g_t
+
+        def where(update: Tensor, old: Tensor) -> Tensor:  # the new value for the requests in mask
+            return update if every else torch.where(mask, update, old)
+
         hist = track["history"]
         # how good would the approximation have been? (before the new pair enters)
         pred, _, usable = self._products(hist, track["secant"], s)
         measured = mask & usable
-        e = (pred.double() - y.double()).norm(dim=1) / y.double().norm(dim=1).clamp_min(1e-300)
+        pd, sd, yd = pred.double(), s.double(), y.double()
+        miss, ns, ny = (pd - yd).norm(dim=1), sd.norm(dim=1), yd.norm(dim=1)
+        e = miss / ny.clamp_min(1e-300)
         e = torch.where(measured, e, torch.zeros_like(e))
         track["pred_max"] = torch.where(measured, torch.maximum(track["pred_max"], e), track["pred_max"])
         track["pred_sum"] = track["pred_sum"] + e
@@ -663,21 +674,20 @@ class Replay:
         # request's last explicit step, which used the very model measured here; relative to ‖B·s‖, the
         # scale the approximate steps know (‖B·v‖). Unmeasurable (the model unusable at s): as if no
         # better than predicting nothing.
-        pd = pred.double()
-        rate = (pd - y.double()).norm(dim=1) / pd.norm(dim=1).clamp_min(1e-300)
+        rate = miss / pd.norm(dim=1).clamp_min(1e-300)
         rate = torch.where(measured, rate, torch.maximum(track["rate_last"], torch.ones_like(rate)))
         priced = self._safety * torch.maximum(rate, track["rate_last"]) * track["err_open"]
-        track["err_bound"] = torch.where(mask, track["err_bound"] + priced, track["err_bound"])
-        track["err_open"] = torch.where(mask, torch.zeros_like(rate), track["err_open"])
-        track["rate_prev"] = torch.where(mask, track["rate_last"], track["rate_prev"])
-        track["rate_last"] = torch.where(mask, rate, track["rate_last"])
+        track["err_bound"] = where(track["err_bound"] + priced, track["err_bound"])
+        track["err_open"] = where(torch.zeros_like(rate), track["err_open"])
+        track["rate_prev"] = where(track["rate_last"], track["rate_prev"])
+        track["rate_last"] = where(rate, track["rate_last"])
         if self.adaptive and t >= cfg.burn_in:
             tol, gap = cfg.adaptive_tol, track["gap"]
             new_gap = torch.where(e > tol, (gap // 2).clamp(min=1),
                                   torch.where(e < tol / 4, (gap * 2).clamp(max=cfg.period), gap))
             track["gap"] = torch.where(measured, new_gap, gap)
             track["next_explicit"] = torch.where(mask, t + track["gap"], track["next_explicit"])
-        ok = mask & lbfgs.curvature_ok(s, y, cfg.curvature_eps)
+        ok = mask & lbfgs.curvature_ok(sd, yd, cfg.curvature_eps, ns, ny)
         track["skipped_pairs"] = track["skipped_pairs"] + (mask & ~ok)
         track["history"] = lbfgs.push(hist, s, y, ok)
         if cfg.curvature == "shared":
@@ -686,7 +696,6 @@ class Replay:
             track["secant"] = lbfgs.secants_push(track["secant"], s, y, ok)
         elif cfg.curvature == "own+path":
             track["secant"] = lbfgs.with_path_pairs(track["history"], *track["path"].pairs(cfg.curvature_eps))
-        ns, ny = s.double().norm(dim=1), y.double().norm(dim=1)
         track["curvature"] = torch.where(ok, torch.maximum(track["curvature"], ny / ns.clamp_min(1e-300)),
                                          track["curvature"])
         track["explicit_steps"] = track["explicit_steps"] + mask
