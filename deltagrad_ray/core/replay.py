@@ -520,8 +520,8 @@ class Replay:
         # the error estimate's safety factor c (per optimizer) and one unit of round-off of a step's update
         self._safety = certificate.safety(traj.plan.full_batch)
         self._unit = certificate.ROUNDOFF * torch.finfo(traj.dtype).eps
-        # one request, a fixed schedule, no path pairs: approximate steps take _approximate_one
-        self._one = self.SINGLE_FAST_PATH and self.B == 1 and not self.adaptive and config.curvature != "own+path"
+        # one request and a fixed schedule: approximate steps take _approximate_one
+        self._one = self.SINGLE_FAST_PATH and self.B == 1 and not self.adaptive
         self._one_key: tuple | None = None   # (history, σ, usable, norm bound) as numbers, per history
         self._one_curv: tuple | None = None  # (curvature tensor, L̂ as a number)
 
@@ -630,7 +630,8 @@ class Replay:
         if unit is None:
             unit = self._unit * (float(w_t.double().norm()) + lr * float(g_t.double().norm()))
         rho = max(abs(1.0 - lr * curvature), abs(1.0 - lr * self.l2))
-        return st.replace(W=w_next[None], step=t + 1, approx_steps=st.approx_steps + 1,
+        path = None if st.path is None else st.path.add(w_t, g_t, cfg.path_pairs + 1)
+        return st.replace(W=w_next[None], step=t + 1, approx_steps=st.approx_steps + 1, path=path,
                           err_open=st.err_open * rho + ((lr * size) / den) * math.sqrt(bb),
                           err_bound=st.err_bound * rho,
                           roundoff_sq=st.roundoff_sq * (rho * rho) + unit * unit)

@@ -253,6 +253,7 @@ def test_gather_buffers_pass_between_gatherers_but_are_never_shared():
 @pytest.mark.parametrize("kind,optimizer,curvature,dtype,limit", [
     ("logreg", "gd", "own", torch.float64, None), ("logreg", "sgd", "own", torch.float64, None),
     ("logreg", "gd", "secant", torch.float64, None), ("linear", "gd", "secant", torch.float64, None),
+    ("logreg", "gd", "own+path", torch.float64, None),
     ("logreg", "sgd", "shared", torch.float64, None), ("mlp", "sgd", "own", torch.float64, None),
     ("logreg", "sgd", "own", torch.float32, None), ("logreg", "sgd", "own", torch.float64, 0.2)])
 def test_single_request_fast_path_equals_the_batched_step(monkeypatch, kind, optimizer, curvature, dtype, limit):
