@@ -744,9 +744,11 @@ class Replay:
             need = refused if need is None else need | refused
         l2W = l2 * W
         G = size * (full - l2W)                    # Σ over the cached batch (exact after explicit steps)
+        # the changed rows' gradient first, while their rows are in the cache (an explicit step's pass
+        # over the batch evicts them; measured at SGD's explicit steps: 0.42-0.46 ms before it, 0.53-0.57 after)
+        corr = self.model.grad_sum_each(W, ch.X, ch.y, ch.w) if ch.any else None
         if need is not None and bool(need.any()):
             G, full = self._explicit(need, st, V, sb, w_t, g_t, G, full, t, track)
-        corr = self.model.grad_sum_each(W, ch.X, ch.y, ch.w) if ch.any else None
         den = size + ch.delta                       # |B'_t| per request
         if size + ch.min_delta > 0:
             data_term = lambda num: num / den  # noqa: E731
