@@ -76,10 +76,19 @@ def safety(full_batch: bool) -> float:
     return SAFETY_GD if full_batch else SAFETY_SGD
 
 
-def contraction(lr: float, l2: float, curvature: Tensor) -> Tensor:
-    """ρ_t = max(|1 − η·λ|, |1 − η·L̂|) per request (B,), float64: the factor by which a step of
-    gradient descent on a λ-strongly convex, L̂-smooth objective contracts a difference of iterates."""
-    return (1.0 - lr * curvature).abs().clamp_(min=abs(1.0 - lr * l2))
+def contraction(lr: float, l2: float, curvature):
+    """ρ_t = max(|1 − η·λ|, |1 − η·L̂|) per request (B,), float64 (or a number, for a number L̂): the
+    factor by which a step of gradient descent on a λ-strongly convex, L̂-smooth objective contracts a
+    difference of iterates."""
+    rate, floor = abs(1.0 - lr * curvature), abs(1.0 - lr * l2)
+    return rate.clamp_(min=floor) if isinstance(rate, Tensor) else max(rate, floor)
+
+
+def advance(err_open, err_bound, roundoff_sq, rho, opened, unit_sq):
+    """One step of the error estimate (eq. 1): both parts contract by ρ, the open part takes this
+    step's η·(|B|/|B'|)·‖B·v‖ (``opened``, 0 for an exact step) and the round-off part this step's
+    unit², in quadrature (``unit_sq``, 0 for a request on the cached path). Tensors or numbers."""
+    return rho * err_open + opened, rho * err_bound, rho * rho * roundoff_sq + unit_sq
 
 
 class Certificate(NamedTuple):

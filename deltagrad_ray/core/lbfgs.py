@@ -144,8 +144,20 @@ def hvp(h: Histories, V: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     z = torch.linalg.lu_solve(h.LU, h.piv, q)
     Bv = h.sigma[:, None] * Vd - torch.bmm(h.Wc.transpose(1, 2), z)[..., 0]
     nb, nv = Bv.norm(dim=1), Vd.norm(dim=1).clamp_min(1e-300)
-    usable = h.ok & (nb <= h.bound * nv * (1 + 1e-6))  # False for NaN and inf too
+    usable = h.ok & within_bound(nb, nv, h.bound)
     return Bv.to(V.dtype), nb / nv, usable
+
+
+def within_bound(nb, nv, bound):
+    """‖B·v‖ within the norm bound of a BFGS matrix (tensors or numbers; False for NaN and inf too)."""
+    return nb <= bound * nv * (1 + 1e-6)
+
+
+def hvp_one(h: Histories, v: Tensor, sigma: float) -> Tensor:
+    """B·v = σv − Wᵀ M⁻¹ W v of history 0 for one float64 vector v (p,) — :func:`hvp` without the
+    batch dimension (σ as a number, read once per history by the caller)."""
+    z = torch.linalg.lu_solve(h.LU[0], h.piv[0], (h.Wc[0] @ v)[:, None])[:, 0]
+    return torch.addmv(v, h.Wc[0].T, z, beta=sigma, alpha=-1)
 
 
 # -- curvature beyond a request's own pairs (DeltaGradConfig.curvature) ----------------------------------

@@ -558,15 +558,19 @@ class Replay:
         """(B·v_b, accepted, ‖B·v_b‖ float64) — Alg. 1, line 10, behind every guard: a usable compact
         form within its norm bound (:func:`~.lbfgs.hvp`), within κ·L̂ (and the known bound L), and
         non-expansive (η‖Bv‖² ≤ 2·vᵀBv; see :class:`~.config.DeltaGradConfig`)."""
-        cfg = self.config
         Bv, ratio, usable = self._products(st.history, st.secant, V)
-        limit = cfg.curvature_guard * st.curvature
-        if cfg.max_curvature is not None:
-            limit = limit.clamp(max=cfg.max_curvature)
         Bd, Vd = Bv.double(), V.double()
         bb = (Bd * Bd).sum(1)
-        stable = lr * bb <= (2 * (1 + 1e-12)) * (Vd * Bd).sum(1)
-        return Bv, usable & (ratio <= limit) & stable, bb.sqrt()
+        return Bv, self._accepts(usable, ratio, st.curvature, lr, bb, (Vd * Bd).sum(1)), bb.sqrt()
+
+    def _accepts(self, usable, ratio, curvature, lr: float, bb, vb):
+        """The guards of an approximate step, for tensors (B,) or numbers: a usable product within
+        κ·L̂ (and the known bound L) whose step is non-expansive, η‖Bv‖² ≤ 2·vᵀBv."""
+        cfg = self.config
+        limit = cfg.curvature_guard * curvature
+        if cfg.max_curvature is not None:
+            limit = limit.clamp(max=cfg.max_curvature) if isinstance(limit, Tensor) else min(limit, cfg.max_curvature)
+        return usable & (ratio <= limit) & (lr * bb <= (2 * (1 + 1e-12)) * vb)
 
     SINGLE_FAST_PATH = True  # one request's approximate steps by :meth:`_approximate_one` (tests turn it off)
 
@@ -595,13 +599,12 @@ class Replay:
             if not ok:
                 return None
             Vd = V[0].double()
-            z = torch.linalg.lu_solve(h.LU[0], h.piv[0], (h.Wc[0] @ Vd)[:, None])[:, 0]
-            Bvd = torch.addmv(Vd, h.Wc[0].T, z, beta=sigma, alpha=-1)
+            Bvd = lbfgs.hvp_one(h, Vd, sigma)
             Bv = Bvd.to(V.dtype)
             Bd = Bv.double()
             nb2, vv, bb, vb = torch.stack([Bvd.dot(Bvd), Vd.dot(Vd), Bd.dot(Bd), Vd.dot(Bd)]).tolist()
             nb, nv = math.sqrt(nb2), max(math.sqrt(vv), 1e-300)
-            usable, ratio = nb <= bound * nv * (1 + 1e-6), nb / nv
+            usable, ratio = lbfgs.within_bound(nb, nv, bound), nb / nv
         else:
             Bv2, ratio2, usable2 = self._products(st.history, st.secant, V)
             Bv, Bd, Vd = Bv2[0], Bv2[0].double(), V[0].double()
@@ -610,11 +613,7 @@ class Replay:
         if self._one_curv is None or self._one_curv[0] is not st.curvature:
             self._one_curv = (st.curvature, float(st.curvature[0]))
         curvature = self._one_curv[1]
-        limit = cfg.curvature_guard * curvature
-        if cfg.max_curvature is not None:
-            limit = min(limit, cfg.max_curvature)
-        # the guards of _approximate (NaN anywhere fails them all)
-        if not (usable and ratio <= limit and lr * bb <= (2 * (1 + 1e-12)) * vb):
+        if not self._accepts(usable, ratio, curvature, lr, bb, vb):  # NaN anywhere fails them all
             return None
         w = W[0]
         l2W = self.l2 * w
@@ -626,15 +625,15 @@ class Replay:
         if not math.isfinite(float(w_next.sum())):
             return None
         _record(recorders, t, W, g[None])
-        # the error estimate's step (_estimate), in the same order of operations
+        # the error estimate's step (_estimate)
         if unit is None:
             unit = self._unit * (float(w_t.double().norm()) + lr * float(g_t.double().norm()))
-        rho = max(abs(1.0 - lr * curvature), abs(1.0 - lr * self.l2))
+        err_open, err_bound, roundoff_sq = certificate.advance(
+            st.err_open, st.err_bound, st.roundoff_sq, certificate.contraction(lr, self.l2, curvature),
+            ((lr * size) / den) * math.sqrt(bb), unit * unit)
         path = None if st.path is None else st.path.add(w_t, g_t, cfg.path_pairs + 1)
         return st.replace(W=w_next[None], step=t + 1, approx_steps=st.approx_steps + 1, path=path,
-                          err_open=st.err_open * rho + ((lr * size) / den) * math.sqrt(bb),
-                          err_bound=st.err_bound * rho,
-                          roundoff_sq=st.roundoff_sq * (rho * rho) + unit * unit)
+                          err_open=err_open, err_bound=err_bound, roundoff_sq=roundoff_sq)
 
     def _explicit(self, mask: Tensor, st: ReplayState, V: Tensor, sb: StepBatch, w_t: Tensor, g_t: Tensor,
                   G: Tensor, full: Tensor, t: int, track: dict) -> tuple[Tensor, Tensor]:
@@ -796,14 +795,14 @@ class Replay:
         data-free gradient); every request off the cached path adds its step's round-off, in quadrature
         (independent rounding errors: the probabilistic model of Higham & Mary 2019)."""
         rho = certificate.contraction(lr, self.l2, track["curvature"])
-        opened = rho * track["err_open"]
+        opened = 0.0
         if take is not None:
             dd = den[:, 0].double()
             scale = (lr * size) / dd if den_ok else torch.where(dd > 0, (lr * size) / dd.clamp(min=1), 0.0)
-            opened += torch.where(take, scale * norm_bv, 0.0)
-        track["err_open"] = opened
-        track["err_bound"] = rho * track["err_bound"]
-        track["roundoff_sq"] = (rho * rho * track["roundoff_sq"]).add_(active.to(rho.dtype), alpha=unit * unit)
+            opened = torch.where(take, scale * norm_bv, 0.0)
+        track["err_open"], track["err_bound"], track["roundoff_sq"] = certificate.advance(
+            track["err_open"], track["err_bound"], track["roundoff_sq"], rho, opened,
+            active.to(rho.dtype) * (unit * unit))
 
     # -- segments and whole replays ---------------------------------------------------------------
     def run_segment(self, st: ReplayState, seg: Segment,
