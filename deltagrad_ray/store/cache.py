@@ -50,8 +50,8 @@ from ..core.data import Dataset, concat
 from ..core.errors import InputError
 from ..core.trajectory import Trajectory
 from .cache_format import TORCH_DTYPES, MANIFEST, ROW_DIGESTS, ROW_FILES, ParquetSource, read_verified
-from .datasets import (FEATURE_COPY, dataset_from_table, fingerprint, parquet_table, read_dataset, read_ids_labels,
-                       read_rows, row_digests)
+from .datasets import (FEATURE_COPY, dataset_from_table, fingerprint, numpy_column, parquet_table, read_dataset,
+                       read_ids_labels, read_rows, row_digests)
 from .location import Location, StorageError, location, recorded_location
 from .manifest import Manifest
 from .models import parse_model
@@ -119,7 +119,7 @@ class Cache:
         raw = self._row_file("removed.parquet")
         if raw is None:
             return None
-        rows = torch.from_numpy(parquet_table(raw).column("row").to_numpy().astype(np.int64))
+        rows = torch.from_numpy(numpy_column(parquet_table(raw).column("row")).astype(np.int64, copy=False))
         mask = torch.zeros(self.n_rows, dtype=torch.bool)
         mask[rows] = True
         return mask
@@ -286,7 +286,7 @@ class Cache:
         ``rows.parquet`` (verified against the manifest); None for a cache from before it."""
         if self._digests is None and ROW_DIGESTS in self.manifest.files:
             t = parquet_table(self._row_file(ROW_DIGESTS))
-            ids, digests = t.column("id").to_numpy().astype(np.int64), t.column("digest").to_numpy()
+            ids, digests = numpy_column(t.column("id")).astype(np.int64, copy=False), numpy_column(t.column("digest"))
             if len(ids) != self.manifest.data.n:
                 raise StorageError(f"{self.root.join(ROW_DIGESTS).uri}: {len(ids)} rows, the manifest says "
                                    f"{self.manifest.data.n}")

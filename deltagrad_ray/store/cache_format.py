@@ -22,7 +22,7 @@ import torch
 from ..core.config import DTYPES
 from ..core.errors import InputError
 from ..core.trajectory import Segment
-from .datasets import parquet_table, table_bytes
+from .datasets import arrow_array, numpy_column, parquet_table, table_bytes
 from .location import Location, StorageError
 from .manifest import DIGEST_KEY, ShardRef
 
@@ -39,11 +39,11 @@ def _vector_values(t: torch.Tensor) -> pa.Array:
     """(k, p) tensor → flat Arrow values: float64/32, Parquet FLOAT16, or bfloat16 as 2-byte
     fixed-size binary (Parquet has no bfloat16 type; the manifest records it)."""
     if t.dtype == torch.float16:
-        return pa.array(t.numpy().reshape(-1))
+        return arrow_array(t.numpy().reshape(-1))
     if t.dtype == torch.bfloat16:
         raw = t.contiguous().view(torch.int16).numpy()
         return pa.FixedSizeBinaryArray.from_buffers(pa.binary(2), raw.size, [None, pa.py_buffer(raw)])
-    return pa.array(t.numpy().reshape(-1))
+    return arrow_array(t.numpy().reshape(-1))
 
 
 def _from_values(values: pa.Array, k: int, p: int, storage: torch.dtype, dtype: torch.dtype) -> torch.Tensor:
@@ -129,8 +129,8 @@ def shard_bytes(start: int, params: torch.Tensor, grads: torch.Tensor, lrs: np.n
                         pa.field("params", pv.type, nullable=False), pa.field("grads", gv.type, nullable=False)])
     if digest is not None:
         schema = schema.with_metadata({DIGEST_KEY: digest.encode()})
-    table = pa.Table.from_arrays([pa.array(np.arange(start, start + k, dtype=np.int64)),
-                                  pa.array(lrs.astype(np.float64)), pv, gv], schema=schema)
+    table = pa.Table.from_arrays([arrow_array(np.arange(start, start + k, dtype=np.int64)),
+                                  arrow_array(lrs.astype(np.float64)), pv, gv], schema=schema)
     # no compression: zstd makes random floats bigger (docs/platform.md); no min/max statistics
     # (never used, and they halve the encoding speed); page checksums let a partial
     # (row-group) read be verified without the whole file
@@ -180,11 +180,11 @@ class ParquetSource:
 
     def _decode(self, table: pa.Table, uri: str, start: int, stop: int) -> Segment:
         k = table.num_rows
-        steps = table.column("step").to_numpy()
+        steps = numpy_column(table.column("step"))
         if k != stop - start or (k and (steps[0] != start or steps[-1] != stop - 1)):
             raise StorageError(f"{uri}: holds steps {steps[:1]}..{steps[-1:]}, expected [{start}, {stop})")
         self.check_digest(table.schema.metadata, uri)
-        lrs = table.column("lr").to_numpy().astype(np.float64)
+        lrs = numpy_column(table.column("lr")).astype(np.float64, copy=False)
         if self.lrs is not None and not np.array_equal(lrs, self.lrs[start:stop]):
             bad = int(np.nonzero(lrs != self.lrs[start:stop])[0][0])
             raise StorageError(f"{uri}: learning rate {lrs[bad]:g} at step {start + bad}, the manifest's schedule "

@@ -20,7 +20,7 @@ from ..core.models import FunctionalModel
 from .cache_format import (TORCH_DTYPES, DEFAULT_SHARD_BYTES, MANIFEST, OVERLAP_MIN_BYTES, ParquetSource, dtype_name,
                            overlap_shard_steps, row_group_steps_for, sha256, shard_bytes, shard_steps_for,
                            storage_dtype)
-from .datasets import dataset_table, row_digests, table_bytes
+from .datasets import arrow_array, dataset_table, row_digests, table_bytes
 from .location import Location, StorageError
 from .manifest import DataRef, FileRef, Manifest, ParentRef, ShardRef, Training
 from .models import model_bytes
@@ -28,14 +28,14 @@ from .models import model_bytes
 
 def row_digest_file(data: Dataset) -> pa.Buffer:
     """``rows.parquet`` of a cache trained on ``data`` (as read: the bytes the fingerprint hashes)."""
-    return table_bytes(pa.table({"id": pa.array(data.ids.cpu().numpy().astype(np.int64)),
-                                 "digest": pa.array(row_digests(data))}))
+    return table_bytes(pa.table({"id": arrow_array(data.ids.cpu().numpy().astype(np.int64)),
+                                 "digest": arrow_array(row_digests(data))}))
 
 
 def removed_rows_file(rows: torch.Tensor, ids: torch.Tensor):
     """``removed.parquet`` of a derived cache: the rows deleted so far (``row``) and their ids (``id``),
     read back by :meth:`Cache.removed_mask`."""
-    return table_bytes(pa.table({"row": rows.cpu().numpy(), "id": ids.cpu().numpy()}))
+    return table_bytes(pa.table({"row": arrow_array(rows), "id": arrow_array(ids)}))
 
 
 def added_rows_file(rows: Dataset):

@@ -39,6 +39,36 @@ def parquet_table(buf: pa.Buffer, columns: list[str] | None = None) -> pa.Table:
     return pq.ParquetFile(pa.BufferReader(buf)).read(columns=columns)
 
 
+def arrow_array(values: np.ndarray | torch.Tensor) -> pa.Array:
+    """A 1-D array of numbers (NumPy, or a tensor) as an Arrow array over its buffer, without a copy
+    for a contiguous one: ``pa.array`` imports pandas on its first call (see :func:`numpy_column`).
+    Anything else goes through ``pa.array``."""
+    a = values.detach().cpu().numpy() if isinstance(values, torch.Tensor) else values
+    if isinstance(a, np.ndarray) and a.ndim == 1 and a.dtype.kind in "iuf" and a.dtype.isnative:
+        a = np.ascontiguousarray(a)
+        return pa.Array.from_buffers(pa.from_numpy_dtype(a.dtype), len(a), [None, pa.py_buffer(a)])
+    return pa.array(a)
+
+
+def numpy_column(col: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """A column as a new writable NumPy array. Columns of fixed-width numbers without nulls are
+    copied out of their Arrow buffers: pyarrow's ``to_numpy`` imports pandas on its first call
+    (0.1-0.3 s of every job's start-up, measured), and nothing on a job's path needs pandas.
+    Anything else (nulls, booleans, strings) goes through ``to_numpy``, as before."""
+    t = col.type
+    if col.null_count or not (pa.types.is_integer(t) or pa.types.is_floating(t)):
+        return np.array(col.to_numpy() if isinstance(col, pa.ChunkedArray) else col.to_numpy(zero_copy_only=False))
+    dtype = np.dtype(t.to_pandas_dtype()).newbyteorder("<")  # Arrow's buffers are little-endian
+    out = np.empty(len(col), dtype=dtype.newbyteorder("="))
+    pos = 0
+    for chunk in (col.chunks if isinstance(col, pa.ChunkedArray) else [col]):
+        k = len(chunk)
+        if k:  # a chunk's values: its slice of the data buffer (offset-aware)
+            out[pos:pos + k] = np.frombuffer(chunk.buffers()[1], dtype=dtype, count=chunk.offset + k)[chunk.offset:]
+        pos += k
+    return out
+
+
 def parquet_rows(buf) -> list[dict]:
     """The rows of one Parquet file held in an Arrow buffer, as dicts.
 
@@ -87,7 +117,7 @@ def _features(col: pa.ChunkedArray, uri: str) -> np.ndarray:
     row = 0
     for chunk in col.chunks:  # a chunk's values: its slice of the child array (offset-aware flatten)
         k = len(chunk)
-        out[row:row + k] = chunk.flatten().to_numpy(zero_copy_only=False).reshape(k, width)
+        out[row:row + k] = numpy_column(chunk.flatten()).reshape(k, width)
         row += k
     return out
 
@@ -115,7 +145,7 @@ def read_labels(uri: str | Location) -> tuple[torch.Tensor, torch.Tensor]:
     """(ids, labels) of a data set, without reading its features (labels as stored: int or float)."""
     t = _read_table(location(uri), ["id", "label"])
     # copies: Arrow's memory is read-only, and tensors over it would be too
-    ids, labels = t.column("id").to_numpy().astype(np.int64), np.array(t.column("label").to_numpy())
+    ids, labels = numpy_column(t.column("id")).astype(np.int64, copy=False), numpy_column(t.column("label"))
     return torch.from_numpy(ids), torch.from_numpy(labels)
 
 
@@ -126,7 +156,7 @@ def read_id_column(uri: str | Location) -> np.ndarray:
     col = t.column("id")
     if col.null_count or not pa.types.is_integer(col.type):
         raise InputError(f"{loc.uri}: column 'id' must be non-null integers, got {col.type}")
-    return col.to_numpy().astype(np.int64)
+    return numpy_column(col).astype(np.int64, copy=False)
 
 
 FEATURE_COPY = "features.npy"  # inside a local cache: the training features, memory-mappable
@@ -187,13 +217,13 @@ def _ids_labels(table: pa.Table, uri: str, regression: bool | None) -> tuple[tor
     """Checked ids (int64) and labels (int64 classes or float64 targets) of a table."""
     if table.column("id").null_count:
         raise InputError(f"{uri}: column 'id' has null values")
-    ids = table.column("id").to_numpy()
+    ids = numpy_column(table.column("id"))
     if ids.dtype.kind not in "iu":
         raise InputError(f"{uri}: column 'id' must be integers, got {table.column('id').type}")
     labels = table.column("label")
     if labels.null_count:
         raise InputError(f"{uri}: column 'label' has {labels.null_count} null values")
-    y = labels.to_numpy()
+    y = numpy_column(labels)
     if y.dtype.kind not in "iuf":
         raise InputError(f"{uri}: column 'label' must be numbers, got {labels.type}")
     is_float = y.dtype.kind == "f"
@@ -252,9 +282,8 @@ def read_rows(uri: str | Location, start: int, stop: int, *, regression: bool) -
 
 def dataset_table(data: Dataset) -> pa.Table:
     X = data.X.detach().cpu().numpy()
-    feats = pa.FixedSizeListArray.from_arrays(pa.array(X.reshape(-1)), X.shape[1])
-    return pa.table({"id": pa.array(data.ids.cpu().numpy()), "label": pa.array(data.y.cpu().numpy()),
-                     "features": feats})
+    feats = pa.FixedSizeListArray.from_arrays(arrow_array(X.reshape(-1)), X.shape[1])
+    return pa.table({"id": arrow_array(data.ids), "label": arrow_array(data.y), "features": feats})
 
 
 def table_bytes(table: pa.Table, **kwargs) -> pa.Buffer:
@@ -360,9 +389,9 @@ def read_ids(uri: str | Location) -> torch.Tensor:
         if "id" not in table.column_names:
             raise InputError(f"{loc.uri}: Parquet id list needs an 'id' column, has {table.column_names}")
         col = table.column("id")
-        if col.null_count or col.to_numpy().dtype.kind not in "iu":
+        if col.null_count or not pa.types.is_integer(col.type):
             raise InputError(f"{loc.uri}: column 'id' must be non-null integers, got {col.type}")
-        ids = id_tensor(col.to_numpy(), f"{loc.uri}")
+        ids = id_tensor(numpy_column(col), f"{loc.uri}")
     else:
         values = []
         for lineno, line in enumerate(raw.to_pybytes().decode("utf-8", errors="replace").splitlines(), 1):

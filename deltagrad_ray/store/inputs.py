@@ -28,6 +28,7 @@ import torch
 
 from ..core.data import Dataset
 from ..core.errors import InputError
+from .datasets import numpy_column
 from .location import Location
 
 LABEL, ID, FEATURES = "label", "id", "features"
@@ -227,7 +228,7 @@ def _from_arrow(table: pa.Table, y: Any, ids: Any, labels: bool, what: str) -> R
         col = table.column(ID)
         if col.null_count:
             raise InputError(f"{what}: column '{ID}' is empty in row {_first_null(col)}")
-        id_arr = col.to_numpy()
+        id_arr = numpy_column(col)
         if id_arr.dtype.kind not in "iu":
             raise InputError(f"{what}: column '{ID}' must be integers, got {col.type}")
         id_arr, given = id_arr.astype(np.int64), True

@@ -30,7 +30,7 @@ import torch
 from ..core.errors import InputError
 from ..core.replay import COUNTERS
 from ..stats.tables import check_chunk
-from .datasets import parquet_table
+from .datasets import numpy_column, parquet_table
 from .location import Conflict, Location, StorageError, location
 
 _POSITIONAL = re.compile(r"part-(\d{9,})\.parquet")  # named by the first request; older parts: 6-digit counter
@@ -87,7 +87,7 @@ def read_part(part: Location, n: int | None = None, p: int | None = None,
     if "error" in names and not (pa.types.is_string(t.schema.field("error").type)
                                  or pa.types.is_null(t.schema.field("error").type)):
         raise _damaged(part, f"column 'error' must be strings, got {t.schema.field('error').type}")
-    req = t.column("request").to_numpy()
+    req = numpy_column(t.column("request"))
     if n is not None and ((req < 0) | (req >= n)).any():
         bad = req[(req < 0) | (req >= n)]
         raise _damaged(part, f"request {int(bad[0])} is outside this run's requests 0..{n - 1}")
@@ -220,7 +220,7 @@ class SinkTable:
                 p = field.list_size
             elif field.list_size != p:
                 raise _damaged(part, f"{field.list_size} parameters a row, other parts {p}")
-            r = t.column("request").to_numpy()
+            r = numpy_column(t.column("request"))
             reqs.append(r)
             errors.update({int(i): e for i, e in zip(r, t.column("error").to_pylist()) if e})
         self._p = int(p)

@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from .datasets import parquet_table, table_bytes
+from .datasets import arrow_array, parquet_table, table_bytes
 from .location import Location, location
 
 
@@ -20,11 +20,11 @@ def _column(values) -> pa.Array:
     if isinstance(values, torch.Tensor):
         a = values.detach().cpu().numpy()
         if a.ndim == 1:
-            return pa.array(a)
+            return arrow_array(a)
         flat = a.reshape(a.shape[0], -1)
-        return pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1)), flat.shape[1])
+        return pa.FixedSizeListArray.from_arrays(arrow_array(flat.reshape(-1)), flat.shape[1])
     if isinstance(values, np.ndarray):
-        return pa.array(values)
+        return arrow_array(values)
     return pa.array(values)
 
 
