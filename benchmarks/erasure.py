@@ -20,7 +20,8 @@ rows the largest error ‖θ_DG − θ_exact‖ / ‖θ_exact − θ_first‖ ov
 ``--job``: one 60,000 × 784 logistic regression (GD, T = 120) and 100 requests, as a user runs them:
 ``python -m pipelines.bulk_erasure`` (its defaults: no exact verification; and with ``verify:
 {sample: 1}``) against ``deltagrad-ray retrain`` of the same ids, each a fresh process, wall seconds
-including start-up, reading, writing and the report. Each job line also prints its fixed costs
+including start-up, reading, writing and the report; retraining and the job alternate, each the
+best of ``--repeats`` processes. Each job line also prints its fixed costs
 (``fixed_s``: the wall time minus the replay and its cache write, ``deltagrad_s``) and the
 **fixed-cost limit** ``retrain / fixed_s``: the speed-up the job would reach if the replay took no
 time at all; ``share_of_limit`` is how much of it the job reaches.
@@ -52,9 +53,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rows", type=int, default=None, help="--job: training rows (default 60,000)")
     ap.add_argument("--steps", type=int, default=None, help="--job: T (default 120)")
     ap.add_argument("--no-verify-row", action="store_true", help="--job: leave out the verify-sample-1 run")
+    ap.add_argument("--repeats", type=int, default=3, help="--job: each timing is the best of this many processes, "
+                    "retraining and the job alternating")
     a = ap.parse_args(argv)
     if a.job:
-        return job_vs_retrain(a.quick, a.rows, a.steps, not a.no_verify_row)
+        return job_vs_retrain(a.quick, a.rows, a.steps, not a.no_verify_row, a.repeats)
 
     from deltagrad_ray import api
     from deltagrad_ray.core import synthetic_classification
@@ -134,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def job_vs_retrain(quick: bool, rows: int | None = None, steps: int | None = None, verify_row: bool = True) -> int:
+def job_vs_retrain(quick: bool, rows: int | None = None, steps: int | None = None, verify_row: bool = True,
+                   repeats: int = 3) -> int:
     import os
     import subprocess
     import sys
@@ -166,14 +170,18 @@ def job_vs_retrain(quick: bool, rows: int | None = None, steps: int | None = Non
             assert p.returncode == 0, p.stderr[-2000:]
             return time.perf_counter() - t, p.stdout
 
-        retrain_s, _ = timed([sys.executable, "-m", "deltagrad_ray.cli", "retrain", "--cache", str(work / "first"),
-                              "--delete", str(work / "ids.txt"), "--out", str(work / "retrained.safetensors")])
-        emit({"config": "deltagrad-ray retrain", **shape, "seconds": round(retrain_s, 2)})
-        runs = [("defaults", {"sample": 0})] + ([("verify sample 1", {"sample": 1})] if verify_row else [])
-        for tag, verify in runs:
+        def retrain() -> float:
+            return timed([sys.executable, "-m", "deltagrad_ray.cli", "retrain", "--cache", str(work / "first"),
+                          "--delete", str(work / "ids.txt"), "--out", str(work / "retrained.safetensors"),
+                          "--overwrite"])[0]
+
+        def job(tag: str, verify: dict) -> tuple[float, dict, dict]:
+            """One run of the job on a fresh copy of the first version and a fresh inbox."""
             out = work / tag.replace(" ", "-")
+            shutil.rmtree(out, ignore_errors=True)
+            shutil.rmtree(work / "requests", ignore_errors=True)
             shutil.copytree(work / "first", out / "current")
-            (work / "requests").mkdir(exist_ok=True)
+            (work / "requests").mkdir()
             (work / "requests" / "batch.jsonl").write_text(
                 "\n".join(json.dumps({"request_id": f"r{i}", "data_id": d}) for i, d in enumerate(ids)) + "\n")
             cfg = work / f"{tag.replace(' ', '-')}.yaml"
@@ -183,12 +191,28 @@ def job_vs_retrain(quick: bool, rows: int | None = None, steps: int | None = Non
             seconds, stdout = timed([sys.executable, "-m", "pipelines.bulk_erasure", "--config", str(cfg)])
             line = json.loads(stdout.strip().splitlines()[-1])
             audit = json.loads(next((out / "audit").glob("*.json")).read_text())
+            return seconds, line, audit
+
+        # retraining and the job alternate (retrain, job, retrain, job, ...), each timed as the best of
+        # `repeats` whole processes: this machine drifts by ±8% over minutes, and a baseline timed once,
+        # minutes before, skews every ratio after it
+        runs = [("defaults", {"sample": 0})] + ([("verify sample 1", {"sample": 1})] if verify_row else [])
+        retrain_s, best = float("inf"), {}
+        for _ in range(repeats):
+            for tag, verify in runs:
+                retrain_s = min(retrain_s, retrain())
+                got = job(tag, verify)
+                if tag not in best or got[0] < best[tag][0]:
+                    best[tag] = got
+        emit({"config": "deltagrad-ray retrain", **shape, "seconds": round(retrain_s, 2), "repeats": repeats})
+        for tag, _ in runs:
+            seconds, line, audit = best[tag]
             cert = audit.get("certificate") or {}
             # the fixed-cost limit: the speed-up this job would have if the replay (and writing its cache)
             # took no time at all — start-up, planning, reading the data, publishing, the report remain
             fixed_s = seconds - audit["timings"]["deltagrad_s"]
             emit({"config": f"pipelines.bulk_erasure ({tag})", **shape, "seconds": round(seconds, 2),
-                  "retrain_over_this": round(retrain_s / seconds, 2), "applied": line["applied"],
+                  "repeats": repeats, "retrain_over_this": round(retrain_s / seconds, 2), "applied": line["applied"],
                   "deltagrad_s": round(audit["timings"]["deltagrad_s"], 2), "fixed_s": round(fixed_s, 2),
                   "fixed_cost_limit": round(retrain_s / fixed_s, 2),
                   "share_of_limit": round((retrain_s / seconds) / (retrain_s / fixed_s), 2),
