@@ -50,23 +50,22 @@ def arrow_array(values: np.ndarray | torch.Tensor) -> pa.Array:
     return pa.array(a)
 
 
+def _values(arr: pa.Array) -> np.ndarray:
+    """The values of one Arrow array as NumPy, read-only: for fixed-width numbers without nulls a view
+    of its data buffer (offset-aware; pyarrow's ``to_numpy`` imports pandas on its first call, 0.1-0.3 s
+    of every job's start-up, measured, and nothing on a job's path needs pandas), else ``to_numpy``."""
+    t = arr.type
+    if arr.null_count or not (pa.types.is_integer(t) or pa.types.is_floating(t)):
+        return arr.to_numpy(zero_copy_only=False)
+    return np.frombuffer(arr.buffers()[1], dtype=t.to_pandas_dtype(), count=arr.offset + len(arr))[arr.offset:]
+
+
 def numpy_column(col: pa.Array | pa.ChunkedArray) -> np.ndarray:
-    """A column as a new writable NumPy array. Columns of fixed-width numbers without nulls are
-    copied out of their Arrow buffers: pyarrow's ``to_numpy`` imports pandas on its first call
-    (0.1-0.3 s of every job's start-up, measured), and nothing on a job's path needs pandas.
-    Anything else (nulls, booleans, strings) goes through ``to_numpy``, as before."""
-    t = col.type
-    if col.null_count or not (pa.types.is_integer(t) or pa.types.is_floating(t)):
-        return np.array(col.to_numpy() if isinstance(col, pa.ChunkedArray) else col.to_numpy(zero_copy_only=False))
-    dtype = np.dtype(t.to_pandas_dtype()).newbyteorder("<")  # Arrow's buffers are little-endian
-    out = np.empty(len(col), dtype=dtype.newbyteorder("="))
-    pos = 0
-    for chunk in (col.chunks if isinstance(col, pa.ChunkedArray) else [col]):
-        k = len(chunk)
-        if k:  # a chunk's values: its slice of the data buffer (offset-aware)
-            out[pos:pos + k] = np.frombuffer(chunk.buffers()[1], dtype=dtype, count=chunk.offset + k)[chunk.offset:]
-        pos += k
-    return out
+    """A column as a new writable NumPy array, its chunks copied once (see :func:`_values`)."""
+    chunks = col.chunks if isinstance(col, pa.ChunkedArray) else [col]
+    parts = [_values(c) for c in chunks]
+    return np.concatenate(parts) if parts else np.array(col.to_numpy() if isinstance(col, pa.ChunkedArray)
+                                                        else col.to_numpy(zero_copy_only=False))
 
 
 def parquet_rows(buf) -> list[dict]:
@@ -117,7 +116,7 @@ def _features(col: pa.ChunkedArray, uri: str) -> np.ndarray:
     row = 0
     for chunk in col.chunks:  # a chunk's values: its slice of the child array (offset-aware flatten)
         k = len(chunk)
-        out[row:row + k] = numpy_column(chunk.flatten()).reshape(k, width)
+        out[row:row + k] = _values(chunk.flatten()).reshape(k, width)
         row += k
     return out
 

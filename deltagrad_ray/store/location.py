@@ -30,9 +30,11 @@ import sys
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from urllib.parse import unquote, urlparse
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 
@@ -369,12 +371,14 @@ _DENIED = ("ACCESS_DENIED", "INVALID_ACCESS_KEY_ID", "SIGNATURE_DOES_NOT_MATCH",
 RETRIES = 3  # attempts at this level, on top of the S3 client's own retries of single requests
 
 
+class ShortRead(OSError):
+    """A ranged read returned fewer bytes than asked for: transient (:func:`_call` reads again)."""
+
+
 def _read_parts(f: pafs.NativeFile, size: int) -> pa.Buffer:
     """``size`` bytes of an open S3 object in ranged reads of :data:`PART_BYTES`, up to
     :data:`PART_READERS` at once (``read_at`` is thread-safe and moves no shared position), into one
     buffer of Arrow's pool (Arrow-owned: see ``datasets._read_table`` on Python-owned buffers)."""
-    import numpy as np
-    from concurrent.futures import ThreadPoolExecutor
     out = pa.allocate_buffer(size)
     view = np.frombuffer(out, dtype=np.uint8)
 
@@ -382,7 +386,7 @@ def _read_parts(f: pafs.NativeFile, size: int) -> pa.Buffer:
         n = min(PART_BYTES, size - offset)
         got = f.read_at(n, offset)
         if len(got) != n:  # the object changed or the connection ended early: never a partial buffer
-            raise OSError(f"NETWORK_CONNECTION: short read, {len(got)} of {n} bytes at offset {offset}")
+            raise ShortRead(f"short read, {len(got)} of {n} bytes at offset {offset}")
         view[offset:offset + n] = np.frombuffer(got, dtype=np.uint8)
 
     offsets = range(0, size, PART_BYTES)
@@ -412,7 +416,7 @@ def _call(loc: Location, what: str, fn):
                                    "(AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or the AWS profile)") from None
             if "NO_SUCH_BUCKET" in msg or "NoSuchBucket" in msg:
                 raise StorageError(f"{loc.uri}: bucket {loc.bucket!r} does not exist at {loc.endpoint}") from None
-            if any(k in msg for k in _TRANSIENT) and attempt < RETRIES - 1:
+            if (isinstance(e, ShortRead) or any(k in msg for k in _TRANSIENT)) and attempt < RETRIES - 1:
                 time.sleep(0.25 * 2 ** attempt)
                 continue
             if "NETWORK_CONNECTION" in msg or "curlCode" in msg:

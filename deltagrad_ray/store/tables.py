@@ -18,10 +18,9 @@ from .location import Location, location
 
 def _column(values) -> pa.Array:
     if isinstance(values, torch.Tensor):
-        a = values.detach().cpu().numpy()
-        if a.ndim == 1:
-            return arrow_array(a)
-        flat = a.reshape(a.shape[0], -1)
+        if values.ndim == 1:
+            return arrow_array(values)
+        flat = values.detach().cpu().numpy().reshape(values.shape[0], -1)
         return pa.FixedSizeListArray.from_arrays(arrow_array(flat.reshape(-1)), flat.shape[1])
     if isinstance(values, np.ndarray):
         return arrow_array(values)
